@@ -1,0 +1,49 @@
+//! local-proxy: serve apps (SOCKS5 + HTTP on one port), or `signup` for a new account.
+
+use clap::Parser;
+use flowgate::cli::{LocalCli, LocalCommand};
+use flowgate::tunnel::Status;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = LocalCli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("local-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Some(LocalCommand::Signup {
+            remote,
+            user,
+            password_stdin,
+        }) => {
+            flowgate::users::validate_name(&user)?;
+            let creds = LocalCommand::signup_credentials(&user, password_stdin)?;
+            let timeouts = flowgate::config::Timeouts::default();
+            match flowgate::local::signup(&remote, &creds, &timeouts)? {
+                Status::Ok => {
+                    println!("signed up user {user} at {remote}");
+                    Ok(())
+                }
+                Status::SignupDisabled => Err(format!(
+                    "{remote} does not allow signup (remote-proxy needs --allow-signup)"
+                )
+                .into()),
+                other => Err(format!("signup refused: {other}").into()),
+            }
+        }
+        None => {
+            let cfg = cli.run.into_config()?;
+            flowgate::init_logging();
+            let server = flowgate::local::start(cfg)?;
+            server.wait();
+            Ok(())
+        }
+    }
+}

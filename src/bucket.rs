@@ -1,0 +1,376 @@
+//! Per-user token bucket: the pure core and the shared, blocking wrapper.
+//!
+//! In scope: how many bytes a user may forward and when. Out of scope: sockets (relay.rs
+//! reads, asks this module, then writes). One [`SharedBucket`] serves every connection of a
+//! user, both directions counted together.
+//!
+//! Burst: the bucket holds at most 100 ms of the rate (never less than [`MIN_CHUNK`]), so over
+//! any window `w` a user gets at most `rate * w + rate * 100 ms`: 1.1x the rate over one
+//! second, and with steady demand the long-run average is the rate itself. Relays read at most
+//! what the bucket can hold, so a grant never has to exceed the burst.
+//!
+//! Fairness: waiters are served strictly in arrival order (a ticket queue), and each relay
+//! reads at most its share of the burst ([`SharedBucket::chunk_limit`]), so parallel
+//! connections of one user take turns in equal slices.
+
+use crate::clock::{Clock, SystemClock};
+use crate::rate::Bandwidth;
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Smallest burst and smallest read a relay makes under a limit, in bytes.
+pub const MIN_CHUNK: u64 = 512;
+/// How much of the rate the bucket may hold: 100 ms worth.
+pub const BURST_WINDOW: Duration = Duration::from_millis(100);
+
+const NANOS: u128 = 1_000_000_000;
+
+/// A token bucket that works on a caller-supplied `now`; no locking, no waiting.
+///
+/// Tokens are kept in byte-nanoseconds, so refill is exact integer arithmetic.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    /// Bytes per second; `None` is unlimited.
+    rate: Option<u64>,
+    /// Most bytes the bucket can hold.
+    capacity: u64,
+    /// Tokens available, scaled by 1e9.
+    tokens: u128,
+    /// When `tokens` was last brought up to date.
+    last: Instant,
+}
+
+/// The burst a rate allows, in bytes: 100 ms of the rate, at least [`MIN_CHUNK`].
+pub fn burst_for(rate: Bandwidth) -> u64 {
+    match rate.limit() {
+        None => u64::MAX,
+        Some(r) => ((r as u128 * BURST_WINDOW.as_nanos() / NANOS) as u64).max(MIN_CHUNK),
+    }
+}
+
+impl TokenBucket {
+    /// A full bucket for `rate` with the default burst ([`burst_for`]).
+    pub fn new(rate: Bandwidth, now: Instant) -> Self {
+        Self::with_burst(rate, burst_for(rate), now)
+    }
+
+    /// A full bucket for `rate` holding at most `burst` bytes (at least 1).
+    pub fn with_burst(rate: Bandwidth, burst: u64, now: Instant) -> Self {
+        let capacity = burst.max(1);
+        TokenBucket {
+            rate: rate.limit(),
+            capacity,
+            tokens: capacity as u128 * NANOS,
+            last: now,
+        }
+    }
+
+    /// The configured rate.
+    pub fn rate(&self) -> Bandwidth {
+        match self.rate {
+            Some(r) => Bandwidth::bytes_per_sec(r),
+            None => Bandwidth::UNLIMITED,
+        }
+    }
+
+    /// Largest single grant: the bucket's capacity (unbounded when unlimited).
+    pub fn max_grant(&self) -> u64 {
+        match self.rate {
+            None => u64::MAX,
+            Some(_) => self.capacity,
+        }
+    }
+
+    /// Changes the rate; tokens earned so far at the old rate are kept, up to the new burst.
+    pub fn set_rate(&mut self, rate: Bandwidth, now: Instant) {
+        self.refill(now);
+        self.rate = rate.limit();
+        self.capacity = burst_for(rate).max(1);
+        let cap = self.capacity as u128 * NANOS;
+        self.tokens = if self.rate.is_none() {
+            cap
+        } else {
+            self.tokens.min(cap)
+        };
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_nanos();
+        self.last = self.last.max(now);
+        let cap = self.capacity as u128 * NANOS;
+        self.tokens = match self.rate {
+            None => cap,
+            Some(r) => (self.tokens + elapsed * r as u128).min(cap),
+        };
+    }
+
+    /// Takes `n` bytes' worth of tokens if they are there, or says how long until they are.
+    /// `n` above [`max_grant`](Self::max_grant) is charged as `max_grant`.
+    pub fn try_take(&mut self, n: u64, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        let Some(rate) = self.rate else {
+            return Ok(());
+        };
+        let need = n.min(self.capacity) as u128 * NANOS;
+        if self.tokens >= need {
+            self.tokens -= need;
+            Ok(())
+        } else {
+            // Round up so the waiter does not wake a nanosecond early and spin.
+            let missing = need - self.tokens;
+            let nanos = missing.div_ceil(rate as u128);
+            Err(Duration::from_nanos(nanos.min(u64::MAX as u128) as u64))
+        }
+    }
+}
+
+/// Mutable state behind the [`SharedBucket`] lock.
+#[derive(Debug)]
+struct State {
+    bucket: TokenBucket,
+    /// Next ticket to hand out; tickets give strict FIFO order among waiters.
+    next_ticket: u64,
+    /// The ticket allowed to take tokens now.
+    serving: u64,
+    /// Relay directions currently drawing on this bucket (for per-connection read sizes).
+    pumps: usize,
+}
+
+/// One user's bucket, shared by all of that user's relays.
+///
+/// Blocks on a Condvar with a deadline, never sleep-polls; [`set_rate`](Self::set_rate) wakes
+/// every waiter so a live rate change applies at once.
+#[derive(Debug)]
+pub struct SharedBucket {
+    state: Mutex<State>,
+    cond: Condvar,
+    clock: Arc<dyn Clock>,
+}
+
+impl SharedBucket {
+    /// A bucket for `rate` on the system clock.
+    pub fn new(rate: Bandwidth) -> Self {
+        Self::with_clock(rate, Arc::new(SystemClock))
+    }
+
+    /// A bucket for `rate` reading time from `clock`.
+    pub fn with_clock(rate: Bandwidth, clock: Arc<dyn Clock>) -> Self {
+        let now = clock.now();
+        SharedBucket {
+            state: Mutex::new(State {
+                bucket: TokenBucket::new(rate, now),
+                next_ticket: 0,
+                serving: 0,
+                pumps: 0,
+            }),
+            cond: Condvar::new(),
+            clock,
+        }
+    }
+
+    /// The current rate.
+    pub fn rate(&self) -> Bandwidth {
+        self.state.lock().bucket.rate()
+    }
+
+    /// Changes the rate for every connection of the user, waking blocked relays.
+    pub fn set_rate(&self, rate: Bandwidth) {
+        let mut st = self.state.lock();
+        if st.bucket.rate() != rate {
+            let now = self.clock.now();
+            st.bucket.set_rate(rate, now);
+            self.cond.notify_all();
+        }
+    }
+
+    /// Registers a relay direction; the returned guard unregisters it when dropped.
+    pub fn register(self: &Arc<Self>) -> PumpGuard {
+        self.state.lock().pumps += 1;
+        PumpGuard(Arc::clone(self))
+    }
+
+    /// How many bytes a relay should read next: its equal share of the burst, at least
+    /// [`MIN_CHUNK`], at most `buf_len`.
+    pub fn chunk_limit(&self, buf_len: usize) -> usize {
+        let st = self.state.lock();
+        let max = st.bucket.max_grant();
+        if max == u64::MAX {
+            return buf_len;
+        }
+        let share = (max / st.pumps.max(1) as u64).max(MIN_CHUNK).min(max);
+        (share.min(buf_len as u64) as usize).max(1)
+    }
+
+    /// Blocks until `n` bytes may be forwarded, in FIFO order with the user's other relays.
+    pub fn acquire(&self, n: u64) {
+        let mut st = self.state.lock();
+        if st.bucket.rate.is_none() && st.serving == st.next_ticket {
+            return; // unlimited and nobody queued: nothing to wait for
+        }
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        loop {
+            if st.serving == ticket {
+                let now = self.clock.now();
+                match st.bucket.try_take(n, now) {
+                    Ok(()) => {
+                        st.serving += 1;
+                        if st.serving != st.next_ticket {
+                            self.cond.notify_all();
+                        }
+                        return;
+                    }
+                    Err(wait) => {
+                        self.cond.wait_for(&mut st, wait);
+                    }
+                }
+            } else {
+                self.cond.wait(&mut st);
+            }
+        }
+    }
+}
+
+/// Keeps a relay direction counted in its bucket's fair share; see [`SharedBucket::register`].
+#[derive(Debug)]
+pub struct PumpGuard(Arc<SharedBucket>);
+
+impl PumpGuard {
+    /// The bucket this guard counts against.
+    pub fn bucket(&self) -> &SharedBucket {
+        &self.0
+    }
+}
+
+impl Drop for PumpGuard {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock();
+        st.pumps = st.pumps.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn full_bucket_grants_burst_then_waits_for_refill() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(Bandwidth::bytes_per_sec(10_000), t0);
+        assert_eq!(b.max_grant(), 1_000);
+        assert_eq!(b.try_take(1_000, t0), Ok(()));
+        assert_eq!(b.try_take(500, t0), Err(ms(50)));
+        assert_eq!(b.try_take(500, t0 + ms(50)), Ok(()));
+        assert_eq!(b.try_take(1, t0 + ms(50)), Err(Duration::from_micros(100)));
+    }
+
+    #[test]
+    fn burst_never_exceeds_100ms_of_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(Bandwidth::bytes_per_sec(1_000_000), t0);
+        // Idle for an hour: still only 100 ms worth available.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(b.try_take(100_000, later), Ok(()));
+        assert!(b.try_take(1, later).is_err());
+    }
+
+    #[test]
+    fn burst_has_a_floor_for_tiny_rates() {
+        assert_eq!(burst_for(Bandwidth::bytes_per_sec(100)), MIN_CHUNK);
+        assert_eq!(burst_for(Bandwidth::bytes_per_sec(1_000_000)), 100_000);
+    }
+
+    #[test]
+    fn any_window_gets_at_most_rate_times_window_plus_burst() {
+        // Greedy taker on a manual clock, 1 ms steps for 5 s; check every 1 s sliding window.
+        let rate = 50_000u64;
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(Bandwidth::bytes_per_sec(rate), t0);
+        let mut sent = vec![0u64; 5_000];
+        for (i, slot) in sent.iter_mut().enumerate() {
+            let now = t0 + ms(i as u64);
+            while b.try_take(1_000, now).is_ok() {
+                *slot += 1_000;
+            }
+        }
+        let burst = burst_for(Bandwidth::bytes_per_sec(rate));
+        for start in 0..4_000 {
+            let w: u64 = sent[start..start + 1_000].iter().sum();
+            assert!(w <= rate + burst, "window at {start} ms carried {w}");
+        }
+        // Long-run average within 2% of the rate (the burst is amortised over 5 s).
+        let total: u64 = sent.iter().sum();
+        let avg = total as f64 / 5.0;
+        assert!(
+            (avg - rate as f64).abs() / (rate as f64) < 0.03,
+            "avg {avg}"
+        );
+    }
+
+    #[test]
+    fn unlimited_never_waits() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(Bandwidth::UNLIMITED, t0);
+        for _ in 0..1000 {
+            assert_eq!(b.try_take(1 << 30, t0), Ok(()));
+        }
+    }
+
+    #[test]
+    fn lowering_the_rate_caps_saved_tokens() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(Bandwidth::bytes_per_sec(1_000_000), t0);
+        b.set_rate(Bandwidth::bytes_per_sec(10_000), t0);
+        assert_eq!(b.max_grant(), 1_000);
+        assert_eq!(b.try_take(1_000, t0), Ok(()));
+        assert_eq!(b.try_take(1_000, t0), Err(ms(100)));
+        b.set_rate(Bandwidth::bytes_per_sec(20_000), t0 + ms(50));
+        // 500 bytes earned at the old rate are kept; the rest comes at the new rate.
+        assert_eq!(
+            b.try_take(1_000, t0 + ms(50)),
+            Err(Duration::from_millis(25))
+        );
+    }
+
+    #[test]
+    fn shared_bucket_splits_the_burst_among_relays() {
+        let clock = Arc::new(ManualClock::new());
+        let b = Arc::new(SharedBucket::with_clock(
+            Bandwidth::bytes_per_sec(400_000),
+            clock,
+        ));
+        assert_eq!(b.chunk_limit(1 << 20), 40_000);
+        let g: Vec<_> = (0..4).map(|_| b.register()).collect();
+        assert_eq!(b.chunk_limit(1 << 20), 10_000);
+        assert_eq!(b.chunk_limit(4_096), 4_096);
+        drop(g);
+        assert_eq!(b.chunk_limit(1 << 20), 40_000);
+    }
+
+    #[test]
+    fn shared_bucket_grants_immediately_when_tokens_are_there() {
+        let clock = Arc::new(ManualClock::new());
+        let b = SharedBucket::with_clock(Bandwidth::bytes_per_sec(10_000), clock);
+        b.acquire(1_000); // must not block: the bucket starts full
+        assert_eq!(b.rate(), Bandwidth::bytes_per_sec(10_000));
+    }
+
+    #[test]
+    fn set_rate_wakes_a_blocked_waiter() {
+        let b = Arc::new(SharedBucket::new(Bandwidth::bytes_per_sec(MIN_CHUNK)));
+        b.acquire(MIN_CHUNK); // empty it: the next 512 bytes would take 1 s
+        let b2 = Arc::clone(&b);
+        let start = Instant::now();
+        let t = std::thread::spawn(move || b2.acquire(MIN_CHUNK));
+        std::thread::sleep(ms(50));
+        b.set_rate(Bandwidth::UNLIMITED);
+        t.join().unwrap();
+        assert!(start.elapsed() < ms(800), "waited {:?}", start.elapsed());
+    }
+}

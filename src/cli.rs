@@ -1,0 +1,337 @@
+//! Command-line flags of both binaries (clap derive), and their conversion into the
+//! validated types of config.rs. The binaries stay thin: parse, convert, run.
+
+use crate::config::{self, Credentials, LocalConfig, RemoteConfig, Timeouts};
+use crate::rate::Bandwidth;
+use clap::{Args, Parser, Subcommand};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// remote-proxy: authenticates flowgate tunnels against a user database and relays them to
+/// their targets, holding each user to their bandwidth.
+#[derive(Debug, Parser)]
+#[command(name = "remote-proxy", version)]
+pub struct RemoteCli {
+    /// SQLite user database (created on first use).
+    #[arg(long, global = true, default_value = config::DEFAULT_DB, env = "FLOWGATE_DB")]
+    pub db: PathBuf,
+    #[command(subcommand)]
+    pub command: RemoteCommand,
+}
+
+/// remote-proxy subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// Accept tunnels from local-proxies.
+    Serve(ServeArgs),
+    /// Manage users (the running server picks changes up within a second).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+/// Flags of `remote-proxy serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback by default; use 0.0.0.0:PORT to serve other hosts).
+    #[arg(long, default_value = config::DEFAULT_REMOTE_LISTEN)]
+    pub listen: SocketAddr,
+    /// Let `local-proxy signup` create accounts.
+    #[arg(long)]
+    pub allow_signup: bool,
+    /// Bandwidth of accounts created by signup.
+    #[arg(long, default_value = config::DEFAULT_SIGNUP_BANDWIDTH, value_name = "RATE")]
+    pub signup_bandwidth: Bandwidth,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Flags both proxies share.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Longest wait for each read of a client's handshake (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
+    /// Longest wait to connect to the next hop.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+    /// Close a tunnel after this long with no bytes either way (0 = never).
+    #[arg(long, default_value = "600s", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+    /// Tunnels served at once; further connections wait, unread, until one ends.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: usize,
+}
+
+impl CommonArgs {
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            handshake: self.handshake_timeout,
+            connect: self.connect_timeout,
+            idle: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+        }
+    }
+}
+
+/// `remote-proxy user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user.
+    Add {
+        /// User name: 1-64 of A-Z a-z 0-9 . _ @ -
+        name: String,
+        /// Bytes per second for everything the user forwards: 500K, 2M, 1G (x1000), KiB,
+        /// MiB, GiB (x1024), optional /s, or unlimited.
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Bandwidth,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Change a user's bandwidth and/or password.
+    Set {
+        /// User name.
+        name: String,
+        /// New bandwidth (see `user add`).
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<Bandwidth>,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Delete a user; their new tunnels are refused at once.
+    Del {
+        /// User name.
+        name: String,
+    },
+    /// List users and their bandwidth.
+    List,
+}
+
+/// Where a password comes from.
+#[derive(Debug, Args)]
+pub struct PasswordArgs {
+    /// Read the password from the first line of standard input.
+    #[arg(long, conflicts_with = "password")]
+    pub password_stdin: bool,
+    /// The password itself (visible in `ps`; for scripts on a single-user machine).
+    #[arg(long, value_name = "PASSWORD")]
+    pub password: Option<String>,
+}
+
+impl PasswordArgs {
+    /// The password if one was given by flag or stdin; `None` when neither was asked for.
+    pub fn given(&self) -> Result<Option<String>, String> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        if self.password_stdin {
+            return read_stdin_line().map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The password from flag, stdin, or an interactive prompt.
+    pub fn required(&self) -> Result<String, String> {
+        match self.given()? {
+            Some(p) => Ok(p),
+            None => prompt("password: "),
+        }
+    }
+}
+
+fn read_stdin_line() -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read password from stdin: {e}"))?;
+    let p = line.trim_end_matches(['\r', '\n']).to_string();
+    if p.is_empty() {
+        return Err("empty password on stdin".into());
+    }
+    Ok(p)
+}
+
+fn prompt(text: &str) -> Result<String, String> {
+    rpassword::prompt_password(text)
+        .map_err(|e| format!("cannot prompt for a password ({e}); use --password-stdin"))
+}
+
+/// local-proxy: SOCKS5 and HTTP proxy for apps, carrying each connection through a tunnel
+/// to remote-proxy.
+#[derive(Debug, Parser)]
+#[command(name = "local-proxy", version, args_conflicts_with_subcommands = true)]
+pub struct LocalCli {
+    #[command(subcommand)]
+    pub command: Option<LocalCommand>,
+    #[command(flatten)]
+    pub run: LocalArgs,
+}
+
+/// local-proxy subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LocalCommand {
+    /// Create an account on a remote-proxy started with --allow-signup.
+    Signup {
+        /// remote-proxy address, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        remote: String,
+        /// The new account's name.
+        #[arg(long)]
+        user: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+/// Flags of `local-proxy` (serving).
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// Address apps connect to (SOCKS5 and HTTP on the same port).
+    #[arg(long, default_value = config::DEFAULT_LOCAL_LISTEN)]
+    pub listen: SocketAddr,
+    /// remote-proxy address, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub remote: Option<String>,
+    /// Account used when an app sends no credentials. Password from --password-stdin,
+    /// FLOWGATE_PASSWORD, or a prompt. Without it, apps must send credentials.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Read the password of --user from the first line of standard input.
+    #[arg(long)]
+    pub password_stdin: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Reads a password for local-proxy: stdin flag, then FLOWGATE_PASSWORD, then a prompt.
+fn local_password(password_stdin: bool) -> Result<String, String> {
+    if password_stdin {
+        return read_stdin_line();
+    }
+    if let Ok(p) = std::env::var("FLOWGATE_PASSWORD") {
+        if !p.is_empty() {
+            return Ok(p);
+        }
+    }
+    prompt("password: ")
+}
+
+impl ServeArgs {
+    /// Builds the validated config.
+    pub fn into_config(self, db: PathBuf) -> RemoteConfig {
+        let mut cfg = RemoteConfig::new(db);
+        cfg.listen = self.listen;
+        cfg.allow_signup = self.allow_signup;
+        cfg.signup_bandwidth = self.signup_bandwidth;
+        cfg.timeouts = self.common.timeouts();
+        cfg.max_connections = self.common.max_connections.max(1);
+        cfg
+    }
+}
+
+impl LocalArgs {
+    /// Builds the validated config, reading the password if `--user` is set.
+    pub fn into_config(self) -> Result<LocalConfig, String> {
+        let remote = self
+            .remote
+            .ok_or("--remote HOST:PORT is required (where remote-proxy listens)")?;
+        let credentials = match self.user {
+            Some(user) => Some(Credentials {
+                user,
+                password: local_password(self.password_stdin)?,
+            }),
+            None if self.password_stdin => {
+                return Err("--password-stdin needs --user".into());
+            }
+            None => None,
+        };
+        let mut cfg = LocalConfig::new(remote, credentials);
+        cfg.listen = self.listen;
+        cfg.timeouts = self.common.timeouts();
+        cfg.max_connections = self.common.max_connections.max(1);
+        Ok(cfg)
+    }
+}
+
+impl LocalCommand {
+    /// Credentials for signup.
+    pub fn signup_credentials(user: &str, password_stdin: bool) -> Result<Credentials, String> {
+        Ok(Credentials {
+            user: user.to_string(),
+            password: local_password(password_stdin)?,
+        })
+    }
+}
+
+/// Parses `10`, `10s`, `500ms`, `2m`, `1h` into a duration (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 10s, 500ms, 2m)"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("bad duration unit {unit:?} (use ms, s, m, h)")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        RemoteCli::command().debug_assert();
+        LocalCli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn user_add_parses_rates_and_rejects_bad_ones() {
+        let ok = RemoteCli::try_parse_from([
+            "remote-proxy",
+            "--db",
+            "x.db",
+            "user",
+            "add",
+            "alice",
+            "--bandwidth",
+            "2MiB/s",
+            "--password",
+            "pw",
+        ])
+        .unwrap();
+        match ok.command {
+            RemoteCommand::User(UserCommand::Add { bandwidth, .. }) => {
+                assert_eq!(bandwidth.limit(), Some(2 << 20))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(RemoteCli::try_parse_from([
+            "remote-proxy",
+            "user",
+            "add",
+            "alice",
+            "--bandwidth",
+            "fast",
+        ])
+        .is_err());
+    }
+}

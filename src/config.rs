@@ -1,0 +1,157 @@
+//! Validated settings for both proxies; every default lives here, once.
+//!
+//! Out of scope: flag parsing (cli.rs turns flags into these types).
+
+use crate::rate::Bandwidth;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default listen address of remote-proxy.
+pub const DEFAULT_REMOTE_LISTEN: &str = "127.0.0.1:7080";
+/// Default listen address of local-proxy.
+pub const DEFAULT_LOCAL_LISTEN: &str = "127.0.0.1:1080";
+/// Default database path.
+pub const DEFAULT_DB: &str = "flowgate.db";
+/// Default bandwidth for accounts made by signup: 1 MB/s.
+pub const DEFAULT_SIGNUP_BANDWIDTH: &str = "1M";
+/// Default handshake timeout, in seconds: a client must finish its greeting within it.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+/// Default target (and remote-proxy) connect timeout, in seconds.
+pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Default idle timeout, in seconds: a tunnel with no bytes either way this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
+/// Default cap on tunnels served at once; more wait unread until one ends.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// How often remote-proxy checks the database for `user set`/`user del`, in milliseconds.
+pub const DEFAULT_USER_POLL_MS: u64 = 500;
+
+/// Timeouts both proxies use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Longest wait for each read of a handshake.
+    pub handshake: Duration,
+    /// Longest wait to connect to the next hop.
+    pub connect: Duration,
+    /// Close tunnels idle this long; `None` never closes them.
+    pub idle: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
+            connect: Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS),
+            idle: Some(Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)),
+        }
+    }
+}
+
+/// remote-proxy settings.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// Where to listen for local-proxies.
+    pub listen: SocketAddr,
+    /// The user database.
+    pub db: PathBuf,
+    /// Whether `local-proxy signup` may create accounts.
+    pub allow_signup: bool,
+    /// Bandwidth given to accounts made by signup.
+    pub signup_bandwidth: Bandwidth,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Tunnels served at once.
+    pub max_connections: usize,
+    /// How often to look for user changes made by other processes.
+    pub user_poll: Duration,
+}
+
+impl RemoteConfig {
+    /// Defaults for everything but the database path.
+    pub fn new(db: PathBuf) -> RemoteConfig {
+        RemoteConfig {
+            listen: parse_default(DEFAULT_REMOTE_LISTEN),
+            db,
+            allow_signup: false,
+            signup_bandwidth: DEFAULT_SIGNUP_BANDWIDTH
+                .parse()
+                .unwrap_or(Bandwidth::bytes_per_sec(1_000_000)),
+            timeouts: Timeouts::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            user_poll: Duration::from_millis(DEFAULT_USER_POLL_MS),
+        }
+    }
+}
+
+/// Credentials local-proxy uses when an app gives none. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Account name.
+    pub user: String,
+    /// Account password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// local-proxy settings.
+#[derive(Clone, Debug)]
+pub struct LocalConfig {
+    /// Where apps connect (SOCKS5 and HTTP on one port).
+    pub listen: SocketAddr,
+    /// remote-proxy's address, `HOST:PORT`, resolved at each connect.
+    pub remote: String,
+    /// The account used when an app sends no credentials; `None` requires app credentials.
+    pub credentials: Option<Credentials>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Tunnels served at once.
+    pub max_connections: usize,
+}
+
+impl LocalConfig {
+    /// Defaults for everything but the remote address and credentials.
+    pub fn new(remote: String, credentials: Option<Credentials>) -> LocalConfig {
+        LocalConfig {
+            listen: parse_default(DEFAULT_LOCAL_LISTEN),
+            remote,
+            credentials,
+            timeouts: Timeouts::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+fn parse_default(s: &str) -> SocketAddr {
+    // The defaults above are literal socket addresses; a typo there is caught by the test.
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        assert_eq!(
+            RemoteConfig::new("x".into()).listen,
+            DEFAULT_REMOTE_LISTEN.parse().unwrap()
+        );
+        assert_eq!(
+            LocalConfig::new("r:1".into(), None).listen,
+            DEFAULT_LOCAL_LISTEN.parse().unwrap()
+        );
+        assert_eq!(
+            RemoteConfig::new("x".into()).signup_bandwidth,
+            DEFAULT_SIGNUP_BANDWIDTH.parse().unwrap()
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! local-proxy's per-connection handler: tell SOCKS5 from HTTP by the first byte, run that
+//! handshake, open a tunnel to remote-proxy, answer the app in its own protocol, relay.
+//! Glue only; parsing lives in socks5.rs, http_connect.rs and tunnel.rs.
+
+use crate::addr::TargetAddr;
+use crate::config::{Credentials, LocalConfig};
+use crate::http_connect::{self, ProxyRequest};
+use crate::relay;
+use crate::server::{ConnId, Limits, Server, Workers};
+use crate::socks5::{self, Method};
+use crate::tunnel::{self, Command, Reply, Request, Status};
+use std::fmt;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why a tunnel to remote-proxy could not be opened.
+#[derive(Debug)]
+pub enum TunnelError {
+    /// remote-proxy could not be reached or stopped answering.
+    Remote(io::Error),
+    /// remote-proxy answered with something that is not our protocol.
+    Protocol(tunnel::Error),
+}
+
+impl fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TunnelError::Remote(e) => write!(f, "cannot reach remote-proxy: {e}"),
+            TunnelError::Protocol(e) => write!(f, "bad answer from remote-proxy: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TunnelError {}
+
+/// Shared state of one local-proxy.
+#[derive(Debug)]
+pub struct Local {
+    cfg: LocalConfig,
+}
+
+/// Binds and starts serving. The returned server stops on drop.
+///
+/// # Errors
+/// The bind error.
+pub fn start(cfg: LocalConfig) -> io::Result<Server> {
+    let local = Arc::new(Local { cfg: cfg.clone() });
+    let handler = Arc::new(move |s: TcpStream, id: ConnId, w: &Workers| local.handle(s, id, w));
+    let limits = Limits {
+        max_connections: cfg.max_connections,
+    };
+    let server = Server::bind(cfg.listen, "local", limits, handler)?;
+    log::info!(
+        "local-proxy listening on {} remote={} user={}",
+        server.local_addr(),
+        cfg.remote,
+        cfg.credentials
+            .as_ref()
+            .map_or("(from app)", |c| c.user.as_str())
+    );
+    Ok(server)
+}
+
+/// Opens a tunnel: connects to remote-proxy, sends `req`, reads the reply.
+///
+/// # Errors
+/// `Remote` when remote-proxy cannot be reached or goes silent, `Protocol` for bad replies.
+pub fn open_tunnel(
+    remote: &str,
+    req: &Request,
+    timeouts: &crate::config::Timeouts,
+) -> Result<(TcpStream, Reply), TunnelError> {
+    let addrs: Vec<SocketAddr> = remote
+        .to_socket_addrs()
+        .map_err(TunnelError::Remote)?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "remote address did not resolve");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeouts.connect) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                s.set_read_timeout(Some(timeouts.handshake))
+                    .map_err(TunnelError::Remote)?;
+                tunnel::write_request(&mut &s, req).map_err(TunnelError::Remote)?;
+                let reply = match tunnel::read_reply(&mut &s) {
+                    Ok(r) => r,
+                    Err(tunnel::Error::Io(e)) => return Err(TunnelError::Remote(e)),
+                    Err(e) => return Err(TunnelError::Protocol(e)),
+                };
+                return Ok((s, reply));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(TunnelError::Remote(last))
+}
+
+/// Asks remote-proxy to create an account (`local-proxy signup`).
+///
+/// # Errors
+/// As [`open_tunnel`]; a refusal is an `Ok` reply with a non-`Ok` status.
+pub fn signup(
+    remote: &str,
+    creds: &Credentials,
+    timeouts: &crate::config::Timeouts,
+) -> Result<Status, TunnelError> {
+    let req = Request {
+        command: Command::Signup,
+        user: creds.user.clone(),
+        password: creds.password.clone(),
+        target: None,
+    };
+    open_tunnel(remote, &req, timeouts).map(|(_, reply)| reply.status)
+}
+
+/// What an app asked for, once its handshake is done.
+struct Ask {
+    proto: &'static str,
+    creds: Credentials,
+    target: TargetAddr,
+}
+
+impl Local {
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
+        let _ = stream.set_nodelay(true);
+        if stream
+            .set_read_timeout(Some(self.cfg.timeouts.handshake))
+            .is_err()
+        {
+            return;
+        }
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first) {
+            Ok(1) => {}
+            Ok(_) => return,
+            Err(e) => {
+                log::debug!("conn={id} no greeting: {e}");
+                return;
+            }
+        }
+        match first[0] {
+            socks5::VERSION => self.socks(stream, id, workers),
+            b'A'..=b'Z' | b'a'..=b'z' => self.http(stream, id, workers),
+            0x04 => {
+                log::info!("conn={id} SOCKS4 is not supported; use SOCKS5");
+                // SOCKS4 "request rejected" (0x5B), so SOCKS4 clients print a real error.
+                let _ = (&stream).write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]);
+            }
+            other => log::info!("conn={id} unknown protocol (first byte {other:#04x})"),
+        }
+    }
+
+    fn default_creds(&self) -> Option<Credentials> {
+        self.cfg.credentials.clone()
+    }
+
+    fn socks(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
+        let mut s = &stream;
+        let methods = match socks5::read_greeting(&mut s) {
+            Ok(m) => m,
+            Err(e) => return log::info!("conn={id} socks5 greeting: {e}"),
+        };
+        // App credentials win: they pick the user, so one local-proxy serves several users.
+        let creds = if methods.contains(&(Method::UserPass as u8)) {
+            if socks5::write_method(&mut s, Method::UserPass).is_err() {
+                return;
+            }
+            match socks5::read_userpass(&mut s) {
+                Ok((user, password)) => {
+                    // Checked by remote-proxy at CONNECT; a bad pair gets reply 0x02 then.
+                    if socks5::write_userpass_status(&mut s, true).is_err() {
+                        return;
+                    }
+                    Credentials { user, password }
+                }
+                Err(e) => {
+                    log::info!("conn={id} socks5 auth: {e}");
+                    let _ = socks5::write_userpass_status(&mut s, false);
+                    return;
+                }
+            }
+        } else if let (true, Some(c)) = (
+            methods.contains(&(Method::NoAuth as u8)),
+            self.default_creds(),
+        ) {
+            if socks5::write_method(&mut s, Method::NoAuth).is_err() {
+                return;
+            }
+            c
+        } else {
+            log::info!("conn={id} socks5: no acceptable auth method (no --user configured)");
+            let _ = socks5::write_method(&mut s, Method::NoAcceptable);
+            return;
+        };
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let req = match socks5::read_request(&mut s) {
+            Ok(r) => r,
+            Err(e) => {
+                log::info!("conn={id} socks5 request: {e}");
+                if let Some(reply) = e.reply() {
+                    let _ = socks5::write_reply(&mut s, reply, unspecified);
+                }
+                return;
+            }
+        };
+        if req.command != socks5::Command::Connect {
+            log::info!("conn={id} socks5 command {:?} not supported", req.command);
+            let _ = socks5::write_reply(&mut s, socks5::Reply::CommandNotSupported, unspecified);
+            return;
+        }
+        let ask = Ask {
+            proto: "socks5",
+            creds,
+            target: req.target,
+        };
+        let Some((remote, reply)) = self.tunnel(&ask, id, |status, retry, detail| {
+            let code = match status {
+                Some(st) => socks5::Reply::for_status(st),
+                None => socks5::Reply::GeneralFailure,
+            };
+            if status == Some(Status::RateLimited) {
+                log::info!("conn={id} rate limited; retry in {retry}s");
+            }
+            log::debug!("conn={id} socks5 reply {code:?}: {detail}");
+            let _ = socks5::write_reply(&mut &stream, code, unspecified);
+        }) else {
+            return;
+        };
+        if socks5::write_reply(&mut s, socks5::Reply::Succeeded, reply.bound).is_err() {
+            return;
+        }
+        self.run(stream, remote, &ask, id, workers);
+    }
+
+    fn http(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
+        let mut buf = Vec::with_capacity(1024);
+        let fail = |code: u16, detail: &str, retry: u16| {
+            let _ = http_connect::write_status(&mut &stream, code, detail, retry);
+        };
+        let (len, head) = match http_connect::read_head(&mut &stream, &mut buf) {
+            Ok(h) => h,
+            Err(e) => {
+                log::info!("conn={id} http: {e}");
+                if let Some(code) = e.status() {
+                    fail(code, &e.to_string(), 0);
+                }
+                return;
+            }
+        };
+        let creds = match http_connect::proxy_credentials(&head) {
+            Ok(Some((user, password))) => Credentials { user, password },
+            Ok(None) => match self.default_creds() {
+                Some(c) => c,
+                None => {
+                    log::info!("conn={id} http: no credentials (no --user configured)");
+                    return fail(407, "proxy credentials required", 0);
+                }
+            },
+            Err(e) => {
+                log::info!("conn={id} http: {e}");
+                return fail(407, &e.to_string(), 0);
+            }
+        };
+        let request = match http_connect::interpret(&head) {
+            Ok(r) => r,
+            Err(e) => {
+                log::info!("conn={id} http: {e}");
+                return fail(e.status().unwrap_or(400), &e.to_string(), 0);
+            }
+        };
+        let (target, forward_head, proto) = match request {
+            ProxyRequest::Connect(t) => (t, None, "http-connect"),
+            ProxyRequest::Forward { target, head } => (target, Some(head), "http"),
+        };
+        let ask = Ask {
+            proto,
+            creds,
+            target,
+        };
+        let Some((remote, _reply)) = self.tunnel(&ask, id, |status, retry, detail| {
+            let code = match status {
+                Some(st) => http_connect::status_for(st),
+                None => 502,
+            };
+            fail(code, detail, retry);
+        }) else {
+            return;
+        };
+        let sent = match &forward_head {
+            None => http_connect::write_status(&mut &stream, 200, "", 0),
+            Some(h) => (&remote).write_all(h),
+        };
+        // Bytes the app sent after the head (a request body, a TLS ClientHello) go on.
+        let rest = &buf[len..];
+        if sent.is_err() || (!rest.is_empty() && (&remote).write_all(rest).is_err()) {
+            return;
+        }
+        self.run(stream, remote, &ask, id, workers);
+    }
+
+    /// Opens the tunnel for `ask`. On failure calls `refuse(status, retry_after, detail)` to
+    /// answer the app in its protocol (`status` is `None` when remote-proxy is unreachable)
+    /// and returns `None`.
+    fn tunnel(
+        &self,
+        ask: &Ask,
+        id: ConnId,
+        refuse: impl FnOnce(Option<Status>, u16, &str),
+    ) -> Option<(TcpStream, Reply)> {
+        let req = Request {
+            command: Command::Connect,
+            user: ask.creds.user.clone(),
+            password: ask.creds.password.clone(),
+            target: Some(ask.target.clone()),
+        };
+        match open_tunnel(&self.cfg.remote, &req, &self.cfg.timeouts) {
+            Ok((remote, reply)) if reply.status == Status::Ok => Some((remote, reply)),
+            Ok((_, reply)) => {
+                log::info!(
+                    "conn={id} proto={} user={} target={} refused: {}",
+                    ask.proto,
+                    ask.creds.user,
+                    ask.target,
+                    reply.status
+                );
+                refuse(
+                    Some(reply.status),
+                    reply.retry_after,
+                    &reply.status.to_string(),
+                );
+                None
+            }
+            Err(e) => {
+                log::warn!("conn={id} {e}");
+                let status = match &e {
+                    TunnelError::Remote(io) if is_timeout(io) => Some(Status::TimedOut),
+                    _ => None,
+                };
+                refuse(status, 0, &e.to_string());
+                None
+            }
+        }
+    }
+
+    fn run(&self, app: TcpStream, remote: TcpStream, ask: &Ask, id: ConnId, workers: &Workers) {
+        log::info!(
+            "conn={id} open proto={} user={} target={}",
+            ask.proto,
+            ask.creds.user,
+            ask.target
+        );
+        let started = Instant::now();
+        let opts = relay::Options {
+            bucket: None,
+            idle_timeout: self.cfg.timeouts.idle,
+        };
+        let stats = relay::relay(app, remote, &opts, workers);
+        log::info!(
+            "conn={id} close user={} target={} up={} down={} dur={:.3}s",
+            ask.creds.user,
+            ask.target,
+            stats.up,
+            stats.down,
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}

@@ -1,0 +1,300 @@
+//! Listening sockets and worker threads, shared by local-proxy, remote-proxy and the tests.
+//!
+//! In scope: binding, the accept loop, handing each accepted socket through a crossbeam
+//! channel to a worker, the worker pool, and shutdown. Out of scope: what a connection says
+//! (local.rs, remote.rs).
+//!
+//! Shape: one accept thread sends sockets into a channel; "serve" workers each take one
+//! socket at a time and own it for its whole life (handshake, then one relay direction). The
+//! other relay direction runs as a job on the same pool. Serve workers are capped at
+//! `max_connections`, so when all are busy further sockets wait in the channel unread
+//! (paused, in arrival order) until one finishes. The pool grows on demand and is sized so a
+//! relay job never waits for a thread: a tunnel stuck half-relayed would be a deadlock.
+
+use parking_lot::Mutex;
+use std::any::Any;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use threadpool::ThreadPool;
+
+/// Stack size of every worker thread, in bytes. Relay buffers live on the heap; the deepest
+/// stack use is getaddrinfo and argon2's setup, both well under this. The default 2 MiB costs
+/// address space per thread, and thousands of tunnels mean thousands of threads; only touched
+/// pages become resident, so this bounds the worst case, not the typical one.
+pub const WORKER_STACK_SIZE: usize = 256 * 1024;
+
+/// Short per-connection id for log lines (`conn=17`).
+pub type ConnId = u64;
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// A thread pool that runs every job at once: it grows instead of queueing.
+#[derive(Clone)]
+pub struct Workers {
+    inner: Arc<WorkersInner>,
+}
+
+struct WorkersInner {
+    // The pool; behind a mutex because growing it needs `&mut`.
+    pool: Mutex<ThreadPool>,
+    // Jobs submitted and not yet finished.
+    busy: AtomicUsize,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("busy", &self.inner.busy.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+struct BusyGuard(Arc<WorkersInner>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Workers {
+    /// An empty pool whose threads are named `name`.
+    pub fn new(name: &str) -> Workers {
+        let pool = threadpool::Builder::new()
+            .num_threads(1)
+            .thread_name(name.to_string())
+            .thread_stack_size(WORKER_STACK_SIZE)
+            .build();
+        Workers {
+            inner: Arc::new(WorkersInner {
+                pool: Mutex::new(pool),
+                busy: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Runs `job` on a pool thread, adding a thread when every one is busy.
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        let mut pool = self.inner.pool.lock();
+        let busy = self.inner.busy.fetch_add(1, Ordering::AcqRel) + 1;
+        if busy > pool.max_count() {
+            // Grow by a quarter at a time so a burst of tunnels does not add threads one by
+            // one under the lock.
+            let target = busy.max(pool.max_count() + pool.max_count() / 4);
+            pool.set_num_threads(target);
+        }
+        let guard = BusyGuard(Arc::clone(&self.inner));
+        pool.execute(move || {
+            let _guard = guard;
+            job();
+        });
+    }
+
+    /// Threads the pool has now.
+    pub fn threads(&self) -> usize {
+        self.inner.pool.lock().max_count()
+    }
+}
+
+/// What each server does with an accepted socket, on a serve worker.
+pub type Handler = dyn Fn(TcpStream, ConnId, &Workers) + Send + Sync;
+
+/// Limits for one listener.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; more wait unread in the accept queue.
+    pub max_connections: usize,
+}
+
+/// A running listener. Dropping it stops accepting; tunnels already open run to the end.
+pub struct Server {
+    local_addr: SocketAddr,
+    // Set before waking the accept loop; the loop exits on the next accept it sees.
+    stopping: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    // Values whose drop tells helper threads (e.g. the user watcher) to stop.
+    guards: Vec<Box<dyn Any + Send>>,
+    workers: Workers,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+struct ServeCtx {
+    rx: crossbeam_channel::Receiver<TcpStream>,
+    handler: Arc<Handler>,
+    workers: Workers,
+    // Serve workers waiting for a socket.
+    idle: AtomicUsize,
+    // Serve workers in existence (idle or busy); at most `max`.
+    serving: AtomicUsize,
+    max: usize,
+}
+
+impl ServeCtx {
+    /// Adds a serve worker unless the cap is reached.
+    fn add_worker(self: &Arc<Self>) {
+        let added = self
+            .serving
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok();
+        if added {
+            let ctx = Arc::clone(self);
+            self.workers.spawn(move || ctx.serve_loop());
+        }
+    }
+
+    fn serve_loop(self: Arc<Self>) {
+        loop {
+            self.idle.fetch_add(1, Ordering::AcqRel);
+            let next = self.rx.recv();
+            let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
+            let Ok(stream) = next else {
+                self.serving.fetch_sub(1, Ordering::AcqRel);
+                return; // channel closed: the server is shutting down
+            };
+            // Keep one spare worker waiting, so the next socket does not wait for this one.
+            if idle_now == 0 {
+                self.add_worker();
+            }
+            let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+            (self.handler)(stream, id, &self.workers);
+        }
+    }
+}
+
+impl Server {
+    /// Binds `addr` and starts accepting. `name` prefixes thread names and log lines.
+    ///
+    /// # Errors
+    /// The bind error (address in use, permission denied).
+    pub fn bind(
+        addr: SocketAddr,
+        name: &str,
+        limits: Limits,
+        handler: Arc<Handler>,
+    ) -> io::Result<Server> {
+        let listener = TcpListener::bind(addr)?;
+        let local_addr = listener.local_addr()?;
+        let workers = Workers::new(name);
+        let (tx, rx) = crossbeam_channel::unbounded::<TcpStream>();
+        let ctx = Arc::new(ServeCtx {
+            rx,
+            handler,
+            workers: workers.clone(),
+            idle: AtomicUsize::new(0),
+            serving: AtomicUsize::new(0),
+            max: limits.max_connections.max(1),
+        });
+        ctx.add_worker();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&stopping);
+        let label = name.to_string();
+        let accept = std::thread::Builder::new()
+            .name(format!("{name}-accept"))
+            .spawn(move || accept_loop(listener, tx, stop, &label))?;
+        Ok(Server {
+            local_addr,
+            stopping,
+            accept: Some(accept),
+            guards: Vec::new(),
+            workers,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The worker pool (for tests and stats).
+    pub fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
+    /// Keeps `guard` alive until shutdown, then drops it (closing a channel, say).
+    pub fn attach(&mut self, guard: Box<dyn Any + Send>) {
+        self.guards.push(guard);
+    }
+
+    /// Blocks until the accept loop ends (it ends only on shutdown or a fatal error).
+    pub fn wait(mut self) {
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops accepting and waits for the accept loop to end. Open tunnels are not cut.
+    pub fn shutdown(&mut self) {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the blocked accept() by connecting to ourselves (tiny-http's trick).
+        let wake = match self.local_addr {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], a.port()))
+            }
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+            }
+            other => other,
+        };
+        let _ = TcpStream::connect_timeout(&wake, std::time::Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        self.guards.clear();
+        log::info!("stopped listening on {}", self.local_addr);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    tx: crossbeam_channel::Sender<TcpStream>,
+    stopping: Arc<AtomicBool>,
+    name: &str,
+) {
+    let mut consecutive_errors = 0u32;
+    loop {
+        match listener.accept() {
+            Ok((stream, _peer)) => {
+                consecutive_errors = 0;
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if tx.send(stream).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                // EMFILE and friends are transient: back off instead of spinning or dying.
+                consecutive_errors += 1;
+                if consecutive_errors == 1 || consecutive_errors % 100 == 0 {
+                    log::error!("{name}: accept failed: {e}");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(
+                    (10 * consecutive_errors as u64).min(1000),
+                ));
+            }
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! The local-proxy → remote-proxy wire protocol, version 1 (docs/protocol.md).
+//!
+//! In scope: encoding and decoding the request and the reply, and the [`Status`] codes.
+//! Out of scope: sockets, authentication, relaying. After an `Ok` reply to `Connect`, both
+//! sides switch to raw bytes.
+
+use crate::addr::{self, TargetAddr};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// First two bytes of every request: tells a stray HTTP or SOCKS client from local-proxy.
+pub const MAGIC: [u8; 2] = *b"FG";
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Longest user name and password on the wire, in bytes.
+pub const MAX_CREDENTIAL: usize = 255;
+
+/// What the request asks for (docs/protocol.md §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Authenticate, connect to the target, then relay raw bytes.
+    Connect = 1,
+    /// Create the named account with the given password (only with `--allow-signup`).
+    Signup = 2,
+}
+
+impl TryFrom<u8> for Command {
+    type Error = Error;
+    fn try_from(b: u8) -> Result<Self, Error> {
+        match b {
+            1 => Ok(Command::Connect),
+            2 => Ok(Command::Signup),
+            other => Err(Error::BadCommand(other)),
+        }
+    }
+}
+
+/// A decoded request. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Request {
+    /// What to do.
+    pub command: Command,
+    /// Account name.
+    pub user: String,
+    /// Account password, in clear on the wire (run the tunnel over a trusted path or TLS).
+    pub password: String,
+    /// Where to connect; `None` for `Signup`.
+    pub target: Option<TargetAddr>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("command", &self.command)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+/// Reply status codes (docs/protocol.md §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Target connected (or account created); raw bytes follow.
+    Ok = 0x00,
+    /// Unknown user or wrong password; the two are deliberately not told apart.
+    BadCredentials = 0x01,
+    /// The user may not do this (a rule on the remote side).
+    NotAllowed = 0x02,
+    /// The target actively refused the connection.
+    TargetRefused = 0x03,
+    /// No route to the target host.
+    HostUnreachable = 0x04,
+    /// No route to the target network.
+    NetworkUnreachable = 0x05,
+    /// The target's host name did not resolve.
+    NameNotResolved = 0x06,
+    /// Connecting to the target took too long.
+    TimedOut = 0x07,
+    /// remote-proxy has no room for this tunnel now; retry after `retry_after` seconds.
+    ServerBusy = 0x08,
+    /// Too many requests; retry after `retry_after` seconds.
+    RateLimited = 0x09,
+    /// The request could not be parsed.
+    Malformed = 0x0a,
+    /// The request's version is not one this server speaks.
+    UnsupportedVersion = 0x0b,
+    /// Signup is switched off on this server.
+    SignupDisabled = 0x0c,
+    /// Signup for a name that is taken.
+    UserExists = 0x0d,
+    /// Anything else that went wrong on the remote side.
+    GeneralFailure = 0x0e,
+}
+
+impl TryFrom<u8> for Status {
+    type Error = Error;
+    fn try_from(b: u8) -> Result<Self, Error> {
+        use Status::*;
+        Result::Ok(match b {
+            0x00 => Ok,
+            0x01 => BadCredentials,
+            0x02 => NotAllowed,
+            0x03 => TargetRefused,
+            0x04 => HostUnreachable,
+            0x05 => NetworkUnreachable,
+            0x06 => NameNotResolved,
+            0x07 => TimedOut,
+            0x08 => ServerBusy,
+            0x09 => RateLimited,
+            0x0a => Malformed,
+            0x0b => UnsupportedVersion,
+            0x0c => SignupDisabled,
+            0x0d => UserExists,
+            0x0e => GeneralFailure,
+            other => return Err(Error::BadStatus(other)),
+        })
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Status::Ok => "ok",
+            Status::BadCredentials => "bad credentials",
+            Status::NotAllowed => "not allowed",
+            Status::TargetRefused => "target refused the connection",
+            Status::HostUnreachable => "target host unreachable",
+            Status::NetworkUnreachable => "target network unreachable",
+            Status::NameNotResolved => "target name not resolved",
+            Status::TimedOut => "target timed out",
+            Status::ServerBusy => "server busy",
+            Status::RateLimited => "rate limited",
+            Status::Malformed => "malformed request",
+            Status::UnsupportedVersion => "unsupported protocol version",
+            Status::SignupDisabled => "signup is disabled on this server",
+            Status::UserExists => "user already exists",
+            Status::GeneralFailure => "general failure",
+        };
+        f.write_str(s)
+    }
+}
+
+impl Status {
+    /// The status that reports a failed target connect, keeping the `io::ErrorKind`.
+    pub fn for_connect_error(e: &io::Error) -> Status {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => Status::TargetRefused,
+            io::ErrorKind::HostUnreachable => Status::HostUnreachable,
+            io::ErrorKind::NetworkUnreachable => Status::NetworkUnreachable,
+            io::ErrorKind::NotFound => Status::NameNotResolved,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Status::TimedOut,
+            io::ErrorKind::AddrNotAvailable => Status::HostUnreachable,
+            _ => Status::GeneralFailure,
+        }
+    }
+}
+
+/// A decoded reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The outcome.
+    pub status: Status,
+    /// Seconds to wait before retrying (`ServerBusy`, `RateLimited`); 0 otherwise.
+    pub retry_after: u16,
+    /// The address remote-proxy connected from (SOCKS BND.ADDR); unspecified when unknown.
+    pub bound: SocketAddr,
+}
+
+impl Reply {
+    /// A reply with `status`, no retry hint and an unspecified bound address.
+    pub fn status(status: Status) -> Reply {
+        Reply {
+            status,
+            retry_after: 0,
+            bound: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        }
+    }
+}
+
+/// Why a request or reply could not be decoded.
+#[derive(Debug)]
+pub enum Error {
+    /// The first two bytes are not `FG`.
+    BadMagic,
+    /// A version this build does not speak.
+    UnsupportedVersion(u8),
+    /// A command byte we do not know.
+    BadCommand(u8),
+    /// A status byte we do not know.
+    BadStatus(u8),
+    /// An empty user name or password.
+    EmptyCredential,
+    /// Credentials that are not UTF-8.
+    BadCredentialEncoding,
+    /// A bad target address.
+    BadAddress(addr::Error),
+    /// The bytes ended early, or the socket failed or timed out.
+    Io(io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::BadMagic => write!(f, "not a flowgate tunnel request"),
+            Error::UnsupportedVersion(v) => write!(f, "unsupported tunnel version {v}"),
+            Error::BadCommand(c) => write!(f, "unknown tunnel command {c}"),
+            Error::BadStatus(s) => write!(f, "unknown tunnel status {s}"),
+            Error::EmptyCredential => write!(f, "empty user name or password"),
+            Error::BadCredentialEncoding => write!(f, "credentials are not UTF-8"),
+            Error::BadAddress(e) => write!(f, "bad target address: {e}"),
+            Error::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<addr::Error> for Error {
+    fn from(e: addr::Error) -> Self {
+        match e {
+            addr::Error::Io(e) => Error::Io(e),
+            other => Error::BadAddress(other),
+        }
+    }
+}
+
+impl Error {
+    /// The status a server answers this decoding error with; `None` when the peer is gone or
+    /// silent and no reply makes sense.
+    pub fn reply_status(&self) -> Option<Status> {
+        match self {
+            Error::Io(_) => None,
+            Error::UnsupportedVersion(_) => Some(Status::UnsupportedVersion),
+            _ => Some(Status::Malformed),
+        }
+    }
+}
+
+/// Encodes a request (docs/protocol.md §2) into one buffer.
+pub fn encode_request(req: &Request) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + req.user.len() + req.password.len() + 260);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(req.command as u8);
+    for s in [&req.user, &req.password] {
+        let b = &s.as_bytes()[..s.len().min(MAX_CREDENTIAL)];
+        out.push(b.len() as u8);
+        out.extend_from_slice(b);
+    }
+    if let Some(t) = &req.target {
+        t.encode(&mut out);
+    }
+    out
+}
+
+/// Sends a request with one `write_all`.
+pub fn write_request<W: Write>(w: &mut W, req: &Request) -> io::Result<()> {
+    w.write_all(&encode_request(req))
+}
+
+/// Reads a request (docs/protocol.md §2).
+///
+/// # Errors
+/// `BadMagic`, `UnsupportedVersion`, `BadCommand`, `EmptyCredential`, `BadCredentialEncoding`
+/// and `BadAddress` for bad bytes (answer them with [`Error::reply_status`]); `Io` when the
+/// peer hangs up early or the read times out.
+pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head[..2])?;
+    if head[..2] != MAGIC {
+        return Err(Error::BadMagic);
+    }
+    r.read_exact(&mut head[2..3])?;
+    if head[2] != VERSION {
+        return Err(Error::UnsupportedVersion(head[2]));
+    }
+    r.read_exact(&mut head[3..4])?;
+    let command = Command::try_from(head[3])?;
+    let user = read_credential(r)?;
+    let password = read_credential(r)?;
+    let target = match command {
+        Command::Connect => Some(TargetAddr::decode(r, false)?),
+        Command::Signup => None,
+    };
+    Ok(Request {
+        command,
+        user,
+        password,
+        target,
+    })
+}
+
+fn read_credential<R: Read>(r: &mut R) -> Result<String, Error> {
+    let mut len = [0u8; 1];
+    r.read_exact(&mut len)?;
+    if len[0] == 0 {
+        return Err(Error::EmptyCredential);
+    }
+    let mut buf = vec![0u8; len[0] as usize];
+    r.read_exact(&mut buf)?;
+    String::from_utf8(buf).map_err(|_| Error::BadCredentialEncoding)
+}
+
+/// Encodes a reply (docs/protocol.md §4) into one buffer.
+pub fn encode_reply(reply: &Reply) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    out.push(VERSION);
+    out.push(reply.status as u8);
+    out.extend_from_slice(&reply.retry_after.to_be_bytes());
+    TargetAddr::Ip(reply.bound).encode(&mut out);
+    out
+}
+
+/// Sends a reply with one `write_all`.
+pub fn write_reply<W: Write>(w: &mut W, reply: &Reply) -> io::Result<()> {
+    w.write_all(&encode_reply(reply))
+}
+
+/// Reads a reply (docs/protocol.md §4).
+///
+/// # Errors
+/// `UnsupportedVersion`, `BadStatus`, `BadAddress` for bad bytes; `Io` for a closed or
+/// silent peer.
+pub fn read_reply<R: Read>(r: &mut R) -> Result<Reply, Error> {
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head)?;
+    if head[0] != VERSION {
+        return Err(Error::UnsupportedVersion(head[0]));
+    }
+    let status = Status::try_from(head[1])?;
+    let retry_after = u16::from_be_bytes([head[2], head[3]]);
+    let bound = match TargetAddr::decode(r, true)? {
+        TargetAddr::Ip(a) => a,
+        TargetAddr::Domain(..) => return Err(Error::BadAddress(addr::Error::BadAddressType(3))),
+    };
+    Ok(Reply {
+        status,
+        retry_after,
+        bound,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(target: &str) -> Request {
+        Request {
+            command: Command::Connect,
+            user: "alice".into(),
+            password: "s3cret".into(),
+            target: Some(TargetAddr::parse_authority(target, None).unwrap()),
+        }
+    }
+
+    /// Yields one byte per read, as a slow network might.
+    struct OneByte<'a>(&'a [u8]);
+    impl Read for OneByte<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() || buf.is_empty() {
+                return Ok(0);
+            }
+            buf[0] = self.0[0];
+            self.0 = &self.0[1..];
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn request_roundtrips_for_every_target_kind() {
+        for t in ["10.1.2.3:80", "[2001:db8::1]:443", "example.com:8080"] {
+            let req = connect(t);
+            let bytes = encode_request(&req);
+            assert_eq!(read_request(&mut &bytes[..]).unwrap(), req);
+            assert_eq!(read_request(&mut OneByte(&bytes)).unwrap(), req);
+        }
+        let signup = Request {
+            command: Command::Signup,
+            user: "bob".into(),
+            password: "pw".into(),
+            target: None,
+        };
+        let bytes = encode_request(&signup);
+        assert_eq!(read_request(&mut &bytes[..]).unwrap(), signup);
+    }
+
+    #[test]
+    fn request_wire_layout_matches_protocol_doc() {
+        let bytes = encode_request(&connect("1.2.3.4:80"));
+        let mut expect = b"FG\x01\x01\x05alice\x06s3cret\x01".to_vec();
+        expect.extend_from_slice(&[1, 2, 3, 4, 0, 80]);
+        assert_eq!(bytes, expect);
+    }
+
+    #[test]
+    fn every_strict_prefix_of_a_request_is_an_io_error() {
+        let bytes = encode_request(&connect("example.com:80"));
+        for cut in 0..bytes.len() {
+            match read_request(&mut &bytes[..cut]) {
+                Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+                other => panic!("prefix {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_their_own_error() {
+        let ok = encode_request(&connect("1.2.3.4:80"));
+        let with = |i: usize, b: u8| {
+            let mut v = ok.clone();
+            v[i] = b;
+            read_request(&mut &v[..])
+        };
+        assert!(matches!(with(0, b'G'), Err(Error::BadMagic)));
+        assert!(matches!(with(2, 9), Err(Error::UnsupportedVersion(9))));
+        assert!(matches!(with(3, 7), Err(Error::BadCommand(7))));
+        assert!(matches!(with(4, 0), Err(Error::EmptyCredential)));
+        assert!(matches!(with(5, 0xff), Err(Error::BadCredentialEncoding)));
+        let atyp = ok.len() - 7;
+        assert!(matches!(
+            with(atyp, 9),
+            Err(Error::BadAddress(addr::Error::BadAddressType(9)))
+        ));
+        let mut zero_port = ok.clone();
+        let n = zero_port.len();
+        zero_port[n - 1] = 0;
+        assert!(matches!(
+            read_request(&mut &zero_port[..]),
+            Err(Error::BadAddress(addr::Error::BadPort))
+        ));
+        assert!(matches!(
+            read_request(&mut &b"GET / HTTP/1.1\r\n"[..]),
+            Err(Error::BadMagic)
+        ));
+    }
+
+    #[test]
+    fn decoding_errors_map_to_reply_statuses() {
+        assert_eq!(Error::BadMagic.reply_status(), Some(Status::Malformed));
+        assert_eq!(
+            Error::UnsupportedVersion(2).reply_status(),
+            Some(Status::UnsupportedVersion)
+        );
+        assert_eq!(
+            Error::Io(io::ErrorKind::TimedOut.into()).reply_status(),
+            None
+        );
+    }
+
+    #[test]
+    fn reply_roundtrips_and_prefixes_fail() {
+        let r = Reply {
+            status: Status::RateLimited,
+            retry_after: 17,
+            bound: "[::1]:5555".parse().unwrap(),
+        };
+        let bytes = encode_reply(&r);
+        assert_eq!(read_reply(&mut &bytes[..]).unwrap(), r);
+        assert_eq!(read_reply(&mut OneByte(&bytes)).unwrap(), r);
+        for cut in 0..bytes.len() {
+            assert!(read_reply(&mut &bytes[..cut]).is_err());
+        }
+        let plain = encode_reply(&Reply::status(Status::Ok));
+        assert_eq!(plain, vec![1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn every_status_byte_roundtrips() {
+        for b in 0u8..=0x0e {
+            let s = Status::try_from(b).unwrap();
+            assert_eq!(s as u8, b);
+            assert!(!s.to_string().is_empty());
+        }
+        assert!(Status::try_from(0x0f).is_err());
+    }
+
+    #[test]
+    fn connect_errors_keep_their_kind() {
+        use io::ErrorKind::*;
+        assert_eq!(
+            Status::for_connect_error(&ConnectionRefused.into()),
+            Status::TargetRefused
+        );
+        assert_eq!(
+            Status::for_connect_error(&TimedOut.into()),
+            Status::TimedOut
+        );
+        assert_eq!(
+            Status::for_connect_error(&NotFound.into()),
+            Status::NameNotResolved
+        );
+        assert_eq!(
+            Status::for_connect_error(&HostUnreachable.into()),
+            Status::HostUnreachable
+        );
+        assert_eq!(
+            Status::for_connect_error(&NetworkUnreachable.into()),
+            Status::NetworkUnreachable
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let s = format!("{:?}", connect("1.2.3.4:80"));
+        assert!(!s.contains("s3cret"));
+        assert!(s.contains("redacted"));
+    }
+}
