@@ -265,6 +265,22 @@ impl LocalCommand {
     }
 }
 
+/// Parses the command line. `--help` and `--version` print and exit 0; a mistake prints one
+/// line, `NAME: <what is wrong>`, and exits 2, so scripts see a single clear error.
+pub fn parse_or_exit<T: Parser>(name: &str) -> T {
+    match T::try_parse() {
+        Ok(t) => t,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("{name}: {first} (see --help)");
+            std::process::exit(2);
+        }
+    }
+}
+
 /// Parses `10`, `10s`, `500ms`, `2m`, `1h` into a duration (a bare number is seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

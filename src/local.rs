@@ -10,7 +10,7 @@ use crate::server::{ConnId, Limits, Server, Workers};
 use crate::socks5::{self, Method};
 use crate::tunnel::{self, Command, Reply, Request, Status};
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Instant;
@@ -148,7 +148,11 @@ impl Local {
                 // SOCKS4 "request rejected" (0x5B), so SOCKS4 clients print a real error.
                 let _ = (&stream).write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]);
             }
-            other => log::info!("conn={id} unknown protocol (first byte {other:#04x})"),
+            other => {
+                log::info!("conn={id} unknown protocol (first byte {other:#04x})");
+                // Take what already arrived so the close is a FIN, not a reset.
+                let _ = (&stream).read(&mut [0u8; 4096]);
+            }
         }
     }
 
@@ -231,7 +235,7 @@ impl Local {
         if socks5::write_reply(&mut s, socks5::Reply::Succeeded, reply.bound).is_err() {
             return;
         }
-        self.run(stream, remote, &ask, id, workers);
+        self.run(stream, remote, &ask, id, 0, workers);
     }
 
     fn http(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
@@ -297,7 +301,8 @@ impl Local {
         if sent.is_err() || (!rest.is_empty() && (&remote).write_all(rest).is_err()) {
             return;
         }
-        self.run(stream, remote, &ask, id, workers);
+        let already_up = (forward_head.map_or(0, |h| h.len()) + rest.len()) as u64;
+        self.run(stream, remote, &ask, id, already_up, workers);
     }
 
     /// Opens the tunnel for `ask`. On failure calls `refuse(status, retry_after, detail)` to
@@ -344,7 +349,16 @@ impl Local {
         }
     }
 
-    fn run(&self, app: TcpStream, remote: TcpStream, ask: &Ask, id: ConnId, workers: &Workers) {
+    /// Relays an open tunnel; `already_up` counts bytes the handshake forwarded itself.
+    fn run(
+        &self,
+        app: TcpStream,
+        remote: TcpStream,
+        ask: &Ask,
+        id: ConnId,
+        already_up: u64,
+        workers: &Workers,
+    ) {
         log::info!(
             "conn={id} open proto={} user={} target={}",
             ask.proto,
@@ -361,7 +375,7 @@ impl Local {
             "conn={id} close user={} target={} up={} down={} dur={:.3}s",
             ask.creds.user,
             ask.target,
-            stats.up,
+            stats.up + already_up,
             stats.down,
             started.elapsed().as_secs_f64()
         );

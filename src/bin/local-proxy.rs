@@ -1,12 +1,11 @@
 //! local-proxy: serve apps (SOCKS5 + HTTP on one port), or `signup` for a new account.
 
-use clap::Parser;
 use flowgate::cli::{LocalCli, LocalCommand};
 use flowgate::tunnel::Status;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = LocalCli::parse();
+    let cli: LocalCli = flowgate::cli::parse_or_exit("local-proxy");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,12 +1,11 @@
 //! remote-proxy: `serve` tunnels, and `user add|set|del|list` on the same database.
 
-use clap::Parser;
 use flowgate::cli::{RemoteCli, RemoteCommand, UserCommand};
 use flowgate::users::Store;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = RemoteCli::parse();
+    let cli: RemoteCli = flowgate::cli::parse_or_exit("remote-proxy");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

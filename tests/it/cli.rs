@@ -1,0 +1,124 @@
+//! The real binaries: user management errors, signup, and the first log line.
+
+use crate::support::*;
+use std::io::Write;
+use std::process::Stdio;
+
+#[test]
+fn user_management_round_trip() {
+    let db = temp_dir().join("u.db");
+    let (ok, out, _) = remote_user(
+        &db,
+        &[
+            "user",
+            "add",
+            "alice",
+            "--bandwidth",
+            "2MiB/s",
+            "--password",
+            "pw",
+        ],
+    );
+    assert!(ok);
+    assert!(out.contains("alice"));
+    let mut child = remote_bin()
+        .arg("--db")
+        .arg(&db)
+        .args([
+            "user",
+            "add",
+            "bob",
+            "--bandwidth",
+            "500K",
+            "--password-stdin",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"bobpw\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    let (ok, out, _) = remote_user(&db, &["user", "list"]);
+    assert!(ok);
+    assert!(out.contains("alice") && out.contains("2MiB/s"), "{out}");
+    assert!(out.contains("bob") && out.contains("500K/s"), "{out}");
+    assert!(remote_user(&db, &["user", "set", "bob", "--bandwidth", "unlimited"]).0);
+    assert!(remote_user(&db, &["user", "list"]).1.contains("unlimited"));
+    assert!(remote_user(&db, &["user", "del", "bob"]).0);
+    assert!(!remote_user(&db, &["user", "list"]).1.contains("bob"));
+    // The stored hash is argon2id, and no password is in the file.
+    let raw = std::fs::read(&db).unwrap();
+    assert!(!String::from_utf8_lossy(&raw).contains("bobpw"));
+}
+
+#[test]
+fn bad_user_commands_fail_with_one_line_and_leave_the_db_alone() {
+    let db = temp_dir().join("u.db");
+    remote_user_ok(&db, &words("user add alice --bandwidth 1M --password pw"));
+    let before = remote_user_ok(&db, &["user", "list"]);
+    for cmd in [
+        "user add bob --bandwidth fast --password x",
+        "user add alice --bandwidth 1M --password x",
+        "user set nobody --bandwidth 1M",
+        "user del nobody",
+        "user add bad!name --bandwidth 1M --password x",
+        "user set alice --bandwidth 0",
+        "user set alice",
+    ] {
+        let (ok, _, err) = remote_user(&db, &words(cmd));
+        assert!(!ok, "{cmd} should fail");
+        assert_eq!(err.trim().lines().count(), 1, "{cmd}: {err}");
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
+        assert_eq!(
+            remote_user_ok(&db, &["user", "list"]),
+            before,
+            "{cmd} changed the db"
+        );
+    }
+    let (_, _, err) = remote_user(&db, &["user", "del", "nobody"]);
+    assert!(err.starts_with("remote-proxy: "), "{err}");
+}
+
+fn words(s: &str) -> Vec<&str> {
+    s.split_whitespace().collect()
+}
+
+fn signup(remote: std::net::SocketAddr, user: &str) -> (bool, String) {
+    let out = local_bin()
+        .args(["signup", "--remote", &remote.to_string(), "--user", user])
+        .env("FLOWGATE_PASSWORD", "newpw")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn signup_is_refused_unless_enabled() {
+    let p = pair(&[user("alice", "pw", "1M")]);
+    let (ok, text) = signup(p.remote_addr(), "carol");
+    assert!(!ok);
+    assert!(text.contains("does not allow signup"), "{text}");
+}
+
+#[test]
+fn signup_creates_a_user_who_can_tunnel() {
+    let p = pair_with(
+        &[user("alice", "pw", "1M")],
+        |r| {
+            r.allow_signup = true;
+            r.signup_bandwidth = "250K".parse().unwrap();
+        },
+        |_| {},
+    );
+    let (ok, text) = signup(p.remote_addr(), "carol");
+    assert!(ok, "{text}");
+    let (ok, text) = signup(p.remote_addr(), "carol");
+    assert!(!ok && text.contains("already exists"), "{text}");
+    let mut s =
+        socks_connect(p.local_addr(), Dest::Ip(origin()), Some(("carol", "newpw"))).unwrap();
+    download_and_verify(&mut s, "o", 10_000);
+    assert!(remote_user_ok(&p.db, &["user", "list"]).contains("250K/s"));
+}

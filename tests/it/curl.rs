@@ -1,0 +1,99 @@
+//! The real binaries driven by the real curl, as a user would.
+
+use crate::support::*;
+use std::process::Command;
+
+fn curl(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn curl_through_the_real_binaries() {
+    let dir = temp_dir();
+    let db = dir.join("u.db");
+    let st = remote_bin()
+        .arg("--db")
+        .arg(&db)
+        .args([
+            "user",
+            "add",
+            "alice",
+            "--bandwidth",
+            "unlimited",
+            "--password",
+            "pw",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut rcmd = remote_bin();
+    rcmd.arg("--db")
+        .arg(&db)
+        .args(["serve", "--listen", "127.0.0.1:0"]);
+    let (_remote, raddr) = spawn_listening(rcmd);
+    let mut lcmd = local_bin();
+    lcmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--remote",
+        &raddr.to_string(),
+        "--user",
+        "alice",
+    ])
+    .env("FLOWGATE_PASSWORD", "pw");
+    let (_local, laddr) = spawn_listening(lcmd);
+    let o = origin();
+    let n = 3_000_000u64;
+    let want = format!("{n} {:016x}", flowgate::origin::pattern_hash(n));
+    let url = format!("http://localhost:{}/bytes/{n}", o.port());
+    let proxy = laddr.to_string();
+    let http_proxy = format!("http://{laddr}");
+    for args in [
+        vec!["--socks5-hostname", &proxy, &url],
+        vec!["--socks5", &proxy, &url],
+        vec!["-x", &http_proxy, &url],
+        vec!["-p", "-x", &http_proxy, &url],
+        vec!["--socks5-hostname", &proxy, "-U", "alice:pw", &url],
+    ] {
+        let mut full = vec!["-o", "-"];
+        full.extend(args.iter().copied());
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "60"])
+            .args(&full)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let h = flowgate::origin::fnv1a(flowgate::origin::FNV_START, &out.stdout);
+        assert_eq!(format!("{} {h:016x}", out.stdout.len()), want, "{args:?}");
+    }
+    // Errors as curl reports them.
+    let (code, _) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-x",
+        &http_proxy,
+        "-U",
+        "alice:nope",
+        &url,
+    ]);
+    assert_eq!(code, "407");
+    let (_, err) = curl(&["--socks5-hostname", &proxy, "http://nothing.invalid/"]);
+    assert!(
+        err.contains("(97)") || err.to_lowercase().contains("host unreachable"),
+        "{err}"
+    );
+}

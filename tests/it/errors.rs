@@ -1,0 +1,261 @@
+//! Every failure reaches the client in its own protocol, with its own code; bad input never
+//! hangs a worker.
+
+use crate::support::*;
+use flowgate::addr::TargetAddr;
+use flowgate::tunnel::{self, Command, Request, Status};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Sends one tunnel request straight to remote-proxy and returns the reply status.
+fn tunnel_status(remote: SocketAddr, user: &str, pw: &str, target: TargetAddr) -> Status {
+    let mut s = connect(remote);
+    let req = Request {
+        command: Command::Connect,
+        user: user.into(),
+        password: pw.into(),
+        target: Some(target),
+    };
+    tunnel::write_request(&mut s, &req).unwrap();
+    tunnel::read_reply(&mut s).unwrap().status
+}
+
+#[test]
+fn remote_proxy_answers_each_failure_with_its_own_status() {
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    let r = p.remote_addr();
+    let ok = TargetAddr::Ip(origin());
+    assert_eq!(tunnel_status(r, "alice", "pw", ok.clone()), Status::Ok);
+    assert_eq!(
+        tunnel_status(r, "alice", "wrong", ok.clone()),
+        Status::BadCredentials
+    );
+    assert_eq!(
+        tunnel_status(r, "mallory", "pw", ok),
+        Status::BadCredentials
+    );
+    assert_eq!(
+        tunnel_status(r, "alice", "pw", TargetAddr::Ip(refused_addr())),
+        Status::TargetRefused
+    );
+    assert_eq!(
+        tunnel_status(
+            r,
+            "alice",
+            "pw",
+            TargetAddr::Domain("nothing.invalid".into(), 80)
+        ),
+        Status::NameNotResolved
+    );
+}
+
+#[test]
+fn malformed_tunnel_input_gets_the_malformed_reply_and_a_close() {
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    for (garbage, want) in [
+        (&b"GET / HTTP/1.1\r\n\r\n"[..], Status::Malformed),
+        (&b"FG\x01\x09\x01a\x01b"[..], Status::Malformed),
+        (&b"FG\x01\x01\x00"[..], Status::Malformed),
+        (&b"FG\x01\x01\x01a\x01b\x07\x00"[..], Status::Malformed),
+        (&b"FG\x07\x01"[..], Status::UnsupportedVersion),
+    ] {
+        let mut s = connect(p.remote_addr());
+        s.write_all(garbage).unwrap();
+        let reply = tunnel::read_reply(&mut s).unwrap();
+        assert_eq!(reply.status, want, "for {garbage:?}");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "bytes after the error reply");
+    }
+    // The server still works afterwards.
+    let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
+    download_and_verify(&mut s, "o", 1000);
+}
+
+#[test]
+fn a_silent_client_is_closed_after_the_handshake_timeout() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| r.timeouts.handshake = Duration::from_millis(500),
+        |l| l.timeouts.handshake = Duration::from_millis(500),
+    );
+    // A half-sent tunnel request or SOCKS greeting is closed without a reply.
+    for (addr, partial) in [
+        (p.remote_addr(), &b"FG\x01"[..]),
+        (p.local_addr(), &[5u8][..]),
+    ] {
+        let mut s = connect(addr);
+        s.write_all(partial).unwrap();
+        let t = Instant::now();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "unexpected reply {rest:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+    // A half-sent HTTP head gets 408 Request Timeout, then a close.
+    let mut s = connect(p.local_addr());
+    s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\n")
+        .unwrap();
+    let t = Instant::now();
+    assert_eq!(read_response_head(&mut s).code, 408);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn socks5_clients_get_the_documented_reply_codes() {
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    let l = p.local_addr();
+    let o = origin();
+    assert_eq!(
+        socks_connect(l, Dest::Ip(o), Some(("alice", "bad"))).unwrap_err(),
+        0x02
+    );
+    assert_eq!(
+        socks_connect(l, Dest::Ip(o), Some(("nobody", "pw"))).unwrap_err(),
+        0x02
+    );
+    assert_eq!(
+        socks_connect(l, Dest::Ip(refused_addr()), None).unwrap_err(),
+        0x05
+    );
+    assert_eq!(
+        socks_connect(l, Dest::Host("nothing.invalid", 80), None).unwrap_err(),
+        0x04
+    );
+
+    // BIND and UDP ASSOCIATE: command not supported.
+    for cmd in [2u8, 3] {
+        let mut s = connect(l);
+        s.write_all(&[5, 1, 0]).unwrap();
+        let mut m = [0u8; 2];
+        s.read_exact(&mut m).unwrap();
+        s.write_all(&[5, cmd, 0, 1, 127, 0, 0, 1, 0, 80]).unwrap();
+        assert_eq!(read_socks_reply(&mut s), 0x07);
+    }
+    // Unknown address type.
+    let mut s = connect(l);
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    s.write_all(&[5, 1, 0, 9, 0, 0]).unwrap();
+    assert_eq!(read_socks_reply(&mut s), 0x08);
+}
+
+#[test]
+fn without_a_configured_user_apps_must_authenticate() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |_| {},
+        |l| l.credentials = None,
+    );
+    let o = origin();
+    assert_eq!(
+        socks_connect(p.local_addr(), Dest::Ip(o), None).unwrap_err(),
+        0xff
+    );
+    let mut s = socks_connect(p.local_addr(), Dest::Ip(o), Some(("alice", "pw"))).unwrap();
+    download_and_verify(&mut s, "o", 1000);
+    let mut s = connect(p.local_addr());
+    write!(s, "CONNECT {o} HTTP/1.1\r\n\r\n").unwrap();
+    let r = read_response_head(&mut s);
+    assert_eq!(r.code, 407);
+    assert!(r.head.contains("Proxy-Authenticate"));
+}
+
+#[test]
+fn http_clients_get_the_documented_statuses() {
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    let l = p.local_addr();
+    let ask = |req: String| {
+        let mut s = connect(l);
+        s.write_all(req.as_bytes()).unwrap();
+        read_response_head(&mut s)
+    };
+    let r = ask(format!("CONNECT {} HTTP/1.1\r\n\r\n", refused_addr()));
+    assert_eq!(r.code, 502);
+    let r = ask("CONNECT nothing.invalid:443 HTTP/1.1\r\n\r\n".into());
+    assert_eq!(r.code, 502);
+    // "alice:bad"
+    let r = ask(format!(
+        "CONNECT {} HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6YmFk\r\n\r\n",
+        origin()
+    ));
+    assert_eq!(r.code, 407);
+    let r = ask("GET /not-a-proxy-request HTTP/1.1\r\n\r\n".into());
+    assert_eq!(r.code, 400);
+    let r = ask("GET http://x/ HTTP/9.9\r\n\r\n".into());
+    assert_eq!(r.code, 400);
+    let r = ask(format!(
+        "GET http://x/ HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    ));
+    assert_eq!(r.code, 431);
+}
+
+#[test]
+fn a_dead_remote_proxy_is_reported_not_hung() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |_| {},
+        |l| l.remote = refused_addr().to_string(),
+    );
+    assert_eq!(
+        socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap_err(),
+        0x01
+    );
+    let mut s = connect(p.local_addr());
+    write!(s, "CONNECT {} HTTP/1.1\r\n\r\n", origin()).unwrap();
+    assert_eq!(read_response_head(&mut s).code, 502);
+}
+
+#[test]
+fn unknown_first_bytes_are_closed_without_a_reply() {
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    let mut s = connect(p.local_addr());
+    s.write_all(&[0x16, 0x03, 0x01, 0, 0]).unwrap(); // a TLS ClientHello, not a proxy request
+    let mut buf = Vec::new();
+    // Closed with nothing sent back (a FIN, or a reset if our bytes were still unread).
+    let _ = s.read_to_end(&mut buf);
+    assert!(buf.is_empty());
+    // SOCKS4 gets a SOCKS4 rejection rather than silence.
+    let mut s = connect(p.local_addr());
+    s.write_all(&[4, 1, 0, 80, 127, 0, 0, 1, 0]).unwrap();
+    let mut reply = [0u8; 8];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[1], 0x5b);
+}
+
+#[test]
+fn deleted_user_is_refused_at_once() {
+    let p = pair(&[
+        user("alice", "pw", "unlimited"),
+        user("bob", "pw", "unlimited"),
+    ]);
+    let o = origin();
+    let mut s = socks_connect(p.local_addr(), Dest::Ip(o), Some(("bob", "pw"))).unwrap();
+    download_and_verify(&mut s, "o", 1000);
+    remote_user_ok(&p.db, &["user", "del", "bob"]);
+    let e = socks_connect(p.local_addr(), Dest::Ip(o), Some(("bob", "pw"))).unwrap_err();
+    assert_eq!(e, 0x02);
+}
+
+#[test]
+fn remote_proxy_survives_a_burst_of_clients_that_hang_up_mid_handshake() {
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    for i in 0..200 {
+        let mut s = TcpStream::connect(p.remote_addr()).unwrap();
+        let _ = s.write_all(&b"FG\x01\x01\x05alice"[..(i % 10)]);
+        drop(s);
+    }
+    let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
+    download_and_verify(&mut s, "o", 100_000);
+}

@@ -1,0 +1,10 @@
+//! Integration tests: real listeners on 127.0.0.1 ephemeral ports, an origin in the test,
+//! nothing outside the machine.
+
+mod cli;
+mod curl;
+mod errors;
+mod http;
+mod rate;
+mod socks5;
+mod support;

@@ -1,0 +1,413 @@
+//! Shared pieces of the integration tests: an origin, in-process proxy pairs, real-binary
+//! launchers, and small SOCKS5/HTTP clients. Every blocking step has a deadline.
+
+#![allow(dead_code)]
+
+use flowgate::config::{Credentials, LocalConfig, RemoteConfig, Timeouts};
+use flowgate::origin::{self, Origin};
+use flowgate::rate::Bandwidth;
+use flowgate::server::Server;
+use flowgate::users::Store;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Deadline for any single read in a test client.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `RUST_LOG=debug cargo test -- --nocapture` shows what the servers did.
+pub fn init_log() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+            .is_test(true)
+            .try_init();
+    });
+}
+
+/// A fresh directory for one test.
+pub fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "flowgate-it-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// The shared in-test origin (one per test binary is enough).
+pub fn origin() -> SocketAddr {
+    static O: OnceLock<Origin> = OnceLock::new();
+    O.get_or_init(|| Origin::start("127.0.0.1:0".parse().unwrap()).expect("origin"))
+        .local_addr()
+}
+
+/// An address on which nothing listens (connections are refused).
+pub fn refused_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+/// A user to create before starting.
+pub struct UserSpec {
+    pub name: &'static str,
+    pub password: &'static str,
+    pub bandwidth: Bandwidth,
+}
+
+pub fn user(name: &'static str, password: &'static str, bandwidth: &str) -> UserSpec {
+    UserSpec {
+        name,
+        password,
+        bandwidth: bandwidth.parse().unwrap(),
+    }
+}
+
+/// remote-proxy and local-proxy in this process, on ephemeral ports.
+pub struct Pair {
+    pub remote: Server,
+    pub local: Server,
+    pub db: PathBuf,
+}
+
+impl Pair {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local.local_addr()
+    }
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.remote.local_addr()
+    }
+}
+
+/// Starts a pair whose local-proxy defaults to the first user's credentials.
+pub fn pair(users: &[UserSpec]) -> Pair {
+    pair_with(users, |_| {}, |_| {})
+}
+
+pub fn pair_with(
+    users: &[UserSpec],
+    remote_cfg: impl FnOnce(&mut RemoteConfig),
+    local_cfg: impl FnOnce(&mut LocalConfig),
+) -> Pair {
+    init_log();
+    let db = temp_dir().join("users.db");
+    let store = Store::open(&db).unwrap();
+    for u in users {
+        store.add(u.name, u.password, u.bandwidth).unwrap();
+    }
+    drop(store);
+    let mut rc = RemoteConfig::new(db.clone());
+    rc.listen = "127.0.0.1:0".parse().unwrap();
+    rc.user_poll = Duration::from_millis(200);
+    remote_cfg(&mut rc);
+    let remote = flowgate::remote::start(rc).unwrap();
+    let creds = users.first().map(|u| Credentials {
+        user: u.name.to_string(),
+        password: u.password.to_string(),
+    });
+    let mut lc = LocalConfig::new(remote.local_addr().to_string(), creds);
+    lc.listen = "127.0.0.1:0".parse().unwrap();
+    lc.timeouts = Timeouts::default();
+    local_cfg(&mut lc);
+    let local = flowgate::local::start(lc).unwrap();
+    Pair { remote, local, db }
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s
+}
+
+/// A SOCKS5 target as the client sends it.
+pub enum Dest<'a> {
+    Ip(SocketAddr),
+    Host(&'a str, u16),
+}
+
+/// Runs a SOCKS5 handshake; returns the stream, or the reply code when it is not success
+/// (0xff when no method was acceptable, 0x100 + status when RFC 1929 auth failed).
+pub fn socks_connect(
+    proxy: SocketAddr,
+    dest: Dest<'_>,
+    creds: Option<(&str, &str)>,
+) -> Result<TcpStream, u16> {
+    let mut s = connect(proxy);
+    match creds {
+        Some(_) => s.write_all(&[5, 1, 2]).unwrap(),
+        None => s.write_all(&[5, 1, 0]).unwrap(),
+    }
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).expect("method reply");
+    assert_eq!(m[0], 5);
+    if m[1] == 0xff {
+        return Err(0xff);
+    }
+    if let Some((u, p)) = creds {
+        assert_eq!(m[1], 2);
+        let mut msg = vec![1, u.len() as u8];
+        msg.extend_from_slice(u.as_bytes());
+        msg.push(p.len() as u8);
+        msg.extend_from_slice(p.as_bytes());
+        s.write_all(&msg).unwrap();
+        let mut st = [0u8; 2];
+        s.read_exact(&mut st).expect("auth status");
+        if st[1] != 0 {
+            return Err(0x100 + st[1] as u16);
+        }
+    }
+    let mut req = vec![5, 1, 0];
+    match dest {
+        Dest::Ip(SocketAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.ip().octets());
+        }
+        Dest::Ip(SocketAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.ip().octets());
+        }
+        Dest::Host(h, _) => {
+            req.push(3);
+            req.push(h.len() as u8);
+            req.extend_from_slice(h.as_bytes());
+        }
+    }
+    let port = match dest {
+        Dest::Ip(a) => a.port(),
+        Dest::Host(_, p) => p,
+    };
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let code = read_socks_reply(&mut s);
+    if code != 0 {
+        return Err(code as u16);
+    }
+    Ok(s)
+}
+
+/// Reads a whole SOCKS5 reply and returns its REP code.
+pub fn read_socks_reply(s: &mut TcpStream) -> u8 {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).expect("socks reply");
+    assert_eq!(head[0], 5, "socks version in reply");
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        3 => {
+            let mut l = [0u8; 1];
+            s.read_exact(&mut l).unwrap();
+            l[0] as usize + 2
+        }
+        other => panic!("bad atyp {other}"),
+    };
+    let mut skip = vec![0u8; rest];
+    s.read_exact(&mut skip).unwrap();
+    head[1]
+}
+
+/// A parsed HTTP response head.
+#[derive(Debug)]
+pub struct Response {
+    pub code: u16,
+    pub head: String,
+    pub content_length: Option<u64>,
+}
+
+/// Reads a response head byte by byte (so no body byte is consumed).
+pub fn read_response_head(s: &mut TcpStream) -> Response {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut b).expect("response head");
+        assert_eq!(
+            n,
+            1,
+            "EOF inside response head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let code = head[9..12].parse().unwrap();
+    let content_length = head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())
+            .flatten()
+    });
+    Response {
+        code,
+        head,
+        content_length,
+    }
+}
+
+/// Sends `GET /bytes/n` on an open tunnel and checks every byte of the answer.
+pub fn download_and_verify(s: &mut TcpStream, host: &str, n: u64) {
+    write!(
+        s,
+        "GET /bytes/{n} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let r = read_response_head(s);
+    assert_eq!(r.code, 200, "{}", r.head);
+    assert_eq!(r.content_length, Some(n));
+    assert_body_is_pattern(s, n);
+}
+
+/// Reads exactly `n` body bytes and checks they are the origin's pattern.
+pub fn assert_body_is_pattern(s: &mut TcpStream, n: u64) {
+    let mut h = origin::FNV_START;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < n {
+        let k = s.read(&mut buf).expect("body read");
+        assert!(k > 0, "EOF after {got} of {n} bytes");
+        h = origin::fnv1a(h, &buf[..k]);
+        got += k as u64;
+    }
+    assert_eq!(got, n, "body length");
+    assert_eq!(h, origin::pattern_hash(n), "body checksum");
+}
+
+/// Sends `POST /sink` with `n` pattern bytes and checks the origin saw them all intact.
+pub fn upload_and_verify(s: &mut TcpStream, host: &str, n: u64) {
+    write!(
+        s,
+        "POST /sink HTTP/1.1\r\nHost: {host}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut off = 0u64;
+    while off < n {
+        let k = ((n - off) as usize).min(buf.len());
+        origin::fill_pattern(off, &mut buf[..k]);
+        s.write_all(&buf[..k]).unwrap();
+        off += k as u64;
+    }
+    let r = read_response_head(s);
+    assert_eq!(r.code, 200, "{}", r.head);
+    let mut body = vec![0u8; r.content_length.unwrap() as usize];
+    s.read_exact(&mut body).unwrap();
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(
+        body.trim(),
+        format!("bytes={n} fnv={:016x}", origin::pattern_hash(n))
+    );
+}
+
+/// A child process killed on drop.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a binary whose first log line names its listening address; returns it and the
+/// address (read from stderr, never guessed by sleeping).
+pub fn spawn_listening(mut cmd: Command) -> (ChildGuard, SocketAddr) {
+    cmd.stderr(Stdio::piped()).stdout(Stdio::null());
+    cmd.env("RUST_LOG", "info");
+    let mut child = cmd.spawn().expect("spawn binary");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let guard = ChildGuard(child);
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("binary did not report its address");
+    (guard, addr.parse().unwrap())
+}
+
+/// Runs `remote-proxy --db DB ARGS...`; returns (success, stdout, stderr).
+pub fn remote_user(db: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = remote_bin()
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run remote-proxy");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Like [`remote_user`], failing the test when the command fails.
+pub fn remote_user_ok(db: &std::path::Path, args: &[&str]) -> String {
+    let (ok, out, err) = remote_user(db, args);
+    assert!(ok, "remote-proxy {args:?}: {err}");
+    out
+}
+
+pub fn remote_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_remote-proxy"))
+}
+
+pub fn local_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_local-proxy"))
+}
+
+/// A raw TCP target that streams the pattern to every client until it hangs up.
+pub fn source_target() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                origin::fill_pattern(0, &mut buf);
+                while c.write_all(&buf).is_ok() {}
+            });
+        }
+    });
+    a
+}
+
+/// A raw TCP target that reads and counts everything sent to it into `counter`.
+pub fn sink_target(counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    a
+}
