@@ -1,8 +1,10 @@
 //! Command-line flags of both binaries (clap derive), and their conversion into the
 //! validated types of config.rs. The binaries stay thin: parse, convert, run.
 
+use crate::admission::Limits;
 use crate::config::{self, Credentials, LocalConfig, RemoteConfig, Timeouts};
-use crate::rate::Bandwidth;
+use crate::rate::{Bandwidth, RequestRate};
+use crate::users::Changes;
 use clap::{Args, Parser, Subcommand};
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -43,6 +45,13 @@ pub struct ServeArgs {
     /// Bandwidth of accounts created by signup.
     #[arg(long, default_value = config::DEFAULT_SIGNUP_BANDWIDTH, value_name = "RATE")]
     pub signup_bandwidth: Bandwidth,
+    /// New tunnels per client IP, as N/s, N/m, N/h or N/d (sliding window); off by default.
+    #[arg(long, value_name = "N/PERIOD", default_value = "off")]
+    pub rate_per_ip: MaybeRate,
+    /// Failed logins per client IP before further logins are refused without checking, as
+    /// N/PERIOD, or off.
+    #[arg(long, value_name = "N/PERIOD", default_value = config::DEFAULT_FAILED_LOGIN_RATE)]
+    pub failed_login_rate: MaybeRate,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -59,9 +68,15 @@ pub struct CommonArgs {
     /// Close a tunnel after this long with no bytes either way (0 = never).
     #[arg(long, default_value = "600s", value_parser = parse_duration, value_name = "DURATION")]
     pub idle_timeout: Duration,
-    /// Tunnels served at once; further connections wait, unread, until one ends.
+    /// Tunnels served at once; further connections wait, unread and in order, for a slot.
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_connections: usize,
+    /// Connections waiting for a slot at most; one more is answered "server busy" at once.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_QUEUED, value_name = "N")]
+    pub max_queued: usize,
+    /// Longest wait for a slot before the answer is "server busy".
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub queue_timeout: Duration,
 }
 
 impl CommonArgs {
@@ -70,6 +85,59 @@ impl CommonArgs {
             handshake: self.handshake_timeout,
             connect: self.connect_timeout,
             idle: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+        }
+    }
+
+    fn admission(&self) -> Limits {
+        Limits {
+            max_active: self.max_connections.max(1),
+            max_queued: self.max_queued,
+            timeout: self.queue_timeout,
+        }
+    }
+}
+
+/// Per-user limits on `user add` and `user set`.
+#[derive(Debug, Args)]
+pub struct UserLimitArgs {
+    /// Most tunnels this user may have at once; more wait for one to end (`none` = no cap).
+    #[arg(long, value_name = "K")]
+    pub max_connections: Option<Cap>,
+    /// Most new tunnels for this user per period, as N/s, N/m, N/h or N/d (`none` = no limit).
+    #[arg(long, value_name = "N/PERIOD")]
+    pub rate: Option<MaybeRate>,
+}
+
+/// A connection cap: a positive number, or `none` (also `off`, `0`) for no cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap(pub Option<u32>);
+
+impl std::str::FromStr for Cap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "none" | "off" | "0" => Ok(Cap(None)),
+            n => n
+                .parse::<u32>()
+                .map(|c| Cap(Some(c)))
+                .map_err(|_| format!("bad connection cap {n:?} (a number, or none)")),
+        }
+    }
+}
+
+/// A request rate (`N/s`, `N/m`, `N/h`, `N/d`), or `none`/`off` for no limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaybeRate(pub Option<RequestRate>);
+
+impl std::str::FromStr for MaybeRate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "none" | "off" => Ok(MaybeRate(None)),
+            r => r
+                .parse()
+                .map(|r| MaybeRate(Some(r)))
+                .map_err(|e: crate::rate::RequestRateError| e.to_string()),
         }
     }
 }
@@ -87,6 +155,8 @@ pub enum UserCommand {
         bandwidth: Bandwidth,
         #[command(flatten)]
         password: PasswordArgs,
+        #[command(flatten)]
+        limits: UserLimitArgs,
     },
     /// Change a user's bandwidth and/or password.
     Set {
@@ -97,6 +167,8 @@ pub enum UserCommand {
         bandwidth: Option<Bandwidth>,
         #[command(flatten)]
         password: PasswordArgs,
+        #[command(flatten)]
+        limits: UserLimitArgs,
     },
     /// Delete a user; their new tunnels are refused at once.
     Del {
@@ -226,7 +298,9 @@ impl ServeArgs {
         cfg.allow_signup = self.allow_signup;
         cfg.signup_bandwidth = self.signup_bandwidth;
         cfg.timeouts = self.common.timeouts();
-        cfg.max_connections = self.common.max_connections.max(1);
+        cfg.admission = self.common.admission();
+        cfg.rate_per_ip = self.rate_per_ip.0;
+        cfg.failed_login_rate = self.failed_login_rate.0;
         cfg
     }
 }
@@ -250,8 +324,19 @@ impl LocalArgs {
         let mut cfg = LocalConfig::new(remote, credentials);
         cfg.listen = self.listen;
         cfg.timeouts = self.common.timeouts();
-        cfg.max_connections = self.common.max_connections.max(1);
+        cfg.admission = self.common.admission();
         Ok(cfg)
+    }
+}
+
+impl UserLimitArgs {
+    /// The limit changes these flags ask for.
+    pub fn changes(&self) -> Changes {
+        Changes {
+            max_connections: self.max_connections.map(|c| c.0),
+            rate: self.rate.map(|r| r.0),
+            ..Changes::default()
+        }
     }
 }
 
@@ -308,6 +393,47 @@ mod tests {
     fn clap_definitions_are_consistent() {
         RemoteCli::command().debug_assert();
         LocalCli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_subcommand_parses_with_its_defaults() {
+        // Catches derive mismatches that only show when clap converts the values.
+        let serve = RemoteCli::try_parse_from(["remote-proxy", "serve"]).unwrap();
+        let RemoteCommand::Serve(args) = serve.command else {
+            panic!("not serve")
+        };
+        let cfg = args.into_config("x.db".into());
+        assert_eq!(cfg.rate_per_ip, None);
+        assert_eq!(cfg.failed_login_rate, Some("10/m".parse().unwrap()));
+        assert_eq!(cfg.admission, crate::config::default_admission());
+        let set = RemoteCli::try_parse_from([
+            "remote-proxy",
+            "user",
+            "set",
+            "a",
+            "--max-connections",
+            "none",
+            "--rate",
+            "5/m",
+        ])
+        .unwrap();
+        let RemoteCommand::User(UserCommand::Set { limits, .. }) = set.command else {
+            panic!("not set")
+        };
+        let ch = limits.changes();
+        assert_eq!(ch.max_connections, Some(None));
+        assert_eq!(ch.rate, Some(Some("5/m".parse().unwrap())));
+        let local = LocalCli::try_parse_from(["local-proxy", "--remote", "r:1"]).unwrap();
+        assert_eq!(local.run.into_config().unwrap().admission.max_queued, 1024);
+        assert!(LocalCli::try_parse_from([
+            "local-proxy",
+            "signup",
+            "--remote",
+            "r:1",
+            "--user",
+            "u"
+        ])
+        .is_ok());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Out of scope: flag parsing (cli.rs turns flags into these types).
 
-use crate::rate::Bandwidth;
+use crate::admission::Limits;
+use crate::rate::{Bandwidth, RequestRate};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +24,12 @@ pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 /// Default cap on tunnels served at once; more wait unread until one ends.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on connections waiting for a slot; more are told "busy" at once.
+pub const DEFAULT_MAX_QUEUED: usize = 1024;
+/// Default longest wait for a slot, in seconds; then "busy".
+pub const DEFAULT_QUEUE_TIMEOUT_SECS: u64 = 30;
+/// Default limit on failed logins per client IP (DRF syntax).
+pub const DEFAULT_FAILED_LOGIN_RATE: &str = "10/m";
 /// How often remote-proxy checks the database for `user set`/`user del`, in milliseconds.
 pub const DEFAULT_USER_POLL_MS: u64 = 500;
 
@@ -60,10 +67,23 @@ pub struct RemoteConfig {
     pub signup_bandwidth: Bandwidth,
     /// Timeouts.
     pub timeouts: Timeouts,
-    /// Tunnels served at once.
-    pub max_connections: usize,
+    /// Slots, queue bound and queue timeout.
+    pub admission: Limits,
+    /// New tunnels per client IP (`None`: no limit).
+    pub rate_per_ip: Option<RequestRate>,
+    /// Failed logins per client IP before further attempts are refused unchecked.
+    pub failed_login_rate: Option<RequestRate>,
     /// How often to look for user changes made by other processes.
     pub user_poll: Duration,
+}
+
+/// The default admission limits.
+pub fn default_admission() -> Limits {
+    Limits {
+        max_active: DEFAULT_MAX_CONNECTIONS,
+        max_queued: DEFAULT_MAX_QUEUED,
+        timeout: Duration::from_secs(DEFAULT_QUEUE_TIMEOUT_SECS),
+    }
 }
 
 impl RemoteConfig {
@@ -77,7 +97,9 @@ impl RemoteConfig {
                 .parse()
                 .unwrap_or(Bandwidth::bytes_per_sec(1_000_000)),
             timeouts: Timeouts::default(),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            admission: default_admission(),
+            rate_per_ip: None,
+            failed_login_rate: DEFAULT_FAILED_LOGIN_RATE.parse().ok(),
             user_poll: Duration::from_millis(DEFAULT_USER_POLL_MS),
         }
     }
@@ -112,8 +134,8 @@ pub struct LocalConfig {
     pub credentials: Option<Credentials>,
     /// Timeouts.
     pub timeouts: Timeouts,
-    /// Tunnels served at once.
-    pub max_connections: usize,
+    /// Slots, queue bound and queue timeout.
+    pub admission: Limits,
 }
 
 impl LocalConfig {
@@ -124,7 +146,7 @@ impl LocalConfig {
             remote,
             credentials,
             timeouts: Timeouts::default(),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            admission: default_admission(),
         }
     }
 }
@@ -152,6 +174,10 @@ mod tests {
         assert_eq!(
             RemoteConfig::new("x".into()).signup_bandwidth,
             DEFAULT_SIGNUP_BANDWIDTH.parse().unwrap()
+        );
+        assert_eq!(
+            RemoteConfig::new("x".into()).failed_login_rate,
+            Some(DEFAULT_FAILED_LOGIN_RATE.parse().unwrap())
         );
     }
 }

@@ -13,13 +13,16 @@
 //! 6. `relay` pumps bytes both ways on both hops; on remote-proxy each chunk is paid for
 //!    from the user's `bucket`, shared by all of that user's connections.
 //!
-//! Around that: `rate` (bandwidth values), `clock` (injectable time), `config` and `cli`
-//! (settings and flags), `origin` (a test and demo HTTP origin).
+//! Around that: `admission` (slots, the paused FIFO queue, per-user caps) and `throttle`
+//! (request rates) decide who is served; `rate` (bandwidth and request-rate values), `clock`
+//! (injectable time), `config` and `cli` (settings and flags), `origin` (a test and demo HTTP
+//! origin).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod admission;
 pub mod bucket;
 // Doc comments in cli.rs are --help text; flattened and subcommand fields have none.
 #[allow(missing_docs)]
@@ -34,6 +37,7 @@ pub mod relay;
 pub mod remote;
 pub mod server;
 pub mod socks5;
+pub mod throttle;
 pub mod tunnel;
 pub mod users;
 

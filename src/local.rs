@@ -6,14 +6,14 @@ use crate::addr::TargetAddr;
 use crate::config::{Credentials, LocalConfig};
 use crate::http_connect::{self, ProxyRequest};
 use crate::relay;
-use crate::server::{ConnId, Limits, Server, Workers};
+use crate::server::{ConnId, Next, Server, Service, Workers};
 use crate::socks5::{self, Method};
 use crate::tunnel::{self, Command, Reply, Request, Status};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Why a tunnel to remote-proxy could not be opened.
 #[derive(Debug)]
@@ -47,11 +47,7 @@ pub struct Local {
 /// The bind error.
 pub fn start(cfg: LocalConfig) -> io::Result<Server> {
     let local = Arc::new(Local { cfg: cfg.clone() });
-    let handler = Arc::new(move |s: TcpStream, id: ConnId, w: &Workers| local.handle(s, id, w));
-    let limits = Limits {
-        max_connections: cfg.max_connections,
-    };
-    let server = Server::bind(cfg.listen, "local", limits, handler)?;
+    let server = Server::bind(cfg.listen, "local", cfg.admission, local)?;
     log::info!(
         "local-proxy listening on {} remote={} user={}",
         server.local_addr(),
@@ -65,12 +61,16 @@ pub fn start(cfg: LocalConfig) -> io::Result<Server> {
 
 /// Opens a tunnel: connects to remote-proxy, sends `req`, reads the reply.
 ///
+/// The reply may take as long as remote-proxy's queue wait plus its target connect, so it is
+/// awaited for `reply_wait`, not just the handshake timeout.
+///
 /// # Errors
 /// `Remote` when remote-proxy cannot be reached or goes silent, `Protocol` for bad replies.
 pub fn open_tunnel(
     remote: &str,
     req: &Request,
     timeouts: &crate::config::Timeouts,
+    reply_wait: Duration,
 ) -> Result<(TcpStream, Reply), TunnelError> {
     let addrs: Vec<SocketAddr> = remote
         .to_socket_addrs()
@@ -81,7 +81,7 @@ pub fn open_tunnel(
         match TcpStream::connect_timeout(&a, timeouts.connect) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                s.set_read_timeout(Some(timeouts.handshake))
+                s.set_read_timeout(Some(reply_wait))
                     .map_err(TunnelError::Remote)?;
                 tunnel::write_request(&mut &s, req).map_err(TunnelError::Remote)?;
                 let reply = match tunnel::read_reply(&mut &s) {
@@ -112,8 +112,12 @@ pub fn signup(
         password: creds.password.clone(),
         target: None,
     };
-    open_tunnel(remote, &req, timeouts).map(|(_, reply)| reply.status)
+    open_tunnel(remote, &req, timeouts, timeouts.handshake).map(|(_, reply)| reply.status)
 }
+
+/// The address sent in SOCKS5 replies that carry none.
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// What an app asked for, once its handshake is done.
 struct Ask {
@@ -122,8 +126,45 @@ struct Ask {
     target: TargetAddr,
 }
 
+impl Service for Local {
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Next {
+        self.serve(stream, id, workers);
+        Next::Done
+    }
+
+    fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16) {
+        // Run the app's handshake far enough to answer in its own protocol, with a short
+        // deadline: this job exists only to say "busy".
+        let wait = self
+            .cfg
+            .timeouts
+            .handshake
+            .min(std::time::Duration::from_secs(2));
+        if stream.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        let mut first = [0u8; 1];
+        if !matches!(stream.peek(&mut first), Ok(1)) {
+            return;
+        }
+        if first[0] == socks5::VERSION {
+            if self.socks_handshake(&stream, id).is_some() {
+                let _ =
+                    socks5::write_reply(&mut &stream, socks5::Reply::GeneralFailure, UNSPECIFIED);
+                log::info!("conn={id} socks5 answered busy (0x01); retry in {retry_after}s");
+            }
+        } else if first[0].is_ascii_alphabetic() {
+            let mut buf = Vec::new();
+            if http_connect::read_head(&mut &stream, &mut buf).is_ok() {
+                let _ = http_connect::write_status(&mut &stream, 503, "server busy", retry_after);
+                log::info!("conn={id} http answered 503 busy; retry in {retry_after}s");
+            }
+        }
+    }
+}
+
 impl Local {
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
+    fn serve(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
         let _ = stream.set_nodelay(true);
         if stream
             .set_read_timeout(Some(self.cfg.timeouts.handshake))
@@ -160,60 +201,71 @@ impl Local {
         self.cfg.credentials.clone()
     }
 
-    fn socks(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
-        let mut s = &stream;
+    /// Runs the SOCKS5 greeting, authentication and request. Failures are answered and
+    /// logged here; `None` means the connection is done.
+    fn socks_handshake(
+        &self,
+        stream: &TcpStream,
+        id: ConnId,
+    ) -> Option<(Credentials, socks5::Request)> {
+        let mut s = stream;
         let methods = match socks5::read_greeting(&mut s) {
             Ok(m) => m,
-            Err(e) => return log::info!("conn={id} socks5 greeting: {e}"),
+            Err(e) => {
+                log::info!("conn={id} socks5 greeting: {e}");
+                return None;
+            }
         };
         // App credentials win: they pick the user, so one local-proxy serves several users.
         let creds = if methods.contains(&(Method::UserPass as u8)) {
-            if socks5::write_method(&mut s, Method::UserPass).is_err() {
-                return;
-            }
+            socks5::write_method(&mut s, Method::UserPass).ok()?;
             match socks5::read_userpass(&mut s) {
                 Ok((user, password)) => {
                     // Checked by remote-proxy at CONNECT; a bad pair gets reply 0x02 then.
-                    if socks5::write_userpass_status(&mut s, true).is_err() {
-                        return;
-                    }
+                    socks5::write_userpass_status(&mut s, true).ok()?;
                     Credentials { user, password }
                 }
                 Err(e) => {
                     log::info!("conn={id} socks5 auth: {e}");
                     let _ = socks5::write_userpass_status(&mut s, false);
-                    return;
+                    return None;
                 }
             }
         } else if let (true, Some(c)) = (
             methods.contains(&(Method::NoAuth as u8)),
             self.default_creds(),
         ) {
-            if socks5::write_method(&mut s, Method::NoAuth).is_err() {
-                return;
-            }
+            socks5::write_method(&mut s, Method::NoAuth).ok()?;
             c
         } else {
             log::info!("conn={id} socks5: no acceptable auth method (no --user configured)");
             let _ = socks5::write_method(&mut s, Method::NoAcceptable);
-            return;
+            return None;
         };
-        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
         let req = match socks5::read_request(&mut s) {
             Ok(r) => r,
             Err(e) => {
                 log::info!("conn={id} socks5 request: {e}");
                 if let Some(reply) = e.reply() {
-                    let _ = socks5::write_reply(&mut s, reply, unspecified);
+                    let _ = socks5::write_reply(&mut s, reply, UNSPECIFIED);
                 }
-                return;
+                return None;
             }
         };
         if req.command != socks5::Command::Connect {
             log::info!("conn={id} socks5 command {:?} not supported", req.command);
-            let _ = socks5::write_reply(&mut s, socks5::Reply::CommandNotSupported, unspecified);
-            return;
+            let _ = socks5::write_reply(&mut s, socks5::Reply::CommandNotSupported, UNSPECIFIED);
+            return None;
         }
+        Some((creds, req))
+    }
+
+    fn socks(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
+        let Some((creds, req)) = self.socks_handshake(&stream, id) else {
+            return;
+        };
+        let unspecified = UNSPECIFIED;
+        let mut s = &stream;
         let ask = Ask {
             proto: "socks5",
             creds,
@@ -320,7 +372,11 @@ impl Local {
             password: ask.creds.password.clone(),
             target: Some(ask.target.clone()),
         };
-        match open_tunnel(&self.cfg.remote, &req, &self.cfg.timeouts) {
+        // remote-proxy may queue us (its queue timeout is assumed to be like ours) and then
+        // spend its connect timeout on the target.
+        let t = &self.cfg.timeouts;
+        let reply_wait = t.handshake + t.connect + self.cfg.admission.timeout;
+        match open_tunnel(&self.cfg.remote, &req, t, reply_wait) {
             Ok((remote, reply)) if reply.status == Status::Ok => Some((remote, reply)),
             Ok((_, reply)) => {
                 log::info!(

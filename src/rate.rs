@@ -223,3 +223,129 @@ mod tests {
         assert_eq!("500K".parse::<Bandwidth>().unwrap().to_string(), "500K/s");
     }
 }
+
+/// A request rate as Django REST framework writes it: `N/s`, `N/m`, `N/h`, `N/d`
+/// (`sec`, `min`, `hour`, `day` and their plurals also work: only the first letter counts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestRate {
+    /// Requests allowed in each window.
+    pub count: u32,
+    /// The window.
+    pub per: std::time::Duration,
+}
+
+/// Why a request rate string was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestRateError {
+    /// Not `N/unit`.
+    Syntax(String),
+    /// N is zero or not a number.
+    BadCount(String),
+    /// The unit is not s, m, h or d.
+    BadUnit(String),
+}
+
+impl fmt::Display for RequestRateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestRateError::Syntax(s) => {
+                write!(f, "bad request rate {s:?} (use N/s, N/m, N/h or N/d)")
+            }
+            RequestRateError::BadCount(s) => {
+                write!(f, "bad request count {s:?} (a whole number above 0)")
+            }
+            RequestRateError::BadUnit(s) => {
+                write!(f, "bad request rate unit {s:?} (use s, m, h or d)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RequestRateError {}
+
+impl FromStr for RequestRate {
+    type Err = RequestRateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (n, unit) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| RequestRateError::Syntax(s.to_string()))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&c| c > 0)
+            .ok_or_else(|| RequestRateError::BadCount(n.to_string()))?;
+        let secs = match unit.trim().to_ascii_lowercase().chars().next() {
+            Some('s') => 1,
+            Some('m') => 60,
+            Some('h') => 3600,
+            Some('d') => 86400,
+            _ => return Err(RequestRateError::BadUnit(unit.to_string())),
+        };
+        Ok(RequestRate {
+            count,
+            per: std::time::Duration::from_secs(secs),
+        })
+    }
+}
+
+impl fmt::Display for RequestRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            3600 => "h",
+            86400 => "d",
+            other => return write!(f, "{}/{}s", self.count, other),
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+#[cfg(test)]
+mod request_rate_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn parses_drf_rates() {
+        let r: RequestRate = "3/m".parse().unwrap();
+        assert_eq!((r.count, r.per), (3, Duration::from_secs(60)));
+        assert_eq!(
+            "100/s".parse::<RequestRate>().unwrap().per,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            "5/hour".parse::<RequestRate>().unwrap().per,
+            Duration::from_secs(3600)
+        );
+        assert_eq!("1/day".parse::<RequestRate>().unwrap().to_string(), "1/d");
+        assert_eq!("10/min".parse::<RequestRate>().unwrap().to_string(), "10/m");
+    }
+
+    #[test]
+    fn rejects_bad_request_rates() {
+        assert!(matches!(
+            "3".parse::<RequestRate>(),
+            Err(RequestRateError::Syntax(_))
+        ));
+        assert!(matches!(
+            "0/m".parse::<RequestRate>(),
+            Err(RequestRateError::BadCount(_))
+        ));
+        assert!(matches!(
+            "x/m".parse::<RequestRate>(),
+            Err(RequestRateError::BadCount(_))
+        ));
+        assert!(matches!(
+            "3/w".parse::<RequestRate>(),
+            Err(RequestRateError::BadUnit(_))
+        ));
+        assert!(matches!(
+            "3/".parse::<RequestRate>(),
+            Err(RequestRateError::BadUnit(_))
+        ));
+    }
+}

@@ -1,22 +1,26 @@
-//! remote-proxy's per-connection handler: read the tunnel request, authenticate, connect to
-//! the target, reply, relay through the user's bucket. Glue only; the wire format is in
-//! tunnel.rs, passwords in users.rs, metering in bucket.rs and relay.rs.
+//! remote-proxy's per-connection handler: read the tunnel request, apply the throttles,
+//! authenticate, wait for the user's cap, connect to the target, reply, relay through the
+//! user's bucket. Glue only; the wire format is in tunnel.rs, passwords in users.rs, metering
+//! in bucket.rs and relay.rs, queueing in admission.rs, request rates in throttle.rs.
 //!
 //! Also here: one [`SharedBucket`] per user, and the watcher thread that applies `user set`
 //! and `user del` made by other processes (it polls SQLite's `data_version`).
 
 use crate::addr::TargetAddr;
+use crate::admission::{Enter, Removed, UserGate};
 use crate::bucket::SharedBucket;
 use crate::config::RemoteConfig;
+use crate::rate::{Bandwidth, RequestRate};
 use crate::relay;
-use crate::server::{ConnId, Limits, Server, Workers};
+use crate::server::{peer_alive, ConnId, Next, Server, Service, Workers};
+use crate::throttle::{retry_after_secs, Throttle};
 use crate::tunnel::{self, Command, Reply, Request, Status};
-use crate::users::{self, AuthError, Authenticator, Store};
+use crate::users::{self, AuthError, Authenticator, Store, User};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// Why remote-proxy could not start.
@@ -39,17 +43,67 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// An authenticated tunnel waiting for one of its user's other tunnels to end.
+struct Pending {
+    stream: TcpStream,
+    id: ConnId,
+    peer: String,
+    user: User,
+    target: TargetAddr,
+}
+
 /// Shared state of one remote-proxy.
 pub struct Remote {
     cfg: RemoteConfig,
+    // Itself, so continuations handed to the server can outlive a `&self` borrow.
+    me: Weak<Remote>,
     auth: Authenticator,
     // One bucket per user who has had a tunnel, shared by all of that user's tunnels.
     buckets: Mutex<HashMap<String, Arc<SharedBucket>>>,
+    // Per-user tunnel caps; waiting tunnels are parked here, holding no slot or thread.
+    gate: UserGate<Pending>,
+    // New tunnels per client IP (`--rate-per-ip`).
+    ip_throttle: Option<Throttle<IpAddr>>,
+    // Failed logins per client IP; when full, logins are refused without hashing.
+    login_throttle: Option<Throttle<IpAddr>>,
+    // Per-user request rates, one sliding log per distinct rate, keyed by user name.
+    user_throttles: Mutex<HashMap<RequestRate, Arc<Throttle<String>>>>,
 }
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Remote").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// The server's handle on a [`Remote`].
+struct RemoteService(Arc<Remote>);
+
+impl Service for RemoteService {
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Next {
+        self.0.handle(stream, id, workers)
+    }
+
+    fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16) {
+        // Read the request first: replying to unread bytes and closing would send a reset
+        // that can destroy the reply before local-proxy reads it.
+        let wait = self.0.cfg.timeouts.handshake.min(Duration::from_secs(2));
+        if stream.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        if tunnel::read_request(&mut &stream).is_ok() {
+            let reply = Reply {
+                retry_after,
+                ..Reply::status(Status::ServerBusy)
+            };
+            let _ = tunnel::write_reply(&mut &stream, &reply);
+            log::debug!("conn={id} answered server busy");
+        }
+    }
+
+    fn sweep(&self, _workers: &Workers) {
+        let removed = self.0.gate.sweep(&mut |p: &Pending| peer_alive(&p.stream));
+        self.0.turn_away(removed);
     }
 }
 
@@ -60,25 +114,31 @@ impl std::fmt::Debug for Remote {
 pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
     let store = Store::open(&cfg.db).map_err(Error::Users)?;
     let auth = Authenticator::new(store).map_err(Error::Users)?;
-    let remote = Arc::new(Remote {
+    let remote = Arc::new_cyclic(|me| Remote {
         cfg: cfg.clone(),
+        me: me.clone(),
         auth,
         buckets: Mutex::new(HashMap::new()),
+        gate: UserGate::new(cfg.admission.timeout, cfg.admission.max_queued),
+        ip_throttle: cfg.rate_per_ip.map(Throttle::new),
+        login_throttle: cfg.failed_login_rate.map(Throttle::new),
+        user_throttles: Mutex::new(HashMap::new()),
     });
-    let handler = {
-        let remote = Arc::clone(&remote);
-        Arc::new(move |s: TcpStream, id: ConnId, w: &Workers| remote.handle(s, id, w))
-    };
-    let limits = Limits {
-        max_connections: cfg.max_connections,
-    };
-    let mut server = Server::bind(cfg.listen, "remote", limits, handler)
+    let service = Arc::new(RemoteService(Arc::clone(&remote)));
+    let mut server = Server::bind(cfg.listen, "remote", cfg.admission, service)
         .map_err(|e| Error::Bind(cfg.listen, e))?;
     log::info!(
-        "remote-proxy listening on {} db={} signup={}",
+        "remote-proxy listening on {} db={} signup={} max-connections={} max-queued={} \
+         queue-timeout={}s rate-per-ip={} failed-login-rate={}",
         server.local_addr(),
         cfg.db.display(),
-        if cfg.allow_signup { "on" } else { "off" }
+        if cfg.allow_signup { "on" } else { "off" },
+        cfg.admission.max_active,
+        cfg.admission.max_queued,
+        cfg.admission.timeout.as_secs_f64(),
+        cfg.rate_per_ip.map_or("off".into(), |r| r.to_string()),
+        cfg.failed_login_rate
+            .map_or("off".into(), |r| r.to_string()),
     );
     // Dropping the sender (at shutdown) ends the watcher.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
@@ -91,16 +151,26 @@ pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
     Ok(server)
 }
 
+fn reply(stream: &TcpStream, status: Status) {
+    let _ = tunnel::write_reply(&mut &*stream, &Reply::status(status));
+}
+
+fn reply_wait(stream: &TcpStream, status: Status, wait: Duration) {
+    let r = Reply {
+        retry_after: retry_after_secs(wait),
+        ..Reply::status(status)
+    };
+    let _ = tunnel::write_reply(&mut &*stream, &r);
+}
+
 impl Remote {
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Next {
+        let peer_addr = stream.peer_addr().ok();
+        let peer = peer_addr.map_or_else(|| "?".into(), |a| a.to_string());
         let _ = stream.set_nodelay(true);
         if let Err(e) = stream.set_read_timeout(Some(self.cfg.timeouts.handshake)) {
             log::debug!("conn={id} peer={peer} cannot set timeout: {e}");
-            return;
+            return Next::Done;
         }
         let req = match tunnel::read_request(&mut &stream) {
             Ok(r) => r,
@@ -108,27 +178,37 @@ impl Remote {
                 match e.reply_status() {
                     Some(status) => {
                         log::info!("conn={id} peer={peer} rejected: {e}");
-                        let _ = tunnel::write_reply(&mut &stream, &Reply::status(status));
+                        reply(&stream, status);
                     }
                     None => log::debug!("conn={id} peer={peer} handshake ended: {e}"),
                 }
-                return;
+                return Next::Done;
             }
         };
-        match req.command {
-            Command::Signup => self.signup(&stream, id, &peer, &req),
-            Command::Connect => self.connect(stream, id, &peer, req, workers),
+        let ip = peer_addr.map(|a| a.ip());
+        if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
+            if let Err(wait) = t.check(&ip) {
+                log::info!(
+                    "conn={id} peer={peer} rate limited (per IP); retry in {}s",
+                    retry_after_secs(wait)
+                );
+                reply_wait(&stream, Status::RateLimited, wait);
+                return Next::Done;
+            }
         }
-    }
-
-    fn reply(stream: &TcpStream, status: Status) {
-        let _ = tunnel::write_reply(&mut &*stream, &Reply::status(status));
+        match req.command {
+            Command::Signup => {
+                self.signup(&stream, id, &peer, &req);
+                Next::Done
+            }
+            Command::Connect => self.connect(stream, id, peer, ip, req, workers),
+        }
     }
 
     fn signup(&self, stream: &TcpStream, id: ConnId, peer: &str, req: &Request) {
         if !self.cfg.allow_signup {
             log::info!("conn={id} peer={peer} signup refused: disabled");
-            return Self::reply(stream, Status::SignupDisabled);
+            return reply(stream, Status::SignupDisabled);
         }
         let res = self
             .auth
@@ -158,24 +238,119 @@ impl Remote {
                 Status::GeneralFailure
             }
         };
-        Self::reply(stream, status);
+        reply(stream, status);
     }
 
-    fn connect(&self, stream: TcpStream, id: ConnId, peer: &str, req: Request, workers: &Workers) {
+    fn connect(
+        &self,
+        stream: TcpStream,
+        id: ConnId,
+        peer: String,
+        ip: Option<IpAddr>,
+        req: Request,
+        workers: &Workers,
+    ) -> Next {
         let Some(target) = req.target else {
-            return Self::reply(&stream, Status::Malformed);
+            reply(&stream, Status::Malformed);
+            return Next::Done;
         };
+        // Too many failed logins from this address: refuse before spending a hash on it.
+        if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
+            if let Some(wait) = t.wait(&ip) {
+                log::info!(
+                    "conn={id} peer={peer} user={} login throttled after failures; retry in {}s",
+                    req.user,
+                    retry_after_secs(wait)
+                );
+                reply_wait(&stream, Status::RateLimited, wait);
+                return Next::Done;
+            }
+        }
         let user = match self.auth.authenticate(&req.user, &req.password) {
             Ok(u) => u,
             Err(AuthError::BadCredentials) => {
+                if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
+                    t.record(ip);
+                }
                 log::info!("conn={id} peer={peer} user={} auth failed", req.user);
-                return Self::reply(&stream, Status::BadCredentials);
+                reply(&stream, Status::BadCredentials);
+                return Next::Done;
             }
             Err(AuthError::Store(e)) => {
                 log::error!("conn={id} user database failed: {e}");
-                return Self::reply(&stream, Status::GeneralFailure);
+                reply(&stream, Status::GeneralFailure);
+                return Next::Done;
             }
         };
+        if let Some(rate) = user.rate {
+            let throttle = Arc::clone(
+                self.user_throttles
+                    .lock()
+                    .entry(rate)
+                    .or_insert_with(|| Arc::new(Throttle::new(rate))),
+            );
+            if let Err(wait) = throttle.check(&user.name) {
+                log::info!(
+                    "conn={id} user={} rate limited ({rate}); retry in {}s",
+                    user.name,
+                    retry_after_secs(wait)
+                );
+                reply_wait(&stream, Status::RateLimited, wait);
+                return Next::Done;
+            }
+        }
+        let cap = user.max_connections.map(|c| c as usize);
+        let pending = Pending {
+            stream,
+            id,
+            peer,
+            user,
+            target,
+        };
+        let name = pending.user.name.clone();
+        match self.gate.enter(&name, cap, pending) {
+            Enter::Go(p) => self.run(p, workers),
+            Enter::Parked => {
+                log::debug!("conn={id} user={name} at its connection cap; waiting");
+                Next::Done
+            }
+            Enter::Full(p) => {
+                log::info!("conn={id} user={name} server busy: too many tunnels waiting");
+                self.busy_pending(p);
+                Next::Done
+            }
+        }
+    }
+
+    /// Connects and relays a tunnel that has its user's permission; when it ends, hands its
+    /// place to the user's next waiting tunnel, if any.
+    fn run(&self, p: Pending, workers: &Workers) -> Next {
+        let name = p.user.name.clone();
+        self.tunnel(p, workers);
+        let mut removed = Removed::default();
+        let next = self.gate.exit(
+            &name,
+            &mut |w: &Pending| peer_alive(&w.stream),
+            &mut removed,
+        );
+        self.turn_away(removed);
+        match (next, self.me.upgrade()) {
+            (Some(p), Some(me)) => {
+                log::debug!("conn={} user={name} resumed", p.id);
+                Next::Continue(Box::new(move |w: &Workers| me.run(p, w)))
+            }
+            _ => Next::Done,
+        }
+    }
+
+    fn tunnel(&self, p: Pending, workers: &Workers) {
+        let Pending {
+            stream,
+            id,
+            peer,
+            user,
+            target,
+        } = p;
         let bucket = self.bucket_for(&user.name, user.bandwidth);
         let upstream = match connect_target(&target, self.cfg.timeouts.connect) {
             Ok(s) => s,
@@ -185,15 +360,15 @@ impl Remote {
                     "conn={id} user={} target={target} failed: {status} ({e})",
                     user.name
                 );
-                return Self::reply(&stream, status);
+                return reply(&stream, status);
             }
         };
         let _ = upstream.set_nodelay(true);
-        let mut reply = Reply::status(Status::Ok);
+        let mut ok = Reply::status(Status::Ok);
         if let Ok(a) = upstream.local_addr() {
-            reply.bound = a;
+            ok.bound = a;
         }
-        if let Err(e) = tunnel::write_reply(&mut &stream, &reply) {
+        if let Err(e) = tunnel::write_reply(&mut &stream, &ok) {
             log::debug!("conn={id} client left before the reply: {e}");
             return;
         }
@@ -217,9 +392,28 @@ impl Remote {
         );
     }
 
+    fn busy_pending(&self, p: Pending) {
+        let _ = p.stream.set_write_timeout(Some(Duration::from_secs(2)));
+        reply_wait(&p.stream, Status::ServerBusy, self.cfg.admission.timeout);
+    }
+
+    fn turn_away(&self, removed: Removed<Pending>) {
+        for p in removed.gone {
+            log::debug!("conn={} user={} left while waiting", p.id, p.user.name);
+        }
+        for p in removed.expired {
+            log::info!(
+                "conn={} user={} server busy: waited too long for the user's cap",
+                p.id,
+                p.user.name
+            );
+            self.busy_pending(p);
+        }
+    }
+
     /// The user's bucket, created on first use; applies `bandwidth` (just read from the
     /// database) so a change is in force from this tunnel on.
-    fn bucket_for(&self, name: &str, bandwidth: crate::rate::Bandwidth) -> Arc<SharedBucket> {
+    fn bucket_for(&self, name: &str, bandwidth: Bandwidth) -> Arc<SharedBucket> {
         let mut map = self.buckets.lock();
         let b = map
             .entry(name.to_string())

@@ -11,6 +11,7 @@
 //! (paused, in arrival order) until one finishes. The pool grows on demand and is sized so a
 //! relay job never waits for a thread: a tunnel stuck half-relayed would be a deadlock.
 
+use crate::admission::{Admission, Arrival, Limits, Removed};
 use parking_lot::Mutex;
 use std::any::Any;
 use std::io;
@@ -18,6 +19,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 use threadpool::ThreadPool;
 
 /// Stack size of every worker thread, in bytes. Relay buffers live on the heap; the deepest
@@ -99,23 +101,13 @@ impl Workers {
     }
 }
 
-/// What each server does with an accepted socket, on a serve worker.
-pub type Handler = dyn Fn(TcpStream, ConnId, &Workers) + Send + Sync;
-
-/// Limits for one listener.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Connections served at once; more wait unread in the accept queue.
-    pub max_connections: usize,
-}
-
 /// A running listener. Dropping it stops accepting; tunnels already open run to the end.
 pub struct Server {
     local_addr: SocketAddr,
     // Set before waking the accept loop; the loop exits on the next accept it sees.
     stopping: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
-    // Values whose drop tells helper threads (e.g. the user watcher) to stop.
+    // Values whose drop tells helper threads (the sweeper, the user watcher) to stop.
     guards: Vec<Box<dyn Any + Send>>,
     workers: Workers,
 }
@@ -128,15 +120,68 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// What a handler wants done after it returns: nothing, or more work on the same slot
+/// (a tunnel of the same user that was parked waiting for this one to end).
+pub enum Next {
+    /// The slot is free.
+    Done,
+    /// Run this on the same slot, then look again.
+    Continue(Box<dyn FnOnce(&Workers) -> Next + Send>),
+}
+
+/// What a listener does with its connections.
+pub trait Service: Send + Sync + 'static {
+    /// Serves one admitted connection on a serve worker, start to end.
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Next;
+    /// Tells a connection that was not admitted "server busy, retry after N seconds" in its
+    /// own protocol, then closes it. Runs on a short pool job; must bound its reads.
+    fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16);
+    /// Called by the sweeper a few times a second (remote.rs expires parked tunnels here).
+    fn sweep(&self, _workers: &Workers) {}
+}
+
+/// An accepted connection on its way to a slot.
+struct Arrived {
+    stream: TcpStream,
+    id: ConnId,
+    at: std::time::Instant,
+}
+
+/// True while the peer has neither closed nor reset: checked without reading, so a queued
+/// connection's bytes stay unread. POLLRDHUP reports a FIN even when data is pending.
+pub fn peer_alive(stream: &TcpStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let rdhup = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN | rdhup)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => true,
+        Ok(_) => !fds[0].revents().is_some_and(|r| {
+            r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
+        }),
+        Err(_) => true,
+    }
+}
+
+/// Most "busy" answers being written at once; past this, turned-away sockets are just
+/// closed, so a flood cannot tie up threads answering it.
+const MAX_BUSY_JOBS: usize = 64;
+
+/// State shared by the accept thread, the serve workers and the sweeper.
 struct ServeCtx {
-    rx: crossbeam_channel::Receiver<TcpStream>,
-    handler: Arc<Handler>,
+    rx: crossbeam_channel::Receiver<Arrived>,
+    service: Arc<dyn Service>,
     workers: Workers,
+    admission: Admission<Arrived>,
+    // Seconds clients turned away are told to wait.
+    retry_after: u16,
     // Serve workers waiting for a socket.
     idle: AtomicUsize,
     // Serve workers in existence (idle or busy); at most `max`.
     serving: AtomicUsize,
     max: usize,
+    // "busy" answers in flight.
+    busy_jobs: Arc<AtomicUsize>,
 }
 
 impl ServeCtx {
@@ -159,7 +204,7 @@ impl ServeCtx {
             self.idle.fetch_add(1, Ordering::AcqRel);
             let next = self.rx.recv();
             let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
-            let Ok(stream) = next else {
+            let Ok(mut arrived) = next else {
                 self.serving.fetch_sub(1, Ordering::AcqRel);
                 return; // channel closed: the server is shutting down
             };
@@ -167,8 +212,84 @@ impl ServeCtx {
             if idle_now == 0 {
                 self.add_worker();
             }
-            let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-            (self.handler)(stream, id, &self.workers);
+            // Serve on this slot until the queue has nobody left for it.
+            loop {
+                let mut next = self
+                    .service
+                    .handle(arrived.stream, arrived.id, &self.workers);
+                while let Next::Continue(f) = next {
+                    next = f(&self.workers);
+                }
+                let mut removed = Removed::default();
+                let following = self
+                    .admission
+                    .finish(&mut |a: &Arrived| peer_alive(&a.stream), &mut removed);
+                self.turn_away(removed);
+                match following {
+                    Some(a) => {
+                        log::debug!(
+                            "conn={} dequeued after {}ms",
+                            a.id,
+                            a.at.elapsed().as_millis()
+                        );
+                        arrived = a;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Answers expired waiters "busy" and drops departed ones.
+    fn turn_away(&self, removed: Removed<Arrived>) {
+        for a in removed.gone {
+            log::debug!("conn={} left the queue before being served", a.id);
+        }
+        for a in removed.expired {
+            log::info!(
+                "conn={} server busy: waited {}ms for a slot",
+                a.id,
+                a.at.elapsed().as_millis()
+            );
+            self.send_busy(a);
+        }
+    }
+
+    fn send_busy(&self, a: Arrived) {
+        let in_flight = self.busy_jobs.fetch_add(1, Ordering::AcqRel);
+        if in_flight >= MAX_BUSY_JOBS {
+            self.busy_jobs.fetch_sub(1, Ordering::AcqRel);
+            return; // dropping the socket closes it
+        }
+        let (service, jobs, retry) = (
+            Arc::clone(&self.service),
+            Arc::clone(&self.busy_jobs),
+            self.retry_after,
+        );
+        self.workers.spawn(move || {
+            service.busy(a.stream, a.id, retry);
+            jobs.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// Expires waiters on time and notices clients that left, until `stop` closes.
+    fn sweep_loop(&self, stop: crossbeam_channel::Receiver<()>) {
+        const TICK: Duration = Duration::from_millis(100);
+        loop {
+            let wait = self
+                .admission
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+                .map_or(TICK, |d| d.min(TICK));
+            match stop.recv_timeout(wait) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let removed = self
+                .admission
+                .sweep(&mut |a: &Arrived| peer_alive(&a.stream));
+            self.turn_away(removed);
+            self.service.sweep(&self.workers);
         }
     }
 }
@@ -182,32 +303,42 @@ impl Server {
         addr: SocketAddr,
         name: &str,
         limits: Limits,
-        handler: Arc<Handler>,
+        service: Arc<dyn Service>,
     ) -> io::Result<Server> {
         let listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
         let workers = Workers::new(name);
-        let (tx, rx) = crossbeam_channel::unbounded::<TcpStream>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Arrived>();
         let ctx = Arc::new(ServeCtx {
             rx,
-            handler,
+            service,
             workers: workers.clone(),
+            admission: Admission::new(limits),
+            retry_after: crate::throttle::retry_after_secs(limits.timeout),
             idle: AtomicUsize::new(0),
             serving: AtomicUsize::new(0),
-            max: limits.max_connections.max(1),
+            max: limits.max_active.max(1),
+            busy_jobs: Arc::new(AtomicUsize::new(0)),
         });
         ctx.add_worker();
         let stopping = Arc::new(AtomicBool::new(false));
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        {
+            let ctx = Arc::clone(&ctx);
+            std::thread::Builder::new()
+                .name(format!("{name}-sweep"))
+                .spawn(move || ctx.sweep_loop(stop_rx))?;
+        }
         let stop = Arc::clone(&stopping);
         let label = name.to_string();
         let accept = std::thread::Builder::new()
             .name(format!("{name}-accept"))
-            .spawn(move || accept_loop(listener, tx, stop, &label))?;
+            .spawn(move || accept_loop(listener, tx, ctx, stop, &label))?;
         Ok(Server {
             local_addr,
             stopping,
             accept: Some(accept),
-            guards: Vec::new(),
+            guards: vec![Box::new(stop_tx)],
             workers,
         })
     }
@@ -227,14 +358,15 @@ impl Server {
         self.guards.push(guard);
     }
 
-    /// Blocks until the accept loop ends (it ends only on shutdown or a fatal error).
+    /// Blocks until the accept loop ends (it ends only on shutdown).
     pub fn wait(mut self) {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
     }
 
-    /// Stops accepting and waits for the accept loop to end. Open tunnels are not cut.
+    /// Stops accepting and waits for the accept loop to end. Open tunnels are not cut;
+    /// connections still queued are closed.
     pub fn shutdown(&mut self) {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
@@ -249,7 +381,7 @@ impl Server {
             }
             other => other,
         };
-        let _ = TcpStream::connect_timeout(&wake, std::time::Duration::from_secs(1));
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
@@ -266,7 +398,8 @@ impl Drop for Server {
 
 fn accept_loop(
     listener: TcpListener,
-    tx: crossbeam_channel::Sender<TcpStream>,
+    tx: crossbeam_channel::Sender<Arrived>,
+    ctx: Arc<ServeCtx>,
     stopping: Arc<AtomicBool>,
     name: &str,
 ) {
@@ -276,25 +409,45 @@ fn accept_loop(
             Ok((stream, _peer)) => {
                 consecutive_errors = 0;
                 if stopping.load(Ordering::SeqCst) {
-                    return;
+                    break;
                 }
-                if tx.send(stream).is_err() {
-                    return;
+                let arrived = Arrived {
+                    stream,
+                    id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+                    at: std::time::Instant::now(),
+                };
+                match ctx.admission.arrive(arrived) {
+                    Arrival::Admitted(a) => {
+                        if tx.send(a).is_err() {
+                            break;
+                        }
+                    }
+                    Arrival::Queued => log::debug!(
+                        "{name}: connection queued (active={} queued={})",
+                        ctx.admission.active(),
+                        ctx.admission.queued()
+                    ),
+                    Arrival::Full(a) => {
+                        log::info!("conn={} server busy: queue full", a.id);
+                        ctx.send_busy(a);
+                    }
                 }
             }
             Err(e) => {
                 if stopping.load(Ordering::SeqCst) {
-                    return;
+                    break;
                 }
                 // EMFILE and friends are transient: back off instead of spinning or dying.
                 consecutive_errors += 1;
                 if consecutive_errors == 1 || consecutive_errors % 100 == 0 {
                     log::error!("{name}: accept failed: {e}");
                 }
-                std::thread::sleep(std::time::Duration::from_millis(
+                std::thread::sleep(Duration::from_millis(
                     (10 * consecutive_errors as u64).min(1000),
                 ));
             }
         }
     }
+    // Whoever still waits for a slot is closed: the server is going away.
+    drop(ctx.admission.drain());
 }

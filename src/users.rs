@@ -5,7 +5,7 @@
 //! verifications so a known password is not re-hashed on every tunnel. Out of scope: buckets
 //! and live rate changes (remote.rs watches `PRAGMA data_version` and applies them).
 
-use crate::rate::Bandwidth;
+use crate::rate::{Bandwidth, RequestRate};
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes; older databases are migrated on open.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Longest user name, in bytes.
 pub const MAX_NAME: usize = 64;
 /// Longest password, in bytes (the tunnel protocol carries at most 255).
@@ -85,6 +85,30 @@ pub struct User {
     pub bandwidth: Bandwidth,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: i64,
+    /// Most tunnels at once; further ones wait (`None`: no cap).
+    pub max_connections: Option<u32>,
+    /// Most new tunnels per time window (`None`: no limit).
+    pub rate: Option<RequestRate>,
+}
+
+/// Changes for [`Store::set`]: `None` leaves a field as it is; `Some(None)` clears a limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// New bandwidth.
+    pub bandwidth: Option<Bandwidth>,
+    /// New password (hashed before storing).
+    pub password: Option<String>,
+    /// New per-user tunnel cap.
+    pub max_connections: Option<Option<u32>>,
+    /// New per-user request rate.
+    pub rate: Option<Option<RequestRate>>,
+}
+
+impl Changes {
+    /// True when nothing would change.
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
 }
 
 impl fmt::Debug for User {
@@ -93,6 +117,8 @@ impl fmt::Debug for User {
             .field("name", &self.name)
             .field("password_hash", &"<redacted>")
             .field("bandwidth", &self.bandwidth)
+            .field("max_connections", &self.max_connections)
+            .field("rate", &self.rate)
             .finish()
     }
 }
@@ -194,6 +220,17 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if version < 2 {
+            // v2: per-user admission limits (issue 3). NULL means "no limit".
+            self.conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE users ADD COLUMN max_connections INTEGER;
+                 ALTER TABLE users ADD COLUMN rate_count INTEGER;
+                 ALTER TABLE users ADD COLUMN rate_per_secs INTEGER;
+                 PRAGMA user_version = 2;
+                 COMMIT;",
+            )?;
+        }
         Ok(())
     }
 
@@ -222,41 +259,78 @@ impl Store {
         }
     }
 
-    /// Changes a user's bandwidth and/or password.
+    /// Adds a user and applies `changes` (limits) in one transaction.
+    ///
+    /// # Errors
+    /// As [`add`](Self::add) and [`set`](Self::set); nothing is written on error.
+    pub fn add_with(
+        &self,
+        name: &str,
+        password: &str,
+        bandwidth: Bandwidth,
+        changes: &Changes,
+    ) -> Result<(), Error> {
+        let tx = self.conn.unchecked_transaction()?;
+        self.add(name, password, bandwidth)?;
+        self.apply(name, changes)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Applies `changes` to a user, all or nothing.
     ///
     /// # Errors
     /// `NotFound` for an unknown user, `BadPassword` for a bad new password.
-    pub fn set(
-        &self,
-        name: &str,
-        bandwidth: Option<Bandwidth>,
-        password: Option<&str>,
-    ) -> Result<(), Error> {
-        let hash = match password {
+    pub fn set(&self, name: &str, changes: &Changes) -> Result<(), Error> {
+        let tx = self.conn.unchecked_transaction()?;
+        if self.get(name)?.is_none() {
+            return Err(Error::NotFound(name.to_string()));
+        }
+        self.apply(name, changes)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Writes `changes` for an existing user; the caller holds the transaction.
+    fn apply(&self, name: &str, changes: &Changes) -> Result<(), Error> {
+        let hash = match &changes.password {
             Some(p) => {
                 validate_password(p)?;
                 Some(hash_password(p)?)
             }
             None => None,
         };
-        let tx = self.conn.unchecked_transaction()?;
-        if self.get(name)?.is_none() {
-            return Err(Error::NotFound(name.to_string()));
-        }
         let now = unix_now();
-        if let Some(bw) = bandwidth {
-            tx.execute(
+        if let Some(bw) = changes.bandwidth {
+            self.conn.execute(
                 "UPDATE users SET bandwidth = ?1, updated_at = ?2 WHERE name = ?3",
                 params![bw.to_db(), now, name],
             )?;
         }
         if let Some(h) = hash {
-            tx.execute(
+            self.conn.execute(
                 "UPDATE users SET password_hash = ?1, updated_at = ?2 WHERE name = ?3",
                 params![h, now, name],
             )?;
         }
-        tx.commit()?;
+        if let Some(cap) = changes.max_connections {
+            self.conn.execute(
+                "UPDATE users SET max_connections = ?1, updated_at = ?2 WHERE name = ?3",
+                params![cap, now, name],
+            )?;
+        }
+        if let Some(rate) = changes.rate {
+            self.conn.execute(
+                "UPDATE users SET rate_count = ?1, rate_per_secs = ?2, updated_at = ?3
+                 WHERE name = ?4",
+                params![
+                    rate.map(|r| r.count),
+                    rate.map(|r| r.per.as_secs() as i64),
+                    now,
+                    name
+                ],
+            )?;
+        }
         Ok(())
     }
 
@@ -277,7 +351,9 @@ impl Store {
     /// One user, or `None`.
     pub fn get(&self, name: &str) -> Result<Option<User>, Error> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT name, password_hash, bandwidth, created_at FROM users WHERE name = ?1",
+            "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
+                    rate_per_secs
+             FROM users WHERE name = ?1",
         )?;
         Ok(stmt.query_row(params![name], row_to_user).optional()?)
     }
@@ -285,7 +361,9 @@ impl Store {
     /// Every user, by name.
     pub fn list(&self) -> Result<Vec<User>, Error> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT name, password_hash, bandwidth, created_at FROM users ORDER BY name",
+            "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
+                    rate_per_secs
+             FROM users ORDER BY name",
         )?;
         let rows = stmt.query_map([], row_to_user)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -306,6 +384,16 @@ fn row_to_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
         password_hash: r.get(1)?,
         bandwidth: Bandwidth::from_db(r.get(2)?),
         created_at: r.get(3)?,
+        max_connections: r
+            .get::<_, Option<i64>>(4)?
+            .map(|v| v.clamp(1, u32::MAX as i64) as u32),
+        rate: match (r.get::<_, Option<i64>>(5)?, r.get::<_, Option<i64>>(6)?) {
+            (Some(c), Some(p)) if c > 0 && p > 0 => Some(RequestRate {
+                count: c.min(u32::MAX as i64) as u32,
+                per: Duration::from_secs(p as u64),
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -496,19 +584,57 @@ mod tests {
         assert_eq!(u.bandwidth, Bandwidth::bytes_per_sec(1000));
         assert!(u.password_hash.starts_with("$argon2id$"));
         assert!(!u.password_hash.contains("pw1"));
-        s.set("alice", Some(Bandwidth::UNLIMITED), None).unwrap();
-        assert_eq!(
-            s.get("alice").unwrap().unwrap().bandwidth,
-            Bandwidth::UNLIMITED
-        );
+        let ch = Changes {
+            bandwidth: Some(Bandwidth::UNLIMITED),
+            max_connections: Some(Some(3)),
+            rate: Some(Some("100/m".parse().unwrap())),
+            ..Changes::default()
+        };
+        s.set("alice", &ch).unwrap();
+        let u = s.get("alice").unwrap().unwrap();
+        assert_eq!(u.bandwidth, Bandwidth::UNLIMITED);
+        assert_eq!(u.max_connections, Some(3));
+        assert_eq!(u.rate, Some("100/m".parse().unwrap()));
+        let clear = Changes {
+            max_connections: Some(None),
+            rate: Some(None),
+            ..Changes::default()
+        };
+        s.set("alice", &clear).unwrap();
+        let u = s.get("alice").unwrap().unwrap();
+        assert_eq!((u.max_connections, u.rate), (None, None));
+        let pw = Changes {
+            password: Some("x".into()),
+            ..Changes::default()
+        };
+        assert!(matches!(s.set("carol", &pw), Err(Error::NotFound(_))));
+        // add_with is all or nothing: a duplicate leaves no trace of its limits.
         assert!(matches!(
-            s.set("carol", None, Some("x")),
-            Err(Error::NotFound(_))
+            s.add_with("alice", "pw", Bandwidth::UNLIMITED, &ch),
+            Err(Error::Exists(_))
         ));
         assert_eq!(s.list().unwrap().len(), 1);
         s.delete("alice").unwrap();
         assert!(matches!(s.delete("alice"), Err(Error::NotFound(_))));
         assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_users() {
+        let db = temp_db();
+        let c = Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE users (name TEXT PRIMARY KEY NOT NULL, password_hash TEXT NOT NULL,
+                 bandwidth INTEGER, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+             INSERT INTO users VALUES ('old', 'h', 1000, 1, 1);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(c);
+        let s = Store::open(&db).unwrap();
+        let u = s.get("old").unwrap().unwrap();
+        assert_eq!(u.bandwidth, Bandwidth::bytes_per_sec(1000));
+        assert_eq!((u.max_connections, u.rate), (None, None));
     }
 
     #[test]
@@ -542,10 +668,11 @@ mod tests {
             Err(AuthError::BadCredentials)
         ));
         // A password change from another connection (the CLI) invalidates the cached check.
-        Store::open(&db)
-            .unwrap()
-            .set("alice", None, Some("new"))
-            .unwrap();
+        let ch = Changes {
+            password: Some("new".into()),
+            ..Changes::default()
+        };
+        Store::open(&db).unwrap().set("alice", &ch).unwrap();
         assert!(matches!(
             auth.authenticate("alice", "right"),
             Err(AuthError::BadCredentials)

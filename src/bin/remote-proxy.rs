@@ -1,7 +1,7 @@
 //! remote-proxy: `serve` tunnels, and `user add|set|del|list` on the same database.
 
 use flowgate::cli::{RemoteCli, RemoteCommand, UserCommand};
-use flowgate::users::Store;
+use flowgate::users::{Changes, Store};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -33,26 +33,39 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
             name,
             bandwidth,
             password,
+            limits,
         } => {
             flowgate::users::validate_name(&name)?;
             let pw = password.required()?;
-            Store::open(db)?.add(&name, &pw, bandwidth)?;
+            let store = Store::open(db)?;
+            let changes = limits.changes();
+            if changes.is_empty() {
+                store.add(&name, &pw, bandwidth)?;
+            } else {
+                // One transaction, so a failure leaves no half-made user behind.
+                store.add_with(&name, &pw, bandwidth, &changes)?;
+            }
             println!("added user {name} with bandwidth {bandwidth}");
         }
         UserCommand::Set {
             name,
             bandwidth,
             password,
+            limits,
         } => {
-            let pw = password.given()?;
-            if bandwidth.is_none() && pw.is_none() {
-                return Err("nothing to change: give --bandwidth and/or a password flag".into());
+            let changes = Changes {
+                bandwidth,
+                password: password.given()?,
+                ..limits.changes()
+            };
+            if changes.is_empty() {
+                return Err(
+                    "nothing to change: give --bandwidth, --max-connections, --rate or a password"
+                        .into(),
+                );
             }
-            Store::open(db)?.set(&name, bandwidth, pw.as_deref())?;
-            match bandwidth {
-                Some(bw) => println!("updated user {name}: bandwidth {bw}"),
-                None => println!("updated user {name}: password changed"),
-            }
+            Store::open(db)?.set(&name, &changes)?;
+            println!("updated user {name}");
         }
         UserCommand::Del { name } => {
             Store::open(db)?.delete(&name)?;
