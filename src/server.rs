@@ -1,15 +1,18 @@
 //! Listening sockets and worker threads, shared by local-proxy, remote-proxy and the tests.
 //!
-//! In scope: binding, the accept loop, handing each accepted socket through a crossbeam
-//! channel to a worker, the worker pool, and shutdown. Out of scope: what a connection says
-//! (local.rs, remote.rs).
+//! In scope: binding, the accept loop, admission (slots and the paused queue, via
+//! admission.rs), handing each admitted socket through a crossbeam channel to a worker, the
+//! worker pool, the sweeper, and shutdown. Out of scope: what a connection says (local.rs,
+//! remote.rs implement [`Service`]).
 //!
-//! Shape: one accept thread sends sockets into a channel; "serve" workers each take one
-//! socket at a time and own it for its whole life (handshake, then one relay direction). The
-//! other relay direction runs as a job on the same pool. Serve workers are capped at
-//! `max_connections`, so when all are busy further sockets wait in the channel unread
-//! (paused, in arrival order) until one finishes. The pool grows on demand and is sized so a
-//! relay job never waits for a thread: a tunnel stuck half-relayed would be a deadlock.
+//! Shape: one accept thread asks [`Admission`] about each socket. Admitted sockets go through
+//! the channel to "serve" workers, each of which owns one socket for its whole life
+//! (handshake, then one relay direction; the other direction runs as a job on the same pool).
+//! Sockets beyond `max_active` wait in the admission queue unread, holding no thread; when a
+//! tunnel ends, its worker takes the oldest live waiter itself (no hand-off). A sweeper
+//! thread answers waiters that time out with "busy" and drops ones whose client left. The
+//! pool grows on demand so a relay job never waits for a thread: a tunnel stuck half-relayed
+//! would be a deadlock.
 
 use crate::admission::{Admission, Arrival, Limits, Removed};
 use parking_lot::Mutex;
@@ -156,9 +159,12 @@ pub fn peer_alive(stream: &TcpStream) -> bool {
     let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN | rdhup)];
     match poll(&mut fds, PollTimeout::ZERO) {
         Ok(0) => true,
-        Ok(_) => !fds[0].revents().is_some_and(|r| {
-            r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
-        }),
+        Ok(_) => match fds[0].revents() {
+            // nix names no POLLRDHUP flag, so it reports revents holding it as `None`; the only
+            // unnamed bit we asked for is POLLRDHUP: the peer shut down its side.
+            None => false,
+            Some(r) => !r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL),
+        },
         Err(_) => true,
     }
 }
@@ -450,4 +456,26 @@ fn accept_loop(
     }
     // Whoever still waits for a slot is closed: the server is going away.
     drop(ctx.admission.drain());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn peer_alive_sees_a_fin_even_behind_unread_bytes() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert!(peer_alive(&s));
+        c.write_all(b"request bytes nobody has read").unwrap();
+        assert!(peer_alive(&s));
+        drop(c);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while peer_alive(&s) {
+            assert!(std::time::Instant::now() < deadline, "FIN never seen");
+            std::thread::yield_now();
+        }
+    }
 }

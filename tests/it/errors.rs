@@ -3,23 +3,10 @@
 
 use crate::support::*;
 use flowgate::addr::TargetAddr;
-use flowgate::tunnel::{self, Command, Request, Status};
+use flowgate::tunnel::{self, Status};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
-
-/// Sends one tunnel request straight to remote-proxy and returns the reply status.
-fn tunnel_status(remote: SocketAddr, user: &str, pw: &str, target: TargetAddr) -> Status {
-    let mut s = connect(remote);
-    let req = Request {
-        command: Command::Connect,
-        user: user.into(),
-        password: pw.into(),
-        target: Some(target),
-    };
-    tunnel::write_request(&mut s, &req).unwrap();
-    tunnel::read_reply(&mut s).unwrap().status
-}
 
 #[test]
 fn remote_proxy_answers_each_failure_with_its_own_status() {

@@ -1,6 +1,7 @@
 //! Integration tests: real listeners on 127.0.0.1 ephemeral ports, an origin in the test,
 //! nothing outside the machine.
 
+mod admission;
 mod cli;
 mod curl;
 mod errors;

@@ -411,3 +411,49 @@ pub fn sink_target(counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Soc
     });
     a
 }
+
+/// Sends one tunnel request straight to remote-proxy and returns the reply.
+pub fn tunnel_reply(
+    remote: SocketAddr,
+    user: &str,
+    pw: &str,
+    target: flowgate::addr::TargetAddr,
+) -> flowgate::tunnel::Reply {
+    use flowgate::tunnel;
+    let mut s = connect(remote);
+    let req = tunnel::Request {
+        command: tunnel::Command::Connect,
+        user: user.into(),
+        password: pw.into(),
+        target: Some(target),
+    };
+    tunnel::write_request(&mut s, &req).unwrap();
+    tunnel::read_reply(&mut s).unwrap()
+}
+
+/// Like [`tunnel_reply`], just the status.
+pub fn tunnel_status(
+    remote: SocketAddr,
+    user: &str,
+    pw: &str,
+    target: flowgate::addr::TargetAddr,
+) -> flowgate::tunnel::Status {
+    tunnel_reply(remote, user, pw, target).status
+}
+
+/// A raw TCP target that holds each connection open until the client closes its side, and
+/// counts the connections it accepted.
+pub fn hold_target(accepted: std::sync::Arc<AtomicUsize>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    a
+}

@@ -1,0 +1,311 @@
+//! Slots, the paused queue, per-user caps and request-rate throttles, end to end.
+
+use crate::support::*;
+use flowgate::addr::TargetAddr;
+use flowgate::tunnel::Status;
+use flowgate::users::{Changes, Store};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// Opens a SOCKS tunnel on another thread; the result arrives on the returned channel.
+fn socks_later(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    creds: (&'static str, &'static str),
+) -> mpsc::Receiver<Result<TcpStream, u16>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(socks_connect(proxy, Dest::Ip(target), Some(creds)));
+    });
+    rx
+}
+
+fn limits(r: &mut flowgate::config::RemoteConfig, active: usize, queued: usize, timeout_ms: u64) {
+    r.admission.max_active = active;
+    r.admission.max_queued = queued;
+    r.admission.timeout = Duration::from_millis(timeout_ms);
+}
+
+fn set_limits(db: &std::path::Path, user: &str, cap: Option<u32>, rate: Option<&str>) {
+    let ch = Changes {
+        max_connections: Some(cap),
+        rate: Some(rate.map(|r| r.parse().unwrap())),
+        ..Changes::default()
+    };
+    Store::open(db).unwrap().set(user, &ch).unwrap();
+}
+
+#[test]
+fn third_connection_waits_then_completes_intact_when_a_slot_frees() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| limits(r, 2, 10, 20_000),
+        |_| {},
+    );
+    let held = Arc::new(AtomicUsize::new(0));
+    let hold = hold_target(held.clone());
+    let first = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    let _second = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    let third = socks_later(p.local_addr(), origin(), ("alice", "pw"));
+    assert!(
+        third.recv_timeout(Duration::from_millis(700)).is_err(),
+        "third tunnel was served while both slots were busy"
+    );
+    drop(first); // frees a slot
+    let mut s = third
+        .recv_timeout(Duration::from_secs(10))
+        .expect("third tunnel never served")
+        .expect("third tunnel refused");
+    download_and_verify(&mut s, "o", 2_000_000);
+}
+
+#[test]
+fn a_full_queue_answers_busy_at_once() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| limits(r, 1, 1, 20_000),
+        |_| {},
+    );
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let _first = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    let _queued = socks_later(p.local_addr(), hold, ("alice", "pw"));
+    std::thread::sleep(Duration::from_millis(300)); // let it take the one queue place
+    let t = Instant::now();
+    let reply = tunnel_reply(p.remote_addr(), "alice", "pw", TargetAddr::Ip(hold));
+    assert_eq!(reply.status, Status::ServerBusy);
+    assert!(reply.retry_after >= 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Through local-proxy, HTTP clients get 503 with Retry-After, SOCKS clients 0x01.
+    let mut s = connect(p.local_addr());
+    write!(s, "CONNECT {hold} HTTP/1.1\r\n\r\n").unwrap();
+    let r = read_response_head(&mut s);
+    assert_eq!(r.code, 503, "{}", r.head);
+    assert!(r.head.contains("Retry-After: "), "{}", r.head);
+    assert_eq!(
+        socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap_err(),
+        0x01
+    );
+}
+
+#[test]
+fn a_queued_connection_times_out_with_busy() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| limits(r, 1, 10, 1_000),
+        |_| {},
+    );
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let _first = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    let t = Instant::now();
+    let reply = tunnel_reply(p.remote_addr(), "alice", "pw", TargetAddr::Ip(hold));
+    let waited = t.elapsed();
+    assert_eq!(reply.status, Status::ServerBusy);
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "answered after {waited:?}"
+    );
+}
+
+#[test]
+fn a_client_that_leaves_the_queue_is_never_served() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| limits(r, 1, 10, 20_000),
+        |_| {},
+    );
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let first = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    // Queue a tunnel to a counting target straight at remote-proxy, then hang up.
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counted = hold_target(reached.clone());
+    {
+        let mut s = connect(p.remote_addr());
+        let req = flowgate::tunnel::Request {
+            command: flowgate::tunnel::Command::Connect,
+            user: "alice".into(),
+            password: "pw".into(),
+            target: Some(TargetAddr::Ip(counted)),
+        };
+        flowgate::tunnel::write_request(&mut s, &req).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    } // dropped: the client left while queued
+    std::thread::sleep(Duration::from_millis(300));
+    drop(first);
+    // The next client is served (the queue moved on), and the one that left never was.
+    let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
+    download_and_verify(&mut s, "o", 10_000);
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "a departed client was served"
+    );
+}
+
+#[test]
+fn per_user_cap_queues_then_serves_without_holding_a_slot() {
+    let p = pair_with(
+        &[
+            user("alice", "pw", "unlimited"),
+            user("bob", "pw", "unlimited"),
+        ],
+        |r| limits(r, 2, 10, 20_000),
+        |_| {},
+    );
+    set_limits(&p.db, "alice", Some(1), None);
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let first = socks_connect(p.local_addr(), Dest::Ip(hold), Some(("alice", "pw"))).unwrap();
+    let second = socks_later(p.local_addr(), origin(), ("alice", "pw"));
+    assert!(
+        second.recv_timeout(Duration::from_millis(700)).is_err(),
+        "alice's second tunnel ran past her cap of 1"
+    );
+    // Two slots, alice holds one and her waiter holds none: bob gets the other at once.
+    let t = Instant::now();
+    let mut b = socks_connect(p.local_addr(), Dest::Ip(origin()), Some(("bob", "pw"))).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    download_and_verify(&mut b, "o", 10_000);
+    drop(first);
+    let mut s = second
+        .recv_timeout(Duration::from_secs(10))
+        .expect("alice's second tunnel never served")
+        .expect("alice's second tunnel refused");
+    download_and_verify(&mut s, "o", 1_000_000);
+}
+
+#[test]
+fn three_per_minute_lets_exactly_three_in_and_the_fourth_gets_the_wait() {
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    set_limits(&p.db, "alice", None, Some("3/m"));
+    let o = TargetAddr::Ip(origin());
+    for i in 0..3 {
+        assert_eq!(
+            tunnel_status(p.remote_addr(), "alice", "pw", o.clone()),
+            Status::Ok,
+            "#{i}"
+        );
+    }
+    let r = tunnel_reply(p.remote_addr(), "alice", "pw", o);
+    assert_eq!(r.status, Status::RateLimited);
+    assert!(
+        (55..=60).contains(&r.retry_after),
+        "retry after {}",
+        r.retry_after
+    );
+    let mut s = connect(p.local_addr());
+    write!(s, "CONNECT {} HTTP/1.1\r\n\r\n", origin()).unwrap();
+    let resp = read_response_head(&mut s);
+    assert_eq!(resp.code, 429, "{}", resp.head);
+    assert!(resp.head.contains("Retry-After: "), "{}", resp.head);
+    assert_eq!(
+        socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap_err(),
+        0x02
+    );
+}
+
+#[test]
+fn per_ip_and_per_user_throttles_are_independent() {
+    let o = TargetAddr::Ip(origin());
+    // Per IP: counts every user's tunnels from the address.
+    let p = pair_with(
+        &[
+            user("alice", "pw", "unlimited"),
+            user("bob", "pw", "unlimited"),
+        ],
+        |r| r.rate_per_ip = Some("3/m".parse().unwrap()),
+        |_| {},
+    );
+    for u in ["alice", "alice", "bob"] {
+        assert_eq!(
+            tunnel_status(p.remote_addr(), u, "pw", o.clone()),
+            Status::Ok
+        );
+    }
+    assert_eq!(
+        tunnel_status(p.remote_addr(), "bob", "pw", o.clone()),
+        Status::RateLimited
+    );
+    // Per user: alice's limit does not touch bob, and no per-IP limit is in force.
+    let p = pair(&[
+        user("alice", "pw", "unlimited"),
+        user("bob", "pw", "unlimited"),
+    ]);
+    set_limits(&p.db, "alice", None, Some("1/m"));
+    assert_eq!(
+        tunnel_status(p.remote_addr(), "alice", "pw", o.clone()),
+        Status::Ok
+    );
+    assert_eq!(
+        tunnel_status(p.remote_addr(), "alice", "pw", o.clone()),
+        Status::RateLimited
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            tunnel_status(p.remote_addr(), "bob", "pw", o.clone()),
+            Status::Ok
+        );
+    }
+}
+
+#[test]
+fn failed_logins_are_throttled_per_ip_without_hashing() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| r.failed_login_rate = Some("10/m".parse().unwrap()),
+        |_| {},
+    );
+    let o = TargetAddr::Ip(origin());
+    let t = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(
+            tunnel_status(p.remote_addr(), "alice", "guess", o.clone()),
+            Status::BadCredentials
+        );
+    }
+    let hashed = t.elapsed() / 10;
+    let t = Instant::now();
+    for _ in 0..20 {
+        let r = tunnel_reply(p.remote_addr(), "alice", "guess", o.clone());
+        assert_eq!(r.status, Status::RateLimited);
+        assert!(r.retry_after >= 1);
+    }
+    let throttled = t.elapsed() / 20;
+    // Even the right password waits: the address is locked out for the window.
+    assert_eq!(
+        tunnel_status(p.remote_addr(), "alice", "pw", o),
+        Status::RateLimited
+    );
+    assert!(
+        throttled * 3 < hashed,
+        "throttled attempts took {throttled:?} each, hashed ones {hashed:?}: still hashing?"
+    );
+}
+
+#[test]
+fn local_proxy_has_its_own_slots() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |_| {},
+        |l| {
+            l.admission.max_active = 1;
+            l.admission.max_queued = 0;
+        },
+    );
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let _first = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    assert_eq!(
+        socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap_err(),
+        0x01
+    );
+    let mut s = connect(p.local_addr());
+    write!(s, "CONNECT {hold} HTTP/1.1\r\n\r\n").unwrap();
+    let r = read_response_head(&mut s);
+    assert_eq!(r.code, 503, "{}", r.head);
+    assert!(r.head.contains("Retry-After: "));
+}
