@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Smallest burst and smallest read a relay makes under a limit, in bytes.
-pub const MIN_CHUNK: u64 = 512;
+pub const MIN_CHUNK: u64 = 64;
 /// How much of the rate the bucket may hold: 100 ms worth.
 pub const BURST_WINDOW: Duration = Duration::from_millis(100);
 
@@ -364,7 +364,7 @@ mod tests {
     #[test]
     fn set_rate_wakes_a_blocked_waiter() {
         let b = Arc::new(SharedBucket::new(Bandwidth::bytes_per_sec(MIN_CHUNK)));
-        b.acquire(MIN_CHUNK); // empty it: the next 512 bytes would take 1 s
+        b.acquire(MIN_CHUNK); // empty it: the next MIN_CHUNK bytes would take 1 s
         let b2 = Arc::clone(&b);
         let start = Instant::now();
         let t = std::thread::spawn(move || b2.acquire(MIN_CHUNK));

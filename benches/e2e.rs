@@ -1,0 +1,614 @@
+//! End-to-end benchmark: starts the release binaries, drives load from this process, and
+//! reports throughput, rate accuracy, fairness, setup rate, scale and CPU, each beside the
+//! same figure measured directly against the origin in the same run.
+//!
+//! Run through `scripts/bench.sh` (it builds in release and raises the open-file limit).
+//! Writes `bench-out/results.md`, `bench-out/results.json` and `bench-out/accuracy.svg`.
+//! `--quick` shortens every phase (for a smoke run); `--only NAME[,NAME]` picks phases
+//! (throughput, accuracy, fairness, setup, scale).
+
+use flowgate::origin::Origin;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const GIB: u64 = 1 << 30;
+const SLOT: Duration = Duration::from_millis(100);
+
+struct Opts {
+    quick: bool,
+    only: Option<Vec<String>>,
+    out: PathBuf,
+    bin: PathBuf,
+}
+
+impl Opts {
+    fn wants(&self, phase: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.iter().any(|p| p == phase))
+    }
+}
+
+/// A spawned proxy, killed on drop.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn spawn(mut cmd: Command) -> Proc {
+    cmd.stderr(Stdio::piped()).stdout(Stdio::null()).env("RUST_LOG", "warn,flowgate::local=info,flowgate::remote=info");
+    let mut child = cmd.spawn().expect("spawn proxy");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("proxy did not report its address");
+    Proc {
+        child,
+        addr: addr.parse().expect("address"),
+    }
+}
+
+struct Setup {
+    remote: Proc,
+    local: Proc,
+    db: PathBuf,
+    bin: PathBuf,
+}
+
+impl Setup {
+    fn start(opts: &Opts) -> Setup {
+        let dir = std::env::temp_dir().join(format!("flowgate-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("bench.db");
+        let s = |name: &str| opts.bin.join(name);
+        let mut r = Command::new(s("remote-proxy"));
+        r.arg("--db").arg(&db).args([
+            "serve", "--listen", "127.0.0.1:0", "--max-connections", "20000", "--max-queued", "20000",
+            "--failed-login-rate", "off",
+        ]);
+        let remote = spawn(r);
+        let mut l = Command::new(s("local-proxy"));
+        l.args(["--listen", "127.0.0.1:0", "--remote", &remote.addr.to_string()])
+            .args(["--max-connections", "20000", "--max-queued", "20000"]);
+        let local = spawn(l);
+        let setup = Setup {
+            remote,
+            local,
+            db,
+            bin: opts.bin.clone(),
+        };
+        setup.add_user("unlimited", "unlimited");
+        setup
+    }
+
+    fn add_user(&self, name: &str, rate: &str) {
+        let st = Command::new(self.bin.join("remote-proxy"))
+            .arg("--db")
+            .arg(&self.db)
+            .args(["user", "add", name, "--bandwidth", rate, "--password", "pw"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("user add");
+        assert!(st.success(), "user add {name}");
+    }
+}
+
+/// /proc/PID/stat utime+stime in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// (resident KiB, threads) from /proc/PID/status.
+fn rss_threads(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("Threads:"))
+}
+
+/// Where a client connects: straight to the origin, or through local-proxy as a user.
+#[derive(Clone)]
+enum Via {
+    Direct,
+    Proxy(SocketAddr, String),
+}
+
+fn open(via: &Via, target: SocketAddr) -> std::io::Result<TcpStream> {
+    match via {
+        Via::Direct => {
+            let s = TcpStream::connect(target)?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        }
+        Via::Proxy(local, user) => {
+            let mut s = TcpStream::connect(local)?;
+            s.set_nodelay(true)?;
+            let mut req = vec![5u8, 1, 2, 1, user.len() as u8];
+            req.extend_from_slice(user.as_bytes());
+            req.extend_from_slice(&[2, b'p', b'w', 5, 1, 0]);
+            match target {
+                SocketAddr::V4(a) => {
+                    req.push(1);
+                    req.extend_from_slice(&a.ip().octets());
+                }
+                SocketAddr::V6(a) => {
+                    req.push(4);
+                    req.extend_from_slice(&a.ip().octets());
+                }
+            }
+            req.extend_from_slice(&target.port().to_be_bytes());
+            // Greeting, credentials and request in one write: the proxy reads them in order.
+            s.write_all(&req)?;
+            let mut resp = [0u8; 2 + 2 + 10];
+            s.read_exact(&mut resp)?;
+            if resp[1] != 2 || resp[3] != 0 || resp[5] != 0 {
+                return Err(std::io::Error::other(format!("socks refused: {resp:?}")));
+            }
+            Ok(s)
+        }
+    }
+}
+
+/// Sends GET /bytes/n; returns the stream positioned at the body.
+fn get(s: &mut TcpStream, n: u64) -> std::io::Result<()> {
+    write!(s, "GET /bytes/{n} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")?;
+    let mut head = Vec::with_capacity(128);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(b[0]);
+    }
+    Ok(())
+}
+
+fn drain(s: &mut TcpStream, n: u64) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < n {
+        let k = s.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        got += k as u64;
+    }
+    Ok(got)
+}
+
+/// Downloads `per_stream` bytes on each of `streams` connections at once; returns MB/s.
+fn download(via: &Via, origin: SocketAddr, streams: usize, per_stream: u64) -> f64 {
+    let t = Instant::now();
+    let hs: Vec<_> = (0..streams)
+        .map(|_| {
+            let via = via.clone();
+            std::thread::spawn(move || {
+                let mut s = open(&via, origin).expect("open");
+                get(&mut s, per_stream).expect("get");
+                drain(&mut s, per_stream).expect("drain")
+            })
+        })
+        .collect();
+    let total: u64 = hs.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(total, per_stream * streams as u64, "short download");
+    total as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+/// Uploads `n` bytes to /discard on one connection; returns MB/s.
+fn upload(via: &Via, origin: SocketAddr, n: u64) -> f64 {
+    let mut s = open(via, origin).expect("open");
+    let t = Instant::now();
+    write!(s, "POST /discard HTTP/1.1\r\nHost: o\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n").unwrap();
+    let buf = vec![7u8; 256 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = (left as usize).min(buf.len());
+        s.write_all(&buf[..k]).unwrap();
+        left -= k as u64;
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.contains(&format!("bytes={n}")), "upload answer {resp:?}");
+    n as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+struct Report {
+    md: String,
+    json: BTreeMap<String, String>,
+}
+
+impl Report {
+    fn num(&mut self, key: &str, v: f64) {
+        self.json.insert(key.to_string(), format!("{v:.4}"));
+    }
+}
+
+fn throughput(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
+    let size = if opts.quick { GIB / 8 } else { GIB };
+    let via = Via::Proxy(st.local.addr, "unlimited".into());
+    let cpu0 = (cpu_secs(st.local.pid()), cpu_secs(st.remote.pid()));
+    let mut relayed = 0u64;
+    let mut rows = vec![];
+    for (name, streams) in [("download, 1 stream", 1usize), ("download, 8 streams", 8)] {
+        let per = size / streams as u64;
+        let d = download(&Via::Direct, origin, streams, per);
+        let p = download(&via, origin, streams, per);
+        relayed += size;
+        rows.push((name, d, p));
+    }
+    let d = upload(&Via::Direct, origin, size);
+    let p = upload(&via, origin, size);
+    relayed += size;
+    rows.push(("upload, 1 stream", d, p));
+    let cpu1 = (cpu_secs(st.local.pid()), cpu_secs(st.remote.pid()));
+    let gib = relayed as f64 / GIB as f64;
+    let (lc, rc) = ((cpu1.0 - cpu0.0) / gib, (cpu1.1 - cpu0.1) / gib);
+    let _ = writeln!(rep.md, "\n## 1. Throughput, unlimited user ({} MiB per run)\n", size >> 20);
+    let _ = writeln!(rep.md, "| run | direct MB/s | flowgate MB/s | ratio |\n|---|---|---|---|");
+    for (name, d, p) in rows {
+        let _ = writeln!(rep.md, "| {name} | {d:.0} | {p:.0} | {:.2} |", p / d);
+        let key = name.replace([',', ' '], "_").replace("__", "_");
+        rep.num(&format!("throughput.{key}.direct_mbps"), d);
+        rep.num(&format!("throughput.{key}.flowgate_mbps"), p);
+        rep.num(&format!("throughput.{key}.ratio"), p / d);
+    }
+    let _ = writeln!(rep.md, "\n## 6. CPU seconds per GiB relayed\n\n| process | CPU s/GiB |\n|---|---|\n| local-proxy | {lc:.2} |\n| remote-proxy | {rc:.2} |");
+    rep.num("cpu.local_s_per_gib", lc);
+    rep.num("cpu.remote_s_per_gib", rc);
+}
+
+/// Per-connection bytes in 100 ms slots.
+struct Series {
+    slots: Vec<Vec<AtomicU64>>,
+}
+
+/// Runs `conns_per_user` downloads for each of `users` for `secs`, counting bytes per
+/// connection in 100 ms slots. Readers start as each tunnel opens (a tunnel that waited for
+/// its head before the next opened would queue behind the others for minutes at 10 KB/s);
+/// counting starts half a second after the last tunnel opened, so the figures describe the
+/// steady state, not the ramp-up.
+fn metered(local: SocketAddr, origin: SocketAddr, users: &[String], conns_per_user: usize, secs: u64) -> Vec<Vec<u64>> {
+    let n_slots = (secs * 10) as usize;
+    let total_conns = users.len() * conns_per_user;
+    let series = Arc::new(Series {
+        slots: (0..total_conns)
+            .map(|_| (0..n_slots).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let mut streams = vec![];
+    let mut hs = vec![];
+    for (i, u) in users.iter().flat_map(|u| std::iter::repeat_n(u, conns_per_user)).enumerate() {
+        let mut s = open(&Via::Proxy(local, u.clone()), origin).expect("open metered");
+        write!(s, "GET /bytes/{} HTTP/1.1\r\nHost: o\r\n\r\n", 1u64 << 50).expect("get");
+        let mut r = s.try_clone().unwrap();
+        streams.push(s);
+        let (series, stop, t0) = (series.clone(), stop.clone(), t0.clone());
+        hs.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut start = None;
+            while !stop.load(Ordering::Relaxed) {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        if start.is_none() {
+                            start = *t0.lock().unwrap();
+                        }
+                        let Some(t) = start else { continue };
+                        let Some(el) = Instant::now().checked_duration_since(t) else { continue };
+                        let slot = (el.as_millis() / SLOT.as_millis()) as usize;
+                        if slot < n_slots {
+                            series.slots[i][slot].fetch_add(k as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let start = Instant::now() + Duration::from_millis(500);
+    *t0.lock().unwrap() = Some(start);
+    std::thread::sleep(Duration::from_millis(500) + Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    for s in &streams {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    for h in hs {
+        let _ = h.join();
+    }
+    series
+        .slots
+        .iter()
+        .map(|c| c.iter().map(|a| a.load(Ordering::Relaxed)).collect())
+        .collect()
+}
+
+fn jain(xs: &[f64]) -> f64 {
+    let s: f64 = xs.iter().sum();
+    let sq: f64 = xs.iter().map(|x| x * x).sum();
+    if sq == 0.0 {
+        return 0.0;
+    }
+    s * s / (xs.len() as f64 * sq)
+}
+
+/// Largest sum over any 10 consecutive 100 ms slots.
+fn max_window(total: &[u64]) -> u64 {
+    total.windows(10).map(|w| w.iter().sum()).max().unwrap_or(0)
+}
+
+struct AccRun {
+    label: String,
+    rate: f64,
+    total: Vec<u64>,
+}
+
+fn accuracy(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) -> Vec<AccRun> {
+    let secs = if opts.quick { 3 } else { 10 };
+    let _ = writeln!(rep.md, "\n## 2. Accuracy and 3. fairness within one user ({secs} s per run)\n");
+    let _ = writeln!(rep.md, "| rate | conns | achieved B/s | error | max 1 s window / rate | Jain (conns) |\n|---|---|---|---|---|---|");
+    let mut runs = vec![];
+    for (rate_s, rate) in [("10K", 10_000.0), ("1M", 1e6), ("100M", 1e8)] {
+        for conns in [1usize, 8, 64] {
+            let user = format!("acc{rate_s}x{conns}");
+            st.add_user(&user, rate_s);
+            let per = metered(st.local.addr, origin, std::slice::from_ref(&user), conns, secs);
+            let slots = per[0].len();
+            let total: Vec<u64> = (0..slots).map(|i| per.iter().map(|c| c[i]).sum()).collect();
+            let sum: u64 = total.iter().sum();
+            let achieved = sum as f64 / secs as f64;
+            let err = (achieved - rate) / rate * 100.0;
+            let win = max_window(&total) as f64 / rate;
+            let fair = jain(&per.iter().map(|c| c.iter().sum::<u64>() as f64).collect::<Vec<_>>());
+            if std::env::var_os("BENCH_DEBUG").is_some() {
+                let pc: Vec<u64> = per.iter().map(|c| c.iter().sum()).collect();
+                eprintln!("{user}: per-conn {pc:?}\n total slots {total:?}");
+            }
+            let _ = writeln!(rep.md, "| {rate_s}/s | {conns} | {achieved:.0} | {err:+.2}% | {win:.3} | {} |",
+                if conns > 1 { format!("{fair:.3}") } else { "-".into() });
+            let k = format!("accuracy.{rate_s}.{conns}");
+            rep.num(&format!("{k}.achieved_bps"), achieved);
+            rep.num(&format!("{k}.error_pct"), err);
+            rep.num(&format!("{k}.max_1s_window_ratio"), win);
+            if conns > 1 {
+                rep.num(&format!("{k}.jain"), fair);
+            }
+            runs.push(AccRun { label: format!("{rate_s}/s x {conns}"), rate, total });
+        }
+    }
+    runs
+}
+
+fn fairness_users(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
+    let secs = if opts.quick { 3 } else { 10 };
+    let users: Vec<String> = (1..=8).map(|i| format!("fair{i}")).collect();
+    for u in &users {
+        st.add_user(u, "50M");
+    }
+    let per = metered(st.local.addr, origin, &users, 2, secs);
+    let per_user: Vec<f64> = per
+        .chunks(2)
+        .map(|c| c.iter().flatten().sum::<u64>() as f64 / secs as f64)
+        .collect();
+    let f = jain(&per_user);
+    let _ = writeln!(rep.md, "\n## 3. Fairness across users\n\n8 users at 50 MB/s each (400 MB/s asked in total), 2 connections each, {secs} s: Jain's index **{f:.3}**; per user MB/s: {}",
+        per_user.iter().map(|r| format!("{:.1}", r / 1e6)).collect::<Vec<_>>().join(", "));
+    rep.num("fairness.users8.jain", f);
+}
+
+fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
+    let secs = if opts.quick { 2 } else { 5 };
+    let mut rows = vec![];
+    for (name, via) in [("direct", Via::Direct), ("flowgate", Via::Proxy(st.local.addr, "unlimited".into()))] {
+        let lat = Arc::new(Mutex::new(Vec::<f64>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = Instant::now();
+        let hs: Vec<_> = (0..16)
+            .map(|_| {
+                let (via, lat, stop) = (via.clone(), lat.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut mine = vec![];
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let Ok(mut s) = open(&via, origin) else { continue };
+                        if get(&mut s, 1024).is_err() {
+                            continue;
+                        }
+                        let ttfb = t.elapsed();
+                        if drain(&mut s, 1024).ok() == Some(1024) {
+                            mine.push(ttfb.as_secs_f64() * 1000.0);
+                        }
+                    }
+                    lat.lock().unwrap().extend(mine);
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(secs));
+        stop.store(true, Ordering::Relaxed);
+        for h in hs {
+            h.join().unwrap();
+        }
+        let elapsed = t.elapsed().as_secs_f64();
+        let mut l = lat.lock().unwrap().clone();
+        l.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(0.0);
+        rows.push((name, l.len() as f64 / elapsed, pct(0.5), pct(0.99)));
+    }
+    let _ = writeln!(rep.md, "\n## 4. Setup: 1 KiB requests on new connections, 16 concurrent, {secs} s\n\n| path | req/s | TTFB p50 ms | TTFB p99 ms |\n|---|---|---|---|");
+    for (n, r, p50, p99) in &rows {
+        let _ = writeln!(rep.md, "| {n} | {r:.0} | {p50:.2} | {p99:.2} |");
+        rep.num(&format!("setup.{n}.rps"), *r);
+        rep.num(&format!("setup.{n}.ttfb_p50_ms"), *p50);
+        rep.num(&format!("setup.{n}.ttfb_p99_ms"), *p99);
+    }
+    let ratio = rows[1].1 / rows[0].1;
+    let extra = rows[1].3 - rows[0].3;
+    let _ = writeln!(rep.md, "\nratio {ratio:.2}x direct; p99 TTFB {extra:+.2} ms over direct");
+    rep.num("setup.ratio", ratio);
+    rep.num("setup.p99_extra_ms", extra);
+}
+
+fn scale(opts: &Opts, st: &Setup, rep: &mut Report) {
+    let n = if opts.quick { 500 } else { 5000 };
+    // A target that accepts and keeps sockets without a thread per connection.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = l.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                held.lock().unwrap().push(s);
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = (rss_threads(st.local.pid()), rss_threads(st.remote.pid()));
+    let via = Via::Proxy(st.local.addr, "unlimited".into());
+    let mut open_ok = vec![];
+    let mut failed = 0;
+    for _ in 0..n {
+        match open(&via, target) {
+            Ok(s) => open_ok.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = (rss_threads(st.local.pid()), rss_threads(st.remote.pid()));
+    let ok = open_ok.len();
+    let per = |b: (u64, u64), a: (u64, u64)| a.0.saturating_sub(b.0) as f64 / ok.max(1) as f64;
+    let _ = writeln!(rep.md, "\n## 5. Scale: {n} concurrent idle tunnels\n\n{ok} opened, {failed} failed.\n\n| process | RSS before KiB | RSS with tunnels KiB | threads | KiB per tunnel |\n|---|---|---|---|---|");
+    for (name, b, a) in [("local-proxy", before.0, after.0), ("remote-proxy", before.1, after.1)] {
+        let _ = writeln!(rep.md, "| {name} | {} | {} | {} | {:.1} |", b.0, a.0, a.1, per(b, a));
+        rep.num(&format!("scale.{name}.kib_per_tunnel"), per(b, a));
+        rep.num(&format!("scale.{name}.threads"), a.1 as f64);
+        rep.num(&format!("scale.{name}.rss_kib"), a.0 as f64);
+    }
+    rep.num("scale.opened", ok as f64);
+    rep.num("scale.failed", failed as f64);
+    drop(open_ok);
+    held.lock().unwrap().clear();
+}
+
+fn svg(runs: &[AccRun]) -> String {
+    let (w, h, pad) = (300.0, 180.0, 30.0);
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{}' font-family='sans-serif' font-size='11'>\n<rect width='100%' height='100%' fill='white'/>\n",
+        3.0 * w,
+        3.0 * h + 20.0
+    );
+    let _ = writeln!(out, "<text x='5' y='14'>Achieved rate / configured rate over time (grey: 100 ms slots, blue: 1 s sliding window, red: configured)</text>");
+    for (i, r) in runs.iter().enumerate() {
+        let (ox, oy) = ((i % 3) as f64 * w, (i / 3) as f64 * h + 20.0);
+        let (pw, ph) = (w - pad - 10.0, h - pad - 20.0);
+        let x = |t: f64, n: usize| ox + pad + t / n as f64 * pw;
+        let y = |v: f64| oy + 15.0 + ph - (v / 1.5).min(1.0) * ph;
+        let _ = writeln!(out, "<text x='{}' y='{}'>{}</text>", ox + pad, oy + 12.0, r.label);
+        let _ = writeln!(out, "<rect x='{}' y='{}' width='{pw}' height='{ph}' fill='none' stroke='#ccc'/>", ox + pad, oy + 15.0);
+        let n = r.total.len();
+        let slot_rate = |v: u64| v as f64 * 10.0 / r.rate;
+        let pts: Vec<String> = r.total.iter().enumerate().map(|(j, &v)| format!("{:.1},{:.1}", x(j as f64 + 0.5, n), y(slot_rate(v)))).collect();
+        let _ = writeln!(out, "<polyline fill='none' stroke='#bbb' points='{}'/>", pts.join(" "));
+        let win: Vec<String> = r.total.windows(10).enumerate().map(|(j, w)| format!("{:.1},{:.1}", x(j as f64 + 10.0, n), y(w.iter().sum::<u64>() as f64 / r.rate))).collect();
+        let _ = writeln!(out, "<polyline fill='none' stroke='#1f6fd1' stroke-width='1.5' points='{}'/>", win.join(" "));
+        let _ = writeln!(out, "<line x1='{}' x2='{}' y1='{2}' y2='{2}' stroke='#d12' stroke-dasharray='4 3'/>", x(0.0, n), x(n as f64, n), y(1.0));
+        for v in [0.0, 0.5, 1.0, 1.5] {
+            let _ = writeln!(out, "<text x='{}' y='{}' text-anchor='end'>{v}</text>", ox + pad - 3.0, y(v) + 4.0);
+        }
+        let _ = writeln!(out, "<text x='{}' y='{}'>{} s</text>", x(n as f64, n) - 20.0, oy + h - 8.0, n / 10);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn json(map: &BTreeMap<String, String>) -> String {
+    let body: Vec<String> = map.iter().map(|(k, v)| format!("  \"{k}\": {v}")).collect();
+    format!("{{\n{}\n}}\n", body.join(",\n"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut opts = Opts {
+        quick: args.iter().any(|a| a == "--quick"),
+        only: None,
+        out: PathBuf::from("bench-out"),
+        bin: PathBuf::from("target/release"),
+    };
+    for w in args.windows(2) {
+        match w[0].as_str() {
+            "--only" => opts.only = Some(w[1].split(',').map(str::to_string).collect()),
+            "--out" => opts.out = PathBuf::from(&w[1]),
+            "--bin" => opts.bin = PathBuf::from(&w[1]),
+            _ => {}
+        }
+    }
+    assert!(Path::new(&opts.bin.join("remote-proxy")).exists(), "build the release binaries first (scripts/bench.sh does)");
+    std::fs::create_dir_all(&opts.out).unwrap();
+    let origin = Origin::start("127.0.0.1:0".parse().unwrap()).expect("origin").local_addr();
+    let st = Setup::start(&opts);
+    let mut rep = Report { md: String::new(), json: BTreeMap::new() };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(rep.md, "# flowgate benchmark\n\n{} cores; origin, client and both proxies on 127.0.0.1; ratios are against direct in the same run.", cores);
+    let phases: &[(&str, &dyn Fn(&mut Report))] = &[
+        ("throughput", &|r| throughput(&opts, &st, origin, r)),
+        ("accuracy", &|r| {
+            let runs = accuracy(&opts, &st, origin, r);
+            std::fs::write(opts.out.join("accuracy.svg"), svg(&runs)).unwrap();
+        }),
+        ("fairness", &|r| fairness_users(&opts, &st, origin, r)),
+        ("setup", &|r| setup_rate(&opts, &st, origin, r)),
+        ("scale", &|r| scale(&opts, &st, r)),
+    ];
+    for (name, run) in phases {
+        if opts.wants(name) {
+            eprintln!("== {name}");
+            run(&mut rep);
+        }
+    }
+    std::fs::write(opts.out.join("results.md"), &rep.md).unwrap();
+    std::fs::write(opts.out.join("results.json"), json(&rep.json)).unwrap();
+    println!("{}", rep.md);
+    println!("(written to {}/results.md, results.json, accuracy.svg)", opts.out.display());
+}
