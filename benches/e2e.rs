@@ -30,7 +30,9 @@ struct Opts {
 
 impl Opts {
     fn wants(&self, phase: &str) -> bool {
-        self.only.as_ref().is_none_or(|o| o.iter().any(|p| p == phase))
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|p| p == phase))
     }
 }
 
@@ -54,7 +56,10 @@ impl Proc {
 }
 
 fn spawn(mut cmd: Command) -> Proc {
-    cmd.stderr(Stdio::piped()).stdout(Stdio::null()).env("RUST_LOG", "warn,flowgate::local=info,flowgate::remote=info");
+    cmd.stderr(Stdio::piped()).stdout(Stdio::null()).env(
+        "RUST_LOG",
+        "warn,flowgate::local=info,flowgate::remote=info",
+    );
     let mut child = cmd.spawn().expect("spawn proxy");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -95,13 +100,25 @@ impl Setup {
         let s = |name: &str| opts.bin.join(name);
         let mut r = Command::new(s("remote-proxy"));
         r.arg("--db").arg(&db).args([
-            "serve", "--listen", "127.0.0.1:0", "--max-connections", "20000", "--max-queued", "20000",
-            "--failed-login-rate", "off",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "20000",
+            "--max-queued",
+            "20000",
+            "--failed-login-rate",
+            "off",
         ]);
         let remote = spawn(r);
         let mut l = Command::new(s("local-proxy"));
-        l.args(["--listen", "127.0.0.1:0", "--remote", &remote.addr.to_string()])
-            .args(["--max-connections", "20000", "--max-queued", "20000"]);
+        l.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--remote",
+            &remote.addr.to_string(),
+        ])
+        .args(["--max-connections", "20000", "--max-queued", "20000"]);
         let local = spawn(l);
         let setup = Setup {
             remote,
@@ -193,7 +210,10 @@ fn open(via: &Via, target: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Sends GET /bytes/n; returns the stream positioned at the body.
 fn get(s: &mut TcpStream, n: u64) -> std::io::Result<()> {
-    write!(s, "GET /bytes/{n} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET /bytes/{n} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
+    )?;
     let mut head = Vec::with_capacity(128);
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -240,7 +260,11 @@ fn download(via: &Via, origin: SocketAddr, streams: usize, per_stream: u64) -> f
 fn upload(via: &Via, origin: SocketAddr, n: u64) -> f64 {
     let mut s = open(via, origin).expect("open");
     let t = Instant::now();
-    write!(s, "POST /discard HTTP/1.1\r\nHost: o\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "POST /discard HTTP/1.1\r\nHost: o\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let buf = vec![7u8; 256 * 1024];
     let mut left = n;
     while left > 0 {
@@ -250,9 +274,15 @@ fn upload(via: &Via, origin: SocketAddr, n: u64) -> f64 {
     }
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    assert!(resp.contains(&format!("bytes={n}")), "upload answer {resp:?}");
+    assert!(
+        resp.contains(&format!("bytes={n}")),
+        "upload answer {resp:?}"
+    );
     n as f64 / t.elapsed().as_secs_f64() / 1e6
 }
+
+/// A named benchmark phase.
+type Phase<'a> = (&'a str, &'a dyn Fn(&mut Report));
 
 struct Report {
     md: String,
@@ -265,28 +295,57 @@ impl Report {
     }
 }
 
+/// Median of three alternating runs of `direct` and `proxied`: throughput on a shared
+/// 2-core machine swings by 2x between runs, so single runs do not compare.
+fn alternate(mut direct: impl FnMut() -> f64, mut proxied: impl FnMut() -> f64) -> (f64, f64) {
+    let (mut d, mut p) = (vec![], vec![]);
+    for _ in 0..3 {
+        d.push(direct());
+        p.push(proxied());
+    }
+    d.sort_by(|a, b| a.total_cmp(b));
+    p.sort_by(|a, b| a.total_cmp(b));
+    (d[1], p[1])
+}
+
 fn throughput(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
-    let size = if opts.quick { GIB / 8 } else { GIB };
+    let size = if opts.quick { GIB / 4 } else { GIB };
     let via = Via::Proxy(st.local.addr, "unlimited".into());
-    let cpu0 = (cpu_secs(st.local.pid()), cpu_secs(st.remote.pid()));
-    let mut relayed = 0u64;
     let mut rows = vec![];
+    let mut cpu = (0.0, 0.0);
+    let mut relayed = 0u64;
+    let mut measure = |f: &mut dyn FnMut() -> f64| {
+        let c0 = (cpu_secs(st.local.pid()), cpu_secs(st.remote.pid()));
+        let r = f();
+        cpu.0 += cpu_secs(st.local.pid()) - c0.0;
+        cpu.1 += cpu_secs(st.remote.pid()) - c0.1;
+        relayed += size;
+        r
+    };
     for (name, streams) in [("download, 1 stream", 1usize), ("download, 8 streams", 8)] {
         let per = size / streams as u64;
-        let d = download(&Via::Direct, origin, streams, per);
-        let p = download(&via, origin, streams, per);
-        relayed += size;
+        let (d, p) = alternate(
+            || download(&Via::Direct, origin, streams, per),
+            || measure(&mut || download(&via, origin, streams, per)),
+        );
         rows.push((name, d, p));
     }
-    let d = upload(&Via::Direct, origin, size);
-    let p = upload(&via, origin, size);
-    relayed += size;
+    let (d, p) = alternate(
+        || upload(&Via::Direct, origin, size),
+        || measure(&mut || upload(&via, origin, size)),
+    );
     rows.push(("upload, 1 stream", d, p));
-    let cpu1 = (cpu_secs(st.local.pid()), cpu_secs(st.remote.pid()));
     let gib = relayed as f64 / GIB as f64;
-    let (lc, rc) = ((cpu1.0 - cpu0.0) / gib, (cpu1.1 - cpu0.1) / gib);
-    let _ = writeln!(rep.md, "\n## 1. Throughput, unlimited user ({} MiB per run)\n", size >> 20);
-    let _ = writeln!(rep.md, "| run | direct MB/s | flowgate MB/s | ratio |\n|---|---|---|---|");
+    let (lc, rc) = (cpu.0 / gib, cpu.1 / gib);
+    let _ = writeln!(
+        rep.md,
+        "\n## 1. Throughput, unlimited user ({} MiB per run, median of 3 alternating runs)\n",
+        size >> 20
+    );
+    let _ = writeln!(
+        rep.md,
+        "| run | direct MB/s | flowgate MB/s | ratio |\n|---|---|---|---|"
+    );
     for (name, d, p) in rows {
         let _ = writeln!(rep.md, "| {name} | {d:.0} | {p:.0} | {:.2} |", p / d);
         let key = name.replace([',', ' '], "_").replace("__", "_");
@@ -294,7 +353,7 @@ fn throughput(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
         rep.num(&format!("throughput.{key}.flowgate_mbps"), p);
         rep.num(&format!("throughput.{key}.ratio"), p / d);
     }
-    let _ = writeln!(rep.md, "\n## 6. CPU seconds per GiB relayed\n\n| process | CPU s/GiB |\n|---|---|\n| local-proxy | {lc:.2} |\n| remote-proxy | {rc:.2} |");
+    let _ = writeln!(rep.md, "\n## 6. CPU seconds per GiB relayed (during the throughput runs)\n\n| process | CPU s/GiB |\n|---|---|\n| local-proxy | {lc:.2} |\n| remote-proxy | {rc:.2} |");
     rep.num("cpu.local_s_per_gib", lc);
     rep.num("cpu.remote_s_per_gib", rc);
 }
@@ -309,7 +368,13 @@ struct Series {
 /// its head before the next opened would queue behind the others for minutes at 10 KB/s);
 /// counting starts half a second after the last tunnel opened, so the figures describe the
 /// steady state, not the ramp-up.
-fn metered(local: SocketAddr, origin: SocketAddr, users: &[String], conns_per_user: usize, secs: u64) -> Vec<Vec<u64>> {
+fn metered(
+    local: SocketAddr,
+    origin: SocketAddr,
+    users: &[String],
+    conns_per_user: usize,
+    secs: u64,
+) -> Vec<Vec<u64>> {
     let n_slots = (secs * 10) as usize;
     let total_conns = users.len() * conns_per_user;
     let series = Arc::new(Series {
@@ -321,7 +386,11 @@ fn metered(local: SocketAddr, origin: SocketAddr, users: &[String], conns_per_us
     let t0: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let mut streams = vec![];
     let mut hs = vec![];
-    for (i, u) in users.iter().flat_map(|u| std::iter::repeat_n(u, conns_per_user)).enumerate() {
+    for (i, u) in users
+        .iter()
+        .flat_map(|u| std::iter::repeat_n(u, conns_per_user))
+        .enumerate()
+    {
         let mut s = open(&Via::Proxy(local, u.clone()), origin).expect("open metered");
         write!(s, "GET /bytes/{} HTTP/1.1\r\nHost: o\r\n\r\n", 1u64 << 50).expect("get");
         let mut r = s.try_clone().unwrap();
@@ -338,7 +407,9 @@ fn metered(local: SocketAddr, origin: SocketAddr, users: &[String], conns_per_us
                             start = *t0.lock().unwrap();
                         }
                         let Some(t) = start else { continue };
-                        let Some(el) = Instant::now().checked_duration_since(t) else { continue };
+                        let Some(el) = Instant::now().checked_duration_since(t) else {
+                            continue;
+                        };
                         let slot = (el.as_millis() / SLOT.as_millis()) as usize;
                         if slot < n_slots {
                             series.slots[i][slot].fetch_add(k as u64, Ordering::Relaxed);
@@ -387,27 +458,47 @@ struct AccRun {
 
 fn accuracy(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) -> Vec<AccRun> {
     let secs = if opts.quick { 3 } else { 10 };
-    let _ = writeln!(rep.md, "\n## 2. Accuracy and 3. fairness within one user ({secs} s per run)\n");
+    let _ = writeln!(
+        rep.md,
+        "\n## 2. Accuracy and 3. fairness within one user ({secs} s per run)\n"
+    );
     let _ = writeln!(rep.md, "| rate | conns | achieved B/s | error | max 1 s window / rate | Jain (conns) |\n|---|---|---|---|---|---|");
     let mut runs = vec![];
     for (rate_s, rate) in [("10K", 10_000.0), ("1M", 1e6), ("100M", 1e8)] {
         for conns in [1usize, 8, 64] {
             let user = format!("acc{rate_s}x{conns}");
             st.add_user(&user, rate_s);
-            let per = metered(st.local.addr, origin, std::slice::from_ref(&user), conns, secs);
+            let per = metered(
+                st.local.addr,
+                origin,
+                std::slice::from_ref(&user),
+                conns,
+                secs,
+            );
             let slots = per[0].len();
             let total: Vec<u64> = (0..slots).map(|i| per.iter().map(|c| c[i]).sum()).collect();
             let sum: u64 = total.iter().sum();
             let achieved = sum as f64 / secs as f64;
             let err = (achieved - rate) / rate * 100.0;
             let win = max_window(&total) as f64 / rate;
-            let fair = jain(&per.iter().map(|c| c.iter().sum::<u64>() as f64).collect::<Vec<_>>());
+            let fair = jain(
+                &per.iter()
+                    .map(|c| c.iter().sum::<u64>() as f64)
+                    .collect::<Vec<_>>(),
+            );
             if std::env::var_os("BENCH_DEBUG").is_some() {
                 let pc: Vec<u64> = per.iter().map(|c| c.iter().sum()).collect();
                 eprintln!("{user}: per-conn {pc:?}\n total slots {total:?}");
             }
-            let _ = writeln!(rep.md, "| {rate_s}/s | {conns} | {achieved:.0} | {err:+.2}% | {win:.3} | {} |",
-                if conns > 1 { format!("{fair:.3}") } else { "-".into() });
+            let _ = writeln!(
+                rep.md,
+                "| {rate_s}/s | {conns} | {achieved:.0} | {err:+.2}% | {win:.3} | {} |",
+                if conns > 1 {
+                    format!("{fair:.3}")
+                } else {
+                    "-".into()
+                }
+            );
             let k = format!("accuracy.{rate_s}.{conns}");
             rep.num(&format!("{k}.achieved_bps"), achieved);
             rep.num(&format!("{k}.error_pct"), err);
@@ -415,7 +506,11 @@ fn accuracy(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) -> Ve
             if conns > 1 {
                 rep.num(&format!("{k}.jain"), fair);
             }
-            runs.push(AccRun { label: format!("{rate_s}/s x {conns}"), rate, total });
+            runs.push(AccRun {
+                label: format!("{rate_s}/s x {conns}"),
+                rate,
+                total,
+            });
         }
     }
     runs
@@ -441,7 +536,10 @@ fn fairness_users(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report)
 fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
     let secs = if opts.quick { 2 } else { 5 };
     let mut rows = vec![];
-    for (name, via) in [("direct", Via::Direct), ("flowgate", Via::Proxy(st.local.addr, "unlimited".into()))] {
+    for (name, via) in [
+        ("direct", Via::Direct),
+        ("flowgate", Via::Proxy(st.local.addr, "unlimited".into())),
+    ] {
         let lat = Arc::new(Mutex::new(Vec::<f64>::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let t = Instant::now();
@@ -452,7 +550,9 @@ fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
                     let mut mine = vec![];
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
-                        let Ok(mut s) = open(&via, origin) else { continue };
+                        let Ok(mut s) = open(&via, origin) else {
+                            continue;
+                        };
                         if get(&mut s, 1024).is_err() {
                             continue;
                         }
@@ -473,7 +573,11 @@ fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
         let elapsed = t.elapsed().as_secs_f64();
         let mut l = lat.lock().unwrap().clone();
         l.sort_by(|a, b| a.total_cmp(b));
-        let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(0.0);
+        let pct = |p: f64| {
+            l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        };
         rows.push((name, l.len() as f64 / elapsed, pct(0.5), pct(0.99)));
     }
     let _ = writeln!(rep.md, "\n## 4. Setup: 1 KiB requests on new connections, 16 concurrent, {secs} s\n\n| path | req/s | TTFB p50 ms | TTFB p99 ms |\n|---|---|---|---|");
@@ -485,7 +589,10 @@ fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
     }
     let ratio = rows[1].1 / rows[0].1;
     let extra = rows[1].3 - rows[0].3;
-    let _ = writeln!(rep.md, "\nratio {ratio:.2}x direct; p99 TTFB {extra:+.2} ms over direct");
+    let _ = writeln!(
+        rep.md,
+        "\nratio {ratio:.2}x direct; p99 TTFB {extra:+.2} ms over direct"
+    );
     rep.num("setup.ratio", ratio);
     rep.num("setup.p99_extra_ms", extra);
 }
@@ -520,8 +627,18 @@ fn scale(opts: &Opts, st: &Setup, rep: &mut Report) {
     let ok = open_ok.len();
     let per = |b: (u64, u64), a: (u64, u64)| a.0.saturating_sub(b.0) as f64 / ok.max(1) as f64;
     let _ = writeln!(rep.md, "\n## 5. Scale: {n} concurrent idle tunnels\n\n{ok} opened, {failed} failed.\n\n| process | RSS before KiB | RSS with tunnels KiB | threads | KiB per tunnel |\n|---|---|---|---|---|");
-    for (name, b, a) in [("local-proxy", before.0, after.0), ("remote-proxy", before.1, after.1)] {
-        let _ = writeln!(rep.md, "| {name} | {} | {} | {} | {:.1} |", b.0, a.0, a.1, per(b, a));
+    for (name, b, a) in [
+        ("local-proxy", before.0, after.0),
+        ("remote-proxy", before.1, after.1),
+    ] {
+        let _ = writeln!(
+            rep.md,
+            "| {name} | {} | {} | {} | {:.1} |",
+            b.0,
+            a.0,
+            a.1,
+            per(b, a)
+        );
         rep.num(&format!("scale.{name}.kib_per_tunnel"), per(b, a));
         rep.num(&format!("scale.{name}.threads"), a.1 as f64);
         rep.num(&format!("scale.{name}.rss_kib"), a.0 as f64);
@@ -545,19 +662,71 @@ fn svg(runs: &[AccRun]) -> String {
         let (pw, ph) = (w - pad - 10.0, h - pad - 20.0);
         let x = |t: f64, n: usize| ox + pad + t / n as f64 * pw;
         let y = |v: f64| oy + 15.0 + ph - (v / 1.5).min(1.0) * ph;
-        let _ = writeln!(out, "<text x='{}' y='{}'>{}</text>", ox + pad, oy + 12.0, r.label);
-        let _ = writeln!(out, "<rect x='{}' y='{}' width='{pw}' height='{ph}' fill='none' stroke='#ccc'/>", ox + pad, oy + 15.0);
+        let _ = writeln!(
+            out,
+            "<text x='{}' y='{}'>{}</text>",
+            ox + pad,
+            oy + 12.0,
+            r.label
+        );
+        let _ = writeln!(
+            out,
+            "<rect x='{}' y='{}' width='{pw}' height='{ph}' fill='none' stroke='#ccc'/>",
+            ox + pad,
+            oy + 15.0
+        );
         let n = r.total.len();
         let slot_rate = |v: u64| v as f64 * 10.0 / r.rate;
-        let pts: Vec<String> = r.total.iter().enumerate().map(|(j, &v)| format!("{:.1},{:.1}", x(j as f64 + 0.5, n), y(slot_rate(v)))).collect();
-        let _ = writeln!(out, "<polyline fill='none' stroke='#bbb' points='{}'/>", pts.join(" "));
-        let win: Vec<String> = r.total.windows(10).enumerate().map(|(j, w)| format!("{:.1},{:.1}", x(j as f64 + 10.0, n), y(w.iter().sum::<u64>() as f64 / r.rate))).collect();
-        let _ = writeln!(out, "<polyline fill='none' stroke='#1f6fd1' stroke-width='1.5' points='{}'/>", win.join(" "));
-        let _ = writeln!(out, "<line x1='{}' x2='{}' y1='{2}' y2='{2}' stroke='#d12' stroke-dasharray='4 3'/>", x(0.0, n), x(n as f64, n), y(1.0));
+        let pts: Vec<String> = r
+            .total
+            .iter()
+            .enumerate()
+            .map(|(j, &v)| format!("{:.1},{:.1}", x(j as f64 + 0.5, n), y(slot_rate(v))))
+            .collect();
+        let _ = writeln!(
+            out,
+            "<polyline fill='none' stroke='#bbb' points='{}'/>",
+            pts.join(" ")
+        );
+        let win: Vec<String> = r
+            .total
+            .windows(10)
+            .enumerate()
+            .map(|(j, w)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(j as f64 + 10.0, n),
+                    y(w.iter().sum::<u64>() as f64 / r.rate)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "<polyline fill='none' stroke='#1f6fd1' stroke-width='1.5' points='{}'/>",
+            win.join(" ")
+        );
+        let _ = writeln!(
+            out,
+            "<line x1='{}' x2='{}' y1='{2}' y2='{2}' stroke='#d12' stroke-dasharray='4 3'/>",
+            x(0.0, n),
+            x(n as f64, n),
+            y(1.0)
+        );
         for v in [0.0, 0.5, 1.0, 1.5] {
-            let _ = writeln!(out, "<text x='{}' y='{}' text-anchor='end'>{v}</text>", ox + pad - 3.0, y(v) + 4.0);
+            let _ = writeln!(
+                out,
+                "<text x='{}' y='{}' text-anchor='end'>{v}</text>",
+                ox + pad - 3.0,
+                y(v) + 4.0
+            );
         }
-        let _ = writeln!(out, "<text x='{}' y='{}'>{} s</text>", x(n as f64, n) - 20.0, oy + h - 8.0, n / 10);
+        let _ = writeln!(
+            out,
+            "<text x='{}' y='{}'>{} s</text>",
+            x(n as f64, n) - 20.0,
+            oy + h - 8.0,
+            n / 10
+        );
     }
     out.push_str("</svg>\n");
     out
@@ -584,14 +753,22 @@ fn main() {
             _ => {}
         }
     }
-    assert!(Path::new(&opts.bin.join("remote-proxy")).exists(), "build the release binaries first (scripts/bench.sh does)");
+    assert!(
+        Path::new(&opts.bin.join("remote-proxy")).exists(),
+        "build the release binaries first (scripts/bench.sh does)"
+    );
     std::fs::create_dir_all(&opts.out).unwrap();
-    let origin = Origin::start("127.0.0.1:0".parse().unwrap()).expect("origin").local_addr();
+    let origin = Origin::start("127.0.0.1:0".parse().unwrap())
+        .expect("origin")
+        .local_addr();
     let st = Setup::start(&opts);
-    let mut rep = Report { md: String::new(), json: BTreeMap::new() };
+    let mut rep = Report {
+        md: String::new(),
+        json: BTreeMap::new(),
+    };
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(rep.md, "# flowgate benchmark\n\n{} cores; origin, client and both proxies on 127.0.0.1; ratios are against direct in the same run.", cores);
-    let phases: &[(&str, &dyn Fn(&mut Report))] = &[
+    let phases: &[Phase] = &[
         ("throughput", &|r| throughput(&opts, &st, origin, r)),
         ("accuracy", &|r| {
             let runs = accuracy(&opts, &st, origin, r);
@@ -610,5 +787,8 @@ fn main() {
     std::fs::write(opts.out.join("results.md"), &rep.md).unwrap();
     std::fs::write(opts.out.join("results.json"), json(&rep.json)).unwrap();
     println!("{}", rep.md);
-    println!("(written to {}/results.md, results.json, accuracy.svg)", opts.out.display());
+    println!(
+        "(written to {}/results.md, results.json, accuracy.svg)",
+        opts.out.display()
+    );
 }

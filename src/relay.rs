@@ -104,11 +104,11 @@ pub fn relay(client: TcpStream, target: TcpStream, opts: &Options, workers: &Wor
             Arc::clone(&activity),
         );
         workers.spawn(move || {
-            let r = pump(&src, &dst, bucket.as_ref(), idle, &act);
+            let r = pump_any(&src, &dst, bucket.as_ref(), idle, &act);
             let _ = done_tx.send(r);
         });
     }
-    let (down, down_end) = pump(
+    let (down, down_end) = pump_any(
         &target,
         &client,
         opts.bucket.as_ref(),
@@ -133,6 +133,142 @@ fn shutdown_both(a: &TcpStream, b: &TcpStream) {
     let _ = b.shutdown(Shutdown::Both);
 }
 
+/// Largest pipe a splicing direction grows to, in bytes (PERF-NOTES: 256 KiB).
+pub const MAX_PIPE: usize = 256 * 1024;
+
+/// What a splice attempt says about whether to go on splicing.
+enum Spliced {
+    /// The direction ended (EOF, idle, failure) after `n` bytes.
+    Ended(u64, End),
+    /// splice(2) cannot be used on these sockets; copy instead, `n` bytes already moved.
+    Unsupported(u64),
+}
+
+/// One direction with splice(2): socket → pipe → socket, no copy through user space.
+///
+/// The pipe is made on the first byte, so an idle tunnel holds no pipe (two descriptors and
+/// up to 64 KiB of kernel pages each); it starts at the kernel's default size and doubles, up
+/// to [`MAX_PIPE`], whenever one splice fills it. No `SPLICE_F_MORE`: with it the kernel corks
+/// the last chunk for 200 ms (PERF-NOTES). Metering is as in [`pump`]: move at most the fair
+/// share into the pipe, pay for what arrived, then move it out.
+fn pump_splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bucket: Option<&Arc<SharedBucket>>,
+    idle: Option<Duration>,
+    activity: &Activity,
+) -> Spliced {
+    use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+
+    let mut pipe: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd, usize)> = None;
+    let mut total = 0u64;
+    let poll_timeout = match idle {
+        Some(limit) => PollTimeout::try_from((limit / 4).max(Duration::from_millis(50)))
+            .unwrap_or(PollTimeout::MAX),
+        None => PollTimeout::NONE,
+    };
+    loop {
+        if pipe.is_none() {
+            // Wait for the first byte (or EOF) without a pipe.
+            let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, poll_timeout) {
+                Ok(0) => {
+                    if idle.is_some_and(|limit| activity.idle_for() >= limit) {
+                        shutdown_both(src, dst);
+                        return Spliced::Ended(total, End::Idle);
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return Spliced::Unsupported(total),
+            }
+            match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+                Ok((r, w)) => {
+                    let _ = fcntl(&r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32));
+                    let size = fcntl(&r, FcntlArg::F_GETPIPE_SZ).map_or(65536, |n| n as usize);
+                    pipe = Some((r, w, size));
+                }
+                Err(_) => return Spliced::Unsupported(total),
+            }
+        }
+        let Some((pr, pw, size)) = pipe.as_mut() else {
+            continue;
+        };
+        let limit = match bucket {
+            Some(b) => b.chunk_limit(*size),
+            None => *size,
+        };
+        let n = match splice(src, None, &*pw, None, limit, SpliceFFlags::SPLICE_F_MOVE) {
+            Ok(0) => {
+                let _ = dst.shutdown(Shutdown::Write);
+                return Spliced::Ended(total, End::Eof);
+            }
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => {
+                if idle.is_some_and(|limit| activity.idle_for() >= limit) {
+                    shutdown_both(src, dst);
+                    return Spliced::Ended(total, End::Idle);
+                }
+                continue;
+            }
+            Err(nix::errno::Errno::EINVAL) if total == 0 => return Spliced::Unsupported(0),
+            Err(e) => {
+                log::trace!("relay splice in failed: {e}");
+                shutdown_both(src, dst);
+                return Spliced::Ended(total, End::Failed);
+            }
+        };
+        if let Some(b) = bucket {
+            b.acquire(n as u64);
+        }
+        let mut left = n;
+        while left > 0 {
+            match splice(&*pr, None, dst, None, left, SpliceFFlags::SPLICE_F_MOVE) {
+                Ok(0) => {
+                    shutdown_both(src, dst);
+                    return Spliced::Ended(total, End::Failed);
+                }
+                Ok(k) => left -= k,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    log::trace!("relay splice out failed: {e}");
+                    shutdown_both(src, dst);
+                    return Spliced::Ended(total, End::Failed);
+                }
+            }
+        }
+        total += n as u64;
+        activity.touch();
+        if n == *size && *size < MAX_PIPE {
+            if let Ok(new) = fcntl(&*pr, FcntlArg::F_SETPIPE_SZ((*size * 2) as i32)) {
+                *size = new as usize;
+            }
+        }
+    }
+}
+
+/// One direction, splicing when the kernel can and copying otherwise.
+fn pump_any(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bucket: Option<&Arc<SharedBucket>>,
+    idle: Option<Duration>,
+    activity: &Activity,
+) -> (u64, End) {
+    let _registered = bucket.map(|b| b.register());
+    match pump_splice(src, dst, bucket, idle, activity) {
+        Spliced::Ended(n, end) => (n, end),
+        Spliced::Unsupported(done) => {
+            let (n, end) = pump(src, dst, bucket, idle, activity);
+            (done + n, end)
+        }
+    }
+}
+
 /// One direction: read from `src`, pay the bucket, write to `dst`, until EOF or error.
 fn pump(
     src: &TcpStream,
@@ -141,7 +277,6 @@ fn pump(
     idle: Option<Duration>,
     activity: &Activity,
 ) -> (u64, End) {
-    let _registered = bucket.map(|b| b.register());
     let mut buf = vec![0u8; INITIAL_BUFFER];
     let mut total = 0u64;
     let mut reader = src;
