@@ -8,7 +8,7 @@
 use crate::rate::{Bandwidth, RequestRate};
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use blake2::{Blake2b512, Digest};
 use parking_lot::{Condvar, Mutex};
 use rand_core::RngCore;
@@ -166,6 +166,53 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
             .is_ok(),
         Err(_) => false,
     }
+}
+
+/// Most argon2 memory a stored hash may ask for, in KiB (1 GiB): a hash with absurd
+/// parameters is refused rather than allowed to exhaust memory.
+const MAX_HASH_KIB: u32 = 1 << 20;
+
+/// Full argon2 check like [`verify_password`], computing in `memory` (grown as needed and
+/// kept by the caller for the next check).
+pub fn verify_password_with(password: &str, phc: &str, memory: &mut Vec<Block>) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(algorithm), Some(salt), Some(expected)) = (
+        Algorithm::try_from(parsed.algorithm),
+        parsed.salt,
+        parsed.hash,
+    ) else {
+        return false;
+    };
+    let version = parsed
+        .version
+        .and_then(|v| Version::try_from(v).ok())
+        .unwrap_or_default();
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    if params.m_cost() > MAX_HASH_KIB {
+        return false;
+    }
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let count = params.block_count();
+    if memory.len() < count {
+        memory.resize(count, Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    let argon = Argon2::new(algorithm, version, params);
+    if argon
+        .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut memory[..count])
+        .is_err()
+    {
+        return false;
+    }
+    let exp = expected.as_bytes();
+    out.len() == exp.len() && out.iter().zip(exp).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 fn unix_now() -> i64 {
@@ -440,9 +487,11 @@ pub struct Authenticator {
     key: [u8; 32],
     // A hash of a random password, checked for unknown users to spend the same time.
     dummy_hash: String,
-    // Slots for concurrent argon2 checks, and the condvar waiters block on.
-    hash_slots: Mutex<usize>,
-    hash_slot_freed: Condvar,
+    // argon2 working memory (19 MiB each with the default parameters), one per concurrent
+    // check, reused: freed 19 MiB blocks would otherwise stay resident in every thread's
+    // malloc arena (glibc raises its mmap threshold after the first free), hundreds of MiB.
+    hash_memory: Mutex<Vec<Vec<Block>>>,
+    hash_memory_freed: Condvar,
 }
 
 impl fmt::Debug for Authenticator {
@@ -467,8 +516,8 @@ impl Authenticator {
             cache: Mutex::new(HashMap::new()),
             key,
             dummy_hash,
-            hash_slots: Mutex::new(slots),
-            hash_slot_freed: Condvar::new(),
+            hash_memory: Mutex::new((0..slots).map(|_| Vec::new()).collect()),
+            hash_memory_freed: Condvar::new(),
         })
     }
 
@@ -487,16 +536,18 @@ impl Authenticator {
     }
 
     fn slow_verify(&self, password: &str, phc: &str) -> bool {
-        {
-            let mut free = self.hash_slots.lock();
-            while *free == 0 {
-                self.hash_slot_freed.wait(&mut free);
+        let mut memory = {
+            let mut pool = self.hash_memory.lock();
+            loop {
+                if let Some(m) = pool.pop() {
+                    break m;
+                }
+                self.hash_memory_freed.wait(&mut pool);
             }
-            *free -= 1;
-        }
-        let ok = verify_password(password, phc);
-        *self.hash_slots.lock() += 1;
-        self.hash_slot_freed.notify_one();
+        };
+        let ok = verify_password_with(password, phc, &mut memory);
+        self.hash_memory.lock().push(memory);
+        self.hash_memory_freed.notify_one();
         ok
     }
 
@@ -635,6 +686,18 @@ mod tests {
         let u = s.get("old").unwrap().unwrap();
         assert_eq!(u.bandwidth, Bandwidth::bytes_per_sec(1000));
         assert_eq!((u.max_connections, u.rate), (None, None));
+    }
+
+    #[test]
+    fn reusable_memory_check_agrees_with_the_reference() {
+        let phc = hash_password("right").unwrap();
+        let mut mem = Vec::new();
+        assert!(verify_password_with("right", &phc, &mut mem));
+        assert!(verify_password("right", &phc));
+        assert!(!verify_password_with("wrong", &phc, &mut mem));
+        assert!(!verify_password_with("right", "not a hash", &mut mem));
+        // Reused memory still gives the right answer.
+        assert!(verify_password_with("right", &phc, &mut mem));
     }
 
     #[test]
