@@ -4,15 +4,20 @@
 //! idle timeout, and byte counts. Out of scope: handshakes (socks5.rs, http_connect.rs,
 //! tunnel.rs) and which bucket applies (remote.rs).
 //!
-//! Each direction is a blocking loop: read, wait for the bucket to allow those bytes, write.
+//! Each direction is a loop: read a chunk, wait for the bucket to allow those bytes, write.
 //! Reading first and paying after means a relay never holds tokens while its socket is idle;
 //! the read size is capped by the bucket's fair share, so one grant never exceeds the burst.
-//! One direction runs on the caller's thread, the other on a pool job.
+//! Normally one thread serves both directions (poll + splice, see [`relay`]); the copying
+//! fallback runs one direction on the caller's thread and the other on a pool job.
 
 use crate::bucket::SharedBucket;
 use crate::server::Workers;
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,7 +80,272 @@ enum End {
 /// A FIN in one direction becomes `shutdown(Write)` on the other socket; the opposite
 /// direction keeps flowing. An error in either direction (a reset, a failed write) shuts
 /// both sockets down so the other direction ends too.
+///
+/// Normally both directions run on the calling thread with splice(2) ([`relay_spliced`]);
+/// where the kernel cannot splice these sockets, each direction copies on its own thread.
 pub fn relay(client: TcpStream, target: TcpStream, opts: &Options, workers: &Workers) -> Stats {
+    match relay_spliced(&client, &target, opts) {
+        Some(stats) => stats,
+        None => {
+            let _ = client.set_nonblocking(false);
+            let _ = target.set_nonblocking(false);
+            relay_threaded(client, target, opts, workers)
+        }
+    }
+}
+
+/// One direction of [`relay_spliced`].
+struct Dir<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    // The pipe (read end, write end, capacity), made when the first byte arrives.
+    pipe: Option<(OwnedFd, OwnedFd, usize)>,
+    // Bytes in the pipe, paid for, not yet written to `dst`.
+    pending: usize,
+    // `src` reached EOF.
+    eof: bool,
+    // EOF seen, everything written, FIN passed on.
+    done: bool,
+    total: u64,
+}
+
+/// How a step of one direction went.
+enum Step {
+    /// Moved bytes or reached EOF; look again.
+    Progress,
+    /// Nothing to do until poll says so.
+    Wait,
+    /// A read or write failed: tear the tunnel down.
+    Failed,
+    /// splice(2) does not work here and nothing has moved yet: copy instead.
+    Unsupported,
+}
+
+impl Dir<'_> {
+    fn wants_read(&self) -> bool {
+        !self.eof && self.pending == 0
+    }
+
+    fn wants_write(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// Writes what the pipe holds; passes the FIN on once drained after EOF.
+    fn flush(&mut self) -> Step {
+        let Some((pr, _, _)) = self.pipe.as_ref() else {
+            return Step::Wait;
+        };
+        while self.pending > 0 {
+            match splice(pr, None, self.dst, None, self.pending, flags()) {
+                Ok(0) => return Step::Failed,
+                Ok(k) => self.pending -= k,
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return Step::Wait,
+                Err(e) => {
+                    log::trace!("relay splice out failed: {e}");
+                    return Step::Failed;
+                }
+            }
+        }
+        if self.eof && !self.done {
+            let _ = self.dst.shutdown(Shutdown::Write);
+            self.done = true;
+        }
+        Step::Progress
+    }
+
+    /// Moves the next chunk from `src` into the pipe, pays for it, and writes it out.
+    fn fill(
+        &mut self,
+        bucket: Option<&Arc<SharedBucket>>,
+        activity: &Activity,
+        nothing_moved: bool,
+    ) -> Step {
+        if self.pipe.is_none() {
+            match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+                Ok((r, w)) => {
+                    let _ = fcntl(&r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32));
+                    let size = fcntl(&r, FcntlArg::F_GETPIPE_SZ).map_or(65536, |n| n as usize);
+                    self.pipe = Some((r, w, size));
+                }
+                Err(e) if nothing_moved => {
+                    log::debug!("cannot make a relay pipe ({e}); copying instead");
+                    return Step::Unsupported;
+                }
+                Err(e) => {
+                    log::warn!("cannot make a relay pipe: {e} (raise the open-file limit)");
+                    return Step::Failed;
+                }
+            }
+        }
+        let Some((_, pw, size)) = self.pipe.as_ref() else {
+            return Step::Failed;
+        };
+        let limit = bucket.map_or(*size, |b| b.chunk_limit(*size));
+        match splice(self.src, None, pw, None, limit, flags()) {
+            Ok(0) => {
+                self.eof = true;
+                self.flush()
+            }
+            Ok(n) => {
+                if let Some(b) = bucket {
+                    b.acquire(n as u64);
+                }
+                self.pending = n;
+                self.total += n as u64;
+                activity.touch();
+                match self.flush() {
+                    Step::Wait => Step::Progress, // the rest goes when dst drains
+                    other => other,
+                }
+            }
+            Err(Errno::EINTR) => Step::Progress,
+            Err(Errno::EAGAIN) => Step::Wait,
+            Err(Errno::EINVAL) if nothing_moved => Step::Unsupported,
+            Err(e) => {
+                log::trace!("relay splice in failed: {e}");
+                Step::Failed
+            }
+        }
+    }
+}
+
+fn flags() -> SpliceFFlags {
+    // No SPLICE_F_MORE: it corks the last chunk for 200 ms (PERF-NOTES).
+    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
+}
+
+/// Both directions on this thread: poll(2) on the two sockets, splice(2) socket → pipe →
+/// socket, no copy through user space and no second thread.
+///
+/// Each direction makes its pipe (256 KiB) when its first byte arrives, so an idle tunnel
+/// holds one thread and two sockets, nothing else. Metering is as in the copying relay: move
+/// at most the fair share into the pipe, pay for what arrived, then write it. While a
+/// direction waits for tokens the other waits too; both draw on the same budget anyway.
+/// Returns `None`, having moved nothing, when these sockets cannot be spliced.
+fn relay_spliced(client: &TcpStream, target: &TcpStream, opts: &Options) -> Option<Stats> {
+    if client.set_nonblocking(true).is_err() || target.set_nonblocking(true).is_err() {
+        return None;
+    }
+    let _guards = opts.bucket.as_ref().map(|b| (b.register(), b.register()));
+    let bucket = opts.bucket.as_ref();
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let new_dir = |src, dst| Dir {
+        src,
+        dst,
+        pipe: None,
+        pending: 0,
+        eof: false,
+        done: false,
+        total: 0,
+    };
+    let mut up = new_dir(client, target);
+    let mut down = new_dir(target, client);
+    let tick = match opts.idle_timeout {
+        Some(idle) => PollTimeout::try_from((idle / 4).max(Duration::from_millis(50)))
+            .unwrap_or(PollTimeout::MAX),
+        None => PollTimeout::NONE,
+    };
+    let mut idle_closed = false;
+    while !(up.done && down.done) {
+        let ev = |read: bool, write: bool| {
+            let mut f = PollFlags::empty();
+            if read {
+                f |= PollFlags::POLLIN;
+            }
+            if write {
+                f |= PollFlags::POLLOUT;
+            }
+            f
+        };
+        // Only sockets we want something from are polled: an error or hang-up is reported
+        // whether asked for or not, and on a socket nobody acts on it would spin the loop.
+        let want_c = ev(up.wants_read(), down.wants_write());
+        let want_t = ev(down.wants_read(), up.wants_write());
+        let mut fds = Vec::with_capacity(2);
+        if !want_c.is_empty() {
+            fds.push(PollFd::new(client.as_fd(), want_c));
+        }
+        if !want_t.is_empty() {
+            fds.push(PollFd::new(target.as_fd(), want_t));
+        }
+        if fds.is_empty() {
+            break; // cannot happen while a direction is unfinished; never spin
+        }
+        match poll(&mut fds, tick) {
+            Ok(0) => {
+                if opts
+                    .idle_timeout
+                    .is_some_and(|limit| activity.idle_for() >= limit)
+                {
+                    idle_closed = true;
+                    break;
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+        let revents = |want: PollFlags, i: Option<usize>| -> bool {
+            let Some(i) = i else { return false };
+            // Unknown bits come back as None: treat as "something happened".
+            fds[i].revents().is_none_or(|r| {
+                r.intersects(want | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
+            })
+        };
+        let ci = (!want_c.is_empty()).then_some(0);
+        let ti = (!want_t.is_empty()).then_some(usize::from(ci.is_some()));
+        let (c_in, c_out) = (
+            revents(PollFlags::POLLIN, ci),
+            revents(PollFlags::POLLOUT, ci),
+        );
+        let (t_in, t_out) = (
+            revents(PollFlags::POLLIN, ti),
+            revents(PollFlags::POLLOUT, ti),
+        );
+        drop(fds);
+        let nothing_moved = up.total == 0 && down.total == 0;
+        let mut steps = [Step::Wait, Step::Wait, Step::Wait, Step::Wait];
+        if up.wants_write() && t_out {
+            steps[0] = up.flush();
+        }
+        if down.wants_write() && c_out {
+            steps[1] = down.flush();
+        }
+        if up.wants_read() && c_in {
+            steps[2] = up.fill(bucket, &activity, nothing_moved);
+        }
+        if down.wants_read() && t_in {
+            steps[3] = down.fill(bucket, &activity, nothing_moved);
+        }
+        if steps.iter().any(|s| matches!(s, Step::Unsupported)) {
+            return None;
+        }
+        if steps.iter().any(|s| matches!(s, Step::Failed)) {
+            break;
+        }
+    }
+    if !(up.done && down.done) {
+        shutdown_both(client, target);
+    }
+    Some(Stats {
+        up: up.total,
+        down: down.total,
+        idle_closed,
+    })
+}
+
+/// The copying relay: each direction on its own thread, for sockets splice(2) cannot serve.
+fn relay_threaded(
+    client: TcpStream,
+    target: TcpStream,
+    opts: &Options,
+    workers: &Workers,
+) -> Stats {
     let client = Arc::new(client);
     let target = Arc::new(target);
     if let Some(idle) = opts.idle_timeout {
@@ -104,11 +374,11 @@ pub fn relay(client: TcpStream, target: TcpStream, opts: &Options, workers: &Wor
             Arc::clone(&activity),
         );
         workers.spawn(move || {
-            let r = pump_any(&src, &dst, bucket.as_ref(), idle, &act);
+            let r = pump(&src, &dst, bucket.as_ref(), idle, &act);
             let _ = done_tx.send(r);
         });
     }
-    let (down, down_end) = pump_any(
+    let (down, down_end) = pump(
         &target,
         &client,
         opts.bucket.as_ref(),
@@ -136,139 +406,6 @@ fn shutdown_both(a: &TcpStream, b: &TcpStream) {
 /// Largest pipe a splicing direction grows to, in bytes (PERF-NOTES: 256 KiB).
 pub const MAX_PIPE: usize = 256 * 1024;
 
-/// What a splice attempt says about whether to go on splicing.
-enum Spliced {
-    /// The direction ended (EOF, idle, failure) after `n` bytes.
-    Ended(u64, End),
-    /// splice(2) cannot be used on these sockets; copy instead, `n` bytes already moved.
-    Unsupported(u64),
-}
-
-/// One direction with splice(2): socket → pipe → socket, no copy through user space.
-///
-/// The pipe is made on the first byte, so an idle tunnel holds no pipe (two descriptors and
-/// up to 64 KiB of kernel pages each); it starts at the kernel's default size and doubles, up
-/// to [`MAX_PIPE`], whenever one splice fills it. No `SPLICE_F_MORE`: with it the kernel corks
-/// the last chunk for 200 ms (PERF-NOTES). Metering is as in [`pump`]: move at most the fair
-/// share into the pipe, pay for what arrived, then move it out.
-fn pump_splice(
-    src: &TcpStream,
-    dst: &TcpStream,
-    bucket: Option<&Arc<SharedBucket>>,
-    idle: Option<Duration>,
-    activity: &Activity,
-) -> Spliced {
-    use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-
-    let mut pipe: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd, usize)> = None;
-    let mut total = 0u64;
-    let poll_timeout = match idle {
-        Some(limit) => PollTimeout::try_from((limit / 4).max(Duration::from_millis(50)))
-            .unwrap_or(PollTimeout::MAX),
-        None => PollTimeout::NONE,
-    };
-    loop {
-        if pipe.is_none() {
-            // Wait for the first byte (or EOF) without a pipe.
-            let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, poll_timeout) {
-                Ok(0) => {
-                    if idle.is_some_and(|limit| activity.idle_for() >= limit) {
-                        shutdown_both(src, dst);
-                        return Spliced::Ended(total, End::Idle);
-                    }
-                    continue;
-                }
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return Spliced::Unsupported(total),
-            }
-            match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
-                Ok((r, w)) => {
-                    let _ = fcntl(&r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32));
-                    let size = fcntl(&r, FcntlArg::F_GETPIPE_SZ).map_or(65536, |n| n as usize);
-                    pipe = Some((r, w, size));
-                }
-                Err(_) => return Spliced::Unsupported(total),
-            }
-        }
-        let Some((pr, pw, size)) = pipe.as_mut() else {
-            continue;
-        };
-        let limit = match bucket {
-            Some(b) => b.chunk_limit(*size),
-            None => *size,
-        };
-        let n = match splice(src, None, &*pw, None, limit, SpliceFFlags::SPLICE_F_MOVE) {
-            Ok(0) => {
-                let _ = dst.shutdown(Shutdown::Write);
-                return Spliced::Ended(total, End::Eof);
-            }
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => {
-                if idle.is_some_and(|limit| activity.idle_for() >= limit) {
-                    shutdown_both(src, dst);
-                    return Spliced::Ended(total, End::Idle);
-                }
-                continue;
-            }
-            Err(nix::errno::Errno::EINVAL) if total == 0 => return Spliced::Unsupported(0),
-            Err(e) => {
-                log::trace!("relay splice in failed: {e}");
-                shutdown_both(src, dst);
-                return Spliced::Ended(total, End::Failed);
-            }
-        };
-        if let Some(b) = bucket {
-            b.acquire(n as u64);
-        }
-        let mut left = n;
-        while left > 0 {
-            match splice(&*pr, None, dst, None, left, SpliceFFlags::SPLICE_F_MOVE) {
-                Ok(0) => {
-                    shutdown_both(src, dst);
-                    return Spliced::Ended(total, End::Failed);
-                }
-                Ok(k) => left -= k,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    log::trace!("relay splice out failed: {e}");
-                    shutdown_both(src, dst);
-                    return Spliced::Ended(total, End::Failed);
-                }
-            }
-        }
-        total += n as u64;
-        activity.touch();
-        if n == *size && *size < MAX_PIPE {
-            if let Ok(new) = fcntl(&*pr, FcntlArg::F_SETPIPE_SZ((*size * 2) as i32)) {
-                *size = new as usize;
-            }
-        }
-    }
-}
-
-/// One direction, splicing when the kernel can and copying otherwise.
-fn pump_any(
-    src: &TcpStream,
-    dst: &TcpStream,
-    bucket: Option<&Arc<SharedBucket>>,
-    idle: Option<Duration>,
-    activity: &Activity,
-) -> (u64, End) {
-    let _registered = bucket.map(|b| b.register());
-    match pump_splice(src, dst, bucket, idle, activity) {
-        Spliced::Ended(n, end) => (n, end),
-        Spliced::Unsupported(done) => {
-            let (n, end) = pump(src, dst, bucket, idle, activity);
-            (done + n, end)
-        }
-    }
-}
-
 /// One direction: read from `src`, pay the bucket, write to `dst`, until EOF or error.
 fn pump(
     src: &TcpStream,
@@ -277,6 +414,7 @@ fn pump(
     idle: Option<Duration>,
     activity: &Activity,
 ) -> (u64, End) {
+    let _registered = bucket.map(|b| b.register());
     let mut buf = vec![0u8; INITIAL_BUFFER];
     let mut total = 0u64;
     let mut reader = src;
@@ -331,4 +469,82 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate::Bandwidth;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// Two connected pairs: (app, proxy's client side) and (proxy's target side, target).
+    fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (d, _) = l.accept().unwrap();
+        (a, b, c, d)
+    }
+
+    /// Sends `n` bytes each way, half-closing after each, through `run`; checks both arrive.
+    fn carries_both_ways_with_half_close(run: fn(TcpStream, TcpStream, &Options) -> Stats) {
+        let (mut app, client, target, mut origin) = sockets();
+        let opts = Options {
+            bucket: Some(Arc::new(SharedBucket::new(Bandwidth::UNLIMITED))),
+            idle_timeout: Some(Duration::from_secs(30)),
+        };
+        let relay = std::thread::spawn(move || run(client, target, &opts));
+        let n = 3_000_000usize;
+        let sender = {
+            let mut app = app.try_clone().unwrap();
+            std::thread::spawn(move || {
+                app.write_all(&vec![1u8; n]).unwrap();
+                app.shutdown(Shutdown::Write).unwrap();
+            })
+        };
+        let mut got = Vec::new();
+        origin.read_to_end(&mut got).unwrap(); // ends at the app's FIN, passed on
+        assert_eq!(got.len(), n);
+        origin.write_all(&vec![2u8; n]).unwrap();
+        origin.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).unwrap();
+        assert_eq!(back.len(), n);
+        assert!(back.iter().all(|&b| b == 2));
+        sender.join().unwrap();
+        let stats = relay.join().unwrap();
+        assert_eq!((stats.up, stats.down), (n as u64, n as u64));
+        assert!(!stats.idle_closed);
+    }
+
+    #[test]
+    fn spliced_relay_carries_both_ways_with_half_close() {
+        carries_both_ways_with_half_close(|c, t, o| relay_spliced(&c, &t, o).expect("splice"));
+    }
+
+    #[test]
+    fn copying_relay_carries_both_ways_with_half_close() {
+        carries_both_ways_with_half_close(|c, t, o| relay_threaded(c, t, o, &Workers::new("test")));
+    }
+
+    #[test]
+    fn an_idle_tunnel_is_closed() {
+        let (mut app, client, target, _origin) = sockets();
+        let opts = Options {
+            bucket: None,
+            idle_timeout: Some(Duration::from_millis(300)),
+        };
+        let t = Instant::now();
+        let stats = relay(client, target, &opts, &Workers::new("test"));
+        assert!(stats.idle_closed);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            t.elapsed()
+        );
+        let mut buf = [0u8; 1];
+        assert!(matches!(app.read(&mut buf), Ok(0) | Err(_)));
+    }
 }
