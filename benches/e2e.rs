@@ -454,6 +454,8 @@ struct AccRun {
     label: String,
     rate: f64,
     total: Vec<u64>,
+    // Per-connection slot counts (for the plot; at most 8 are drawn).
+    per: Vec<Vec<u64>>,
 }
 
 fn accuracy(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) -> Vec<AccRun> {
@@ -510,6 +512,7 @@ fn accuracy(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) -> Ve
                 label: format!("{rate_s}/s x {conns}"),
                 rate,
                 total,
+                per,
             });
         }
     }
@@ -656,7 +659,7 @@ fn svg(runs: &[AccRun]) -> String {
         3.0 * w,
         3.0 * h + 20.0
     );
-    let _ = writeln!(out, "<text x='5' y='14'>Achieved rate / configured rate over time (grey: 100 ms slots, blue: 1 s sliding window, red: configured)</text>");
+    let _ = writeln!(out, "<text x='5' y='14'>Rate / configured over time. grey: total per 100 ms; blue: total, 1 s window; green: each connection x N (1 = fair share); red: configured</text>");
     for (i, r) in runs.iter().enumerate() {
         let (ox, oy) = ((i % 3) as f64 * w, (i / 3) as f64 * h + 20.0);
         let (pw, ph) = (w - pad - 10.0, h - pad - 20.0);
@@ -700,6 +703,25 @@ fn svg(runs: &[AccRun]) -> String {
                 )
             })
             .collect();
+        // Each connection's 1 s window times the connection count: 1.0 is its fair share.
+        if r.per.len() > 1 {
+            let k = r.per.len() as f64;
+            for c in r.per.iter().take(8) {
+                let pts: Vec<String> = c
+                    .windows(10)
+                    .enumerate()
+                    .map(|(j, w)| {
+                        let v = w.iter().sum::<u64>() as f64 * k / r.rate;
+                        format!("{:.1},{:.1}", x(j as f64 + 10.0, n), y(v))
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "<polyline fill='none' stroke='#2a2' stroke-opacity='0.35' points='{}'/>",
+                    pts.join(" ")
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "<polyline fill='none' stroke='#1f6fd1' stroke-width='1.5' points='{}'/>",
