@@ -164,8 +164,11 @@ impl Dir<'_> {
         if self.pipe.is_none() {
             match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
                 Ok((r, w)) => {
-                    let _ = fcntl(&r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32));
-                    let size = fcntl(&r, FcntlArg::F_GETPIPE_SZ).map_or(65536, |n| n as usize);
+                    // F_SETPIPE_SZ answers with the size granted (less than asked when the
+                    // user's pipe-pages limit is reached), so one call does both.
+                    let size = fcntl(&r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32))
+                        .or_else(|_| fcntl(&r, FcntlArg::F_GETPIPE_SZ))
+                        .map_or(65536, |n| n as usize);
                     self.pipe = Some((r, w, size));
                 }
                 Err(e) if nothing_moved => {
@@ -250,6 +253,9 @@ fn relay_spliced(client: &TcpStream, target: &TcpStream, opts: &Options) -> Opti
         None => PollTimeout::NONE,
     };
     let mut idle_closed = false;
+    // After a step that moved bytes, try again before polling: in bulk transfers the next
+    // chunk is usually there, and a poll per chunk would be a third syscall per chunk.
+    let mut eager = false;
     while !(up.done && down.done) {
         let ev = |read: bool, write: bool| {
             let mut f = PollFlags::empty();
@@ -265,49 +271,56 @@ fn relay_spliced(client: &TcpStream, target: &TcpStream, opts: &Options) -> Opti
         // whether asked for or not, and on a socket nobody acts on it would spin the loop.
         let want_c = ev(up.wants_read(), down.wants_write());
         let want_t = ev(down.wants_read(), up.wants_write());
-        let mut fds = Vec::with_capacity(2);
-        if !want_c.is_empty() {
-            fds.push(PollFd::new(client.as_fd(), want_c));
-        }
-        if !want_t.is_empty() {
-            fds.push(PollFd::new(target.as_fd(), want_t));
-        }
-        if fds.is_empty() {
+        if want_c.is_empty() && want_t.is_empty() {
             break; // cannot happen while a direction is unfinished; never spin
         }
-        match poll(&mut fds, tick) {
-            Ok(0) => {
-                if opts
-                    .idle_timeout
-                    .is_some_and(|limit| activity.idle_for() >= limit)
-                {
-                    idle_closed = true;
-                    break;
-                }
-                continue;
+        let (c_in, c_out, t_in, t_out) = if eager {
+            (true, true, true, true)
+        } else {
+            let mut fds = Vec::with_capacity(2);
+            if !want_c.is_empty() {
+                fds.push(PollFd::new(client.as_fd(), want_c));
             }
-            Ok(_) => {}
-            Err(Errno::EINTR) => continue,
-            Err(_) => break,
-        }
-        let revents = |want: PollFlags, i: Option<usize>| -> bool {
-            let Some(i) = i else { return false };
-            // Unknown bits come back as None: treat as "something happened".
-            fds[i].revents().is_none_or(|r| {
-                r.intersects(want | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
-            })
+            if !want_t.is_empty() {
+                fds.push(PollFd::new(target.as_fd(), want_t));
+            }
+            match poll(&mut fds, tick) {
+                Ok(0) => {
+                    if opts
+                        .idle_timeout
+                        .is_some_and(|limit| activity.idle_for() >= limit)
+                    {
+                        idle_closed = true;
+                        break;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+            let revents = |want: PollFlags, i: Option<usize>| -> bool {
+                let Some(i) = i else { return false };
+                // Unknown bits come back as None: treat as "something happened".
+                fds[i].revents().is_none_or(|r| {
+                    r.intersects(
+                        want | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL,
+                    )
+                })
+            };
+            let ci = (!want_c.is_empty()).then_some(0);
+            let ti = (!want_t.is_empty()).then_some(usize::from(ci.is_some()));
+            let (c_in, c_out) = (
+                revents(PollFlags::POLLIN, ci),
+                revents(PollFlags::POLLOUT, ci),
+            );
+            let (t_in, t_out) = (
+                revents(PollFlags::POLLIN, ti),
+                revents(PollFlags::POLLOUT, ti),
+            );
+            drop(fds);
+            (c_in, c_out, t_in, t_out)
         };
-        let ci = (!want_c.is_empty()).then_some(0);
-        let ti = (!want_t.is_empty()).then_some(usize::from(ci.is_some()));
-        let (c_in, c_out) = (
-            revents(PollFlags::POLLIN, ci),
-            revents(PollFlags::POLLOUT, ci),
-        );
-        let (t_in, t_out) = (
-            revents(PollFlags::POLLIN, ti),
-            revents(PollFlags::POLLOUT, ti),
-        );
-        drop(fds);
         let nothing_moved = up.total == 0 && down.total == 0;
         let mut steps = [Step::Wait, Step::Wait, Step::Wait, Step::Wait];
         if up.wants_write() && t_out {
@@ -328,6 +341,7 @@ fn relay_spliced(client: &TcpStream, target: &TcpStream, opts: &Options) -> Opti
         if steps.iter().any(|s| matches!(s, Step::Failed)) {
             break;
         }
+        eager = steps.iter().any(|s| matches!(s, Step::Progress));
     }
     if !(up.done && down.done) {
         shutdown_both(client, target);
