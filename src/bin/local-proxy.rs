@@ -40,7 +40,12 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
         None => {
             let cfg = cli.run.into_config()?;
             flowgate::init_logging();
+            let fd_limit = flowgate::server::raise_fd_limit();
             let server = flowgate::local::start(cfg)?;
+            // After the "listening on" line, which scripts read as the first line.
+            if let Some(n) = fd_limit {
+                log::debug!("open-file limit {n}");
+            }
             server.wait();
             Ok(())
         }

@@ -19,7 +19,12 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         RemoteCommand::Serve(args) => {
             flowgate::init_logging();
+            let fd_limit = flowgate::server::raise_fd_limit();
             let server = flowgate::remote::start(args.into_config(cli.db))?;
+            // After the "listening on" line, which scripts read as the first line.
+            if let Some(n) = fd_limit {
+                log::debug!("open-file limit {n}");
+            }
             server.wait();
             Ok(())
         }
