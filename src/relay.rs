@@ -253,9 +253,6 @@ fn relay_spliced(client: &TcpStream, target: &TcpStream, opts: &Options) -> Opti
         None => PollTimeout::NONE,
     };
     let mut idle_closed = false;
-    // After a step that moved bytes, try again before polling: in bulk transfers the next
-    // chunk is usually there, and a poll per chunk would be a third syscall per chunk.
-    let mut eager = false;
     while !(up.done && down.done) {
         let ev = |read: bool, write: bool| {
             let mut f = PollFlags::empty();
@@ -274,9 +271,7 @@ fn relay_spliced(client: &TcpStream, target: &TcpStream, opts: &Options) -> Opti
         if want_c.is_empty() && want_t.is_empty() {
             break; // cannot happen while a direction is unfinished; never spin
         }
-        let (c_in, c_out, t_in, t_out) = if eager {
-            (true, true, true, true)
-        } else {
+        let (c_in, c_out, t_in, t_out) = {
             let mut fds = Vec::with_capacity(2);
             if !want_c.is_empty() {
                 fds.push(PollFd::new(client.as_fd(), want_c));
@@ -341,7 +336,6 @@ fn relay_spliced(client: &TcpStream, target: &TcpStream, opts: &Options) -> Opti
         if steps.iter().any(|s| matches!(s, Step::Failed)) {
             break;
         }
-        eager = steps.iter().any(|s| matches!(s, Step::Progress));
     }
     if !(up.done && down.done) {
         shutdown_both(client, target);
