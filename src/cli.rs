@@ -59,7 +59,7 @@ pub struct ServeArgs {
 /// Flags both proxies share.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Longest wait for each read of a client's handshake (e.g. 10s, 500ms).
+    /// Longest time a client may take to send its whole handshake (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub handshake_timeout: Duration,
     /// Longest wait to connect to the next hop.

@@ -36,7 +36,7 @@ pub const DEFAULT_USER_POLL_MS: u64 = 500;
 /// Timeouts both proxies use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// Longest wait for each read of a handshake.
+    /// Longest time a client may take over its whole handshake (not per read: slowloris).
     pub handshake: Duration,
     /// Longest wait to connect to the next hop.
     pub connect: Duration,

@@ -6,7 +6,7 @@ use crate::addr::TargetAddr;
 use crate::config::{Credentials, LocalConfig};
 use crate::http_connect::{self, ProxyRequest};
 use crate::relay;
-use crate::server::{ConnId, Next, Server, Service, Workers};
+use crate::server::{ConnId, Deadline, Next, Server, Service, Workers};
 use crate::socks5::{self, Method};
 use crate::tunnel::{self, Command, Reply, Request, Status};
 use std::fmt;
@@ -135,11 +135,7 @@ impl Service for Local {
     fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16) {
         // Run the app's handshake far enough to answer in its own protocol, with a short
         // deadline: this job exists only to say "busy".
-        let wait = self
-            .cfg
-            .timeouts
-            .handshake
-            .min(std::time::Duration::from_secs(2));
+        let wait = self.cfg.timeouts.handshake.min(Duration::from_secs(2));
         if stream.set_read_timeout(Some(wait)).is_err() {
             return;
         }
@@ -148,14 +144,17 @@ impl Service for Local {
             return;
         }
         if first[0] == socks5::VERSION {
-            if self.socks_handshake(&stream, id).is_some() {
+            if self.socks_handshake(&stream, id, wait).is_some() {
                 let _ =
                     socks5::write_reply(&mut &stream, socks5::Reply::GeneralFailure, UNSPECIFIED);
                 log::info!("conn={id} socks5 answered busy (0x01); retry in {retry_after}s");
             }
         } else if first[0].is_ascii_alphabetic() {
             let mut buf = Vec::new();
-            if http_connect::read_head(&mut &stream, &mut buf).is_ok() {
+            let Ok(mut deadline) = Deadline::new(&stream, wait) else {
+                return;
+            };
+            if http_connect::read_head(&mut deadline, &mut buf).is_ok() {
                 let _ = http_connect::write_status(&mut &stream, 503, "server busy", retry_after);
                 log::info!("conn={id} http answered 503 busy; retry in {retry_after}s");
             }
@@ -207,8 +206,10 @@ impl Local {
         &self,
         stream: &TcpStream,
         id: ConnId,
+        within: Duration,
     ) -> Option<(Credentials, socks5::Request)> {
-        let mut s = stream;
+        // The whole exchange, not each read, must fit in `within`.
+        let mut s = Deadline::new(stream, within).ok()?;
         let methods = match socks5::read_greeting(&mut s) {
             Ok(m) => m,
             Err(e) => {
@@ -261,7 +262,8 @@ impl Local {
     }
 
     fn socks(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
-        let Some((creds, req)) = self.socks_handshake(&stream, id) else {
+        let Some((creds, req)) = self.socks_handshake(&stream, id, self.cfg.timeouts.handshake)
+        else {
             return;
         };
         let unspecified = UNSPECIFIED;
@@ -295,7 +297,11 @@ impl Local {
         let fail = |code: u16, detail: &str, retry: u16| {
             let _ = http_connect::write_status(&mut &stream, code, detail, retry);
         };
-        let (len, head) = match http_connect::read_head(&mut &stream, &mut buf) {
+        let mut deadline = match Deadline::new(&stream, self.cfg.timeouts.handshake) {
+            Ok(d) => d,
+            Err(_) => return,
+        };
+        let (len, head) = match http_connect::read_head(&mut deadline, &mut buf) {
             Ok(h) => h,
             Err(e) => {
                 log::info!("conn={id} http: {e}");

@@ -12,7 +12,7 @@ use crate::bucket::SharedBucket;
 use crate::config::RemoteConfig;
 use crate::rate::{Bandwidth, RequestRate};
 use crate::relay;
-use crate::server::{peer_alive, ConnId, Next, Server, Service, Workers};
+use crate::server::{peer_alive, ConnId, Deadline, Next, Server, Service, Workers};
 use crate::throttle::{retry_after_secs, Throttle};
 use crate::tunnel::{self, Command, Reply, Request, Status};
 use crate::users::{self, AuthError, Authenticator, Store, User};
@@ -88,10 +88,10 @@ impl Service for RemoteService {
         // Read the request first: replying to unread bytes and closing would send a reset
         // that can destroy the reply before local-proxy reads it.
         let wait = self.0.cfg.timeouts.handshake.min(Duration::from_secs(2));
-        if stream.set_read_timeout(Some(wait)).is_err() {
+        let Ok(mut deadline) = Deadline::new(&stream, wait) else {
             return;
-        }
-        if tunnel::read_request(&mut &stream).is_ok() {
+        };
+        if tunnel::read_request(&mut deadline).is_ok() {
             let reply = Reply {
                 retry_after,
                 ..Reply::status(Status::ServerBusy)
@@ -168,11 +168,14 @@ impl Remote {
         let peer_addr = stream.peer_addr().ok();
         let peer = peer_addr.map_or_else(|| "?".into(), |a| a.to_string());
         let _ = stream.set_nodelay(true);
-        if let Err(e) = stream.set_read_timeout(Some(self.cfg.timeouts.handshake)) {
-            log::debug!("conn={id} peer={peer} cannot set timeout: {e}");
-            return Next::Done;
-        }
-        let req = match tunnel::read_request(&mut &stream) {
+        let mut deadline = match Deadline::new(&stream, self.cfg.timeouts.handshake) {
+            Ok(d) => d,
+            Err(e) => {
+                log::debug!("conn={id} peer={peer} cannot set timeout: {e}");
+                return Next::Done;
+            }
+        };
+        let req = match tunnel::read_request(&mut deadline) {
             Ok(r) => r,
             Err(e) => {
                 match e.reply_status() {

@@ -169,6 +169,60 @@ pub fn peer_alive(stream: &TcpStream) -> bool {
     }
 }
 
+/// A socket whose handshake reads must all finish by one deadline.
+///
+/// A per-read timeout alone lets a client that sends a byte every few seconds hold a worker
+/// for hours (slowloris); this caps the whole handshake. The socket's read timeout is only
+/// touched when the deadline is nearer than the timeout already set, so a quick handshake
+/// costs no extra system calls. Writes pass straight through.
+pub struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: std::time::Instant,
+    // The read timeout the socket has now.
+    timeout: Duration,
+}
+
+impl<'a> Deadline<'a> {
+    /// Reads on `stream` must finish within `within` from now; sets that as the read timeout.
+    pub fn new(stream: &'a TcpStream, within: Duration) -> io::Result<Deadline<'a>> {
+        stream.set_read_timeout(Some(within.max(Duration::from_millis(1))))?;
+        Ok(Deadline {
+            stream,
+            until: std::time::Instant::now() + within,
+            timeout: within,
+        })
+    }
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake took too long",
+            ));
+        }
+        if left < self.timeout {
+            self.stream.set_read_timeout(Some(left))?;
+            self.timeout = left;
+        }
+        io::Read::read(&mut &*self.stream, buf)
+    }
+}
+
+impl io::Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        io::Write::write(&mut &*self.stream, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Raises this process's soft open-file limit to its hard limit and returns the new soft
 /// limit. Each busy tunnel holds two sockets and up to four pipe ends, so the common default
 /// of 1024 would cap a proxy near 170 busy tunnels; servers raise it themselves (nginx's
@@ -474,7 +528,46 @@ fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_deadline_caps_a_trickling_handshake() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..20 {
+                if c.write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let mut d = Deadline::new(&s, Duration::from_millis(400)).unwrap();
+        let t = std::time::Instant::now();
+        let mut buf = [0u8; 1];
+        let err = loop {
+            match d.read(&mut buf) {
+                Ok(0) => panic!("EOF before the deadline"),
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
+            "{err}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(900),
+            "took {:?}",
+            t.elapsed()
+        );
+        drop(s);
+        trickle.join().unwrap();
+    }
 
     #[test]
     fn peer_alive_sees_a_fin_even_behind_unread_bytes() {

@@ -246,3 +246,52 @@ fn remote_proxy_survives_a_burst_of_clients_that_hang_up_mid_handshake() {
     let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
     download_and_verify(&mut s, "o", 100_000);
 }
+
+#[test]
+fn a_client_trickling_its_handshake_is_cut_at_the_deadline() {
+    // One byte every 150 ms never trips a per-read timeout of 1 s; the whole-handshake
+    // deadline of 1 s must still close it.
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| r.timeouts.handshake = Duration::from_secs(1),
+        |l| l.timeouts.handshake = Duration::from_secs(1),
+    );
+    for (addr, slow) in [
+        (
+            p.local_addr(),
+            b"GET http://example/ HTTP/1.1\r\nX: aaaaaaaaaaaaaaaaaaaaaaaa".to_vec(),
+        ),
+        (
+            p.remote_addr(),
+            b"FG\x01\x01\x05alice\x02pw\x03\x20aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".to_vec(),
+        ),
+    ] {
+        let s = connect(addr);
+        let mut w = s.try_clone().unwrap();
+        let t = Instant::now();
+        let writer = std::thread::spawn(move || {
+            for b in slow {
+                if w.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        });
+        let mut r = s;
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest);
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(2500),
+            "{addr}: closed after {took:?}"
+        );
+        if addr == p.local_addr() {
+            assert!(
+                String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"),
+                "{rest:?}"
+            );
+        }
+        drop(r);
+        writer.join().unwrap();
+    }
+}
