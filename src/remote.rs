@@ -213,9 +213,15 @@ impl Remote {
             log::info!("conn={id} peer={peer} signup refused: disabled");
             return reply(stream, Status::SignupDisabled);
         }
-        let res = self
-            .auth
-            .with_store(|s| s.add(&req.user, &req.password, self.cfg.signup_bandwidth));
+        // Hash before taking the store lock: argon2 takes tens of milliseconds, and every
+        // tunnel's authentication needs that lock.
+        let res = users::validate_name(&req.user)
+            .and_then(|()| users::validate_password(&req.password))
+            .and_then(|()| users::hash_password(&req.password))
+            .and_then(|hash| {
+                self.auth
+                    .with_store(|s| s.add_hashed(&req.user, &hash, self.cfg.signup_bandwidth))
+            });
         let status = match res {
             Ok(()) => {
                 log::info!(

@@ -288,7 +288,16 @@ impl Store {
     pub fn add(&self, name: &str, password: &str, bandwidth: Bandwidth) -> Result<(), Error> {
         validate_name(name)?;
         validate_password(password)?;
-        let hash = hash_password(password)?;
+        self.add_hashed(name, &hash_password(password)?, bandwidth)
+    }
+
+    /// Adds a user whose password the caller already hashed with [`hash_password`], so the
+    /// slow hash can run without holding whatever lock guards this store.
+    ///
+    /// # Errors
+    /// `BadName`, or `Exists` when the name is taken.
+    pub fn add_hashed(&self, name: &str, hash: &str, bandwidth: Bandwidth) -> Result<(), Error> {
+        validate_name(name)?;
         let now = unix_now();
         let res = self.conn.execute(
             "INSERT INTO users (name, password_hash, bandwidth, created_at, updated_at)
