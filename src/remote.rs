@@ -155,6 +155,12 @@ fn reply(stream: &TcpStream, status: Status) {
     let _ = tunnel::write_reply(&mut &*stream, &Reply::status(status));
 }
 
+/// Answers "rate limited" with the wait, and logs which limit and when to retry.
+fn rate_limited(stream: &TcpStream, id: ConnId, why: std::fmt::Arguments<'_>, wait: Duration) {
+    log::info!("conn={id} {why}; retry in {}s", retry_after_secs(wait));
+    reply_wait(stream, Status::RateLimited, wait);
+}
+
 fn reply_wait(stream: &TcpStream, status: Status, wait: Duration) {
     let r = Reply {
         retry_after: retry_after_secs(wait),
@@ -191,11 +197,12 @@ impl Remote {
         let ip = peer_addr.map(|a| a.ip());
         if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
             if let Err(wait) = t.check(&ip) {
-                log::info!(
-                    "conn={id} peer={peer} rate limited (per IP); retry in {}s",
-                    retry_after_secs(wait)
+                rate_limited(
+                    &stream,
+                    id,
+                    format_args!("peer={peer} rate limited (per IP)"),
+                    wait,
                 );
-                reply_wait(&stream, Status::RateLimited, wait);
                 return Next::Done;
             }
         }
@@ -266,12 +273,11 @@ impl Remote {
         // Too many failed logins from this address: refuse before spending a hash on it.
         if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
             if let Some(wait) = t.wait(&ip) {
-                log::info!(
-                    "conn={id} peer={peer} user={} login throttled after failures; retry in {}s",
-                    req.user,
-                    retry_after_secs(wait)
+                let why = format_args!(
+                    "peer={peer} user={} login throttled after failures",
+                    req.user
                 );
-                reply_wait(&stream, Status::RateLimited, wait);
+                rate_limited(&stream, id, why, wait);
                 return Next::Done;
             }
         }
@@ -299,12 +305,8 @@ impl Remote {
                     .or_insert_with(|| Arc::new(Throttle::new(rate))),
             );
             if let Err(wait) = throttle.check(&user.name) {
-                log::info!(
-                    "conn={id} user={} rate limited ({rate}); retry in {}s",
-                    user.name,
-                    retry_after_secs(wait)
-                );
-                reply_wait(&stream, Status::RateLimited, wait);
+                let why = format_args!("user={} rate limited ({rate})", user.name);
+                rate_limited(&stream, id, why, wait);
                 return Next::Done;
             }
         }
