@@ -156,7 +156,7 @@ fn reply(stream: &TcpStream, status: Status) {
 }
 
 /// Answers "rate limited" with the wait, and logs which limit and when to retry.
-fn rate_limited(stream: &TcpStream, id: ConnId, why: std::fmt::Arguments<'_>, wait: Duration) {
+fn rate_limited(stream: &TcpStream, id: ConnId, why: &str, wait: Duration) {
     log::info!("conn={id} {why}; retry in {}s", retry_after_secs(wait));
     reply_wait(stream, Status::RateLimited, wait);
 }
@@ -197,12 +197,8 @@ impl Remote {
         let ip = peer_addr.map(|a| a.ip());
         if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
             if let Err(wait) = t.check(&ip) {
-                rate_limited(
-                    &stream,
-                    id,
-                    format_args!("peer={peer} rate limited (per IP)"),
-                    wait,
-                );
+                let why = format!("peer={peer} rate limited (per IP)");
+                rate_limited(&stream, id, &why, wait);
                 return Next::Done;
             }
         }
@@ -273,11 +269,11 @@ impl Remote {
         // Too many failed logins from this address: refuse before spending a hash on it.
         if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
             if let Some(wait) = t.wait(&ip) {
-                let why = format_args!(
+                let why = format!(
                     "peer={peer} user={} login throttled after failures",
                     req.user
                 );
-                rate_limited(&stream, id, why, wait);
+                rate_limited(&stream, id, &why, wait);
                 return Next::Done;
             }
         }
@@ -305,8 +301,8 @@ impl Remote {
                     .or_insert_with(|| Arc::new(Throttle::new(rate))),
             );
             if let Err(wait) = throttle.check(&user.name) {
-                let why = format_args!("user={} rate limited ({rate})", user.name);
-                rate_limited(&stream, id, why, wait);
+                let why = format!("user={} rate limited ({rate})", user.name);
+                rate_limited(&stream, id, &why, wait);
                 return Next::Done;
             }
         }
