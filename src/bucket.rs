@@ -252,13 +252,6 @@ fn slot(ticket: u64) -> usize {
 #[derive(Debug)]
 pub struct PumpGuard(Arc<SharedBucket>);
 
-impl PumpGuard {
-    /// The bucket this guard counts against.
-    pub fn bucket(&self) -> &SharedBucket {
-        &self.0
-    }
-}
-
 impl Drop for PumpGuard {
     fn drop(&mut self) {
         let mut st = self.0.state.lock();

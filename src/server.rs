@@ -97,11 +97,6 @@ impl Workers {
             job();
         });
     }
-
-    /// Threads the pool has now.
-    pub fn threads(&self) -> usize {
-        self.inner.pool.lock().max_count()
-    }
 }
 
 /// A running listener. Dropping it stops accepting; tunnels already open run to the end.
@@ -112,7 +107,6 @@ pub struct Server {
     accept: Option<JoinHandle<()>>,
     // Values whose drop tells helper threads (the sweeper, the user watcher) to stop.
     guards: Vec<Box<dyn Any + Send>>,
-    workers: Workers,
 }
 
 impl std::fmt::Debug for Server {
@@ -412,18 +406,12 @@ impl Server {
             stopping,
             accept: Some(accept),
             guards: vec![Box::new(stop_tx)],
-            workers,
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
-    }
-
-    /// The worker pool (for tests and stats).
-    pub fn workers(&self) -> &Workers {
-        &self.workers
     }
 
     /// Keeps `guard` alive until shutdown, then drops it (closing a channel, say).

@@ -7,31 +7,15 @@ use std::process::Stdio;
 #[test]
 fn user_management_round_trip() {
     let db = temp_dir().join("u.db");
-    let (ok, out, _) = remote_user(
+    let out = remote_user_ok(
         &db,
-        &[
-            "user",
-            "add",
-            "alice",
-            "--bandwidth",
-            "2MiB/s",
-            "--password",
-            "pw",
-        ],
+        &words("user add alice --bandwidth 2MiB/s --password pw"),
     );
-    assert!(ok);
     assert!(out.contains("alice"));
     let mut child = remote_bin()
         .arg("--db")
         .arg(&db)
-        .args([
-            "user",
-            "add",
-            "bob",
-            "--bandwidth",
-            "500K",
-            "--password-stdin",
-        ])
+        .args(words("user add bob --bandwidth 500K --password-stdin"))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
