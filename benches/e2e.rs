@@ -208,26 +208,32 @@ fn open(via: &Via, target: SocketAddr) -> std::io::Result<TcpStream> {
     }
 }
 
-/// Sends GET /bytes/n; returns the stream positioned at the body.
-fn get(s: &mut TcpStream, n: u64) -> std::io::Result<()> {
-    write!(
-        s,
-        "GET /bytes/{n} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut head = Vec::with_capacity(128);
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b)? == 0 {
+/// Sends GET /bytes/n and reads the response head; returns how many body bytes came with it.
+fn get(s: &mut TcpStream, n: u64) -> std::io::Result<u64> {
+    let req = format!("GET /bytes/{n} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    loop {
+        let k = s.read(&mut buf[len..])?;
+        if k == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        head.push(b[0]);
+        len += k;
+        if let Some(end) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok((len - end - 4) as u64);
+        }
+        if len == buf.len() {
+            return Err(std::io::Error::other("response head too long"));
+        }
     }
-    Ok(())
 }
 
-fn drain(s: &mut TcpStream, n: u64) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0;
+/// Reads the rest of an `n`-byte body of which `got` bytes came with the head.
+fn drain(s: &mut TcpStream, n: u64, mut got: u64) -> std::io::Result<u64> {
+    // Sized to what is left (plus one byte to see the close) so small requests do not map
+    // and unmap a large buffer each time.
+    let mut buf = vec![0u8; (n.saturating_sub(got) as usize + 1).min(256 * 1024)];
     while got < n {
         let k = s.read(&mut buf)?;
         if k == 0 {
@@ -246,8 +252,8 @@ fn download(via: &Via, origin: SocketAddr, streams: usize, per_stream: u64) -> f
             let via = via.clone();
             std::thread::spawn(move || {
                 let mut s = open(&via, origin).expect("open");
-                get(&mut s, per_stream).expect("get");
-                drain(&mut s, per_stream).expect("drain")
+                let got = get(&mut s, per_stream).expect("get");
+                drain(&mut s, per_stream, got).expect("drain")
             })
         })
         .collect();
@@ -556,11 +562,11 @@ fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
                         let Ok(mut s) = open(&via, origin) else {
                             continue;
                         };
-                        if get(&mut s, 1024).is_err() {
+                        let Ok(got) = get(&mut s, 1024) else {
                             continue;
-                        }
+                        };
                         let ttfb = t.elapsed();
-                        if drain(&mut s, 1024).ok() == Some(1024) {
+                        if drain(&mut s, 1024, got).ok() == Some(1024) {
                             mine.push(ttfb.as_secs_f64() * 1000.0);
                         }
                     }
