@@ -99,7 +99,7 @@ struct Dir<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
     // The pipe (read end, write end, capacity), made when the first byte arrives.
-    pipe: Option<(OwnedFd, OwnedFd, usize)>,
+    pipe: Option<Pipe>,
     // Bytes in the pipe, paid for, not yet written to `dst`.
     pending: usize,
     // `src` reached EOF.
@@ -162,15 +162,8 @@ impl Dir<'_> {
         nothing_moved: bool,
     ) -> Step {
         if self.pipe.is_none() {
-            match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
-                Ok((r, w)) => {
-                    // F_SETPIPE_SZ answers with the size granted (less than asked when the
-                    // user's pipe-pages limit is reached), so one call does both.
-                    let size = fcntl(&r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32))
-                        .or_else(|_| fcntl(&r, FcntlArg::F_GETPIPE_SZ))
-                        .map_or(65536, |n| n as usize);
-                    self.pipe = Some((r, w, size));
-                }
+            match take_pipe() {
+                Ok(p) => self.pipe = Some(p),
                 Err(e) if nothing_moved => {
                     log::debug!("cannot make a relay pipe ({e}); copying instead");
                     return Step::Unsupported;
@@ -208,6 +201,45 @@ impl Dir<'_> {
             Err(e) => {
                 log::trace!("relay splice in failed: {e}");
                 Step::Failed
+            }
+        }
+    }
+}
+
+/// Empty pipes kept for the next tunnels, at most this many. Making a pipe is `pipe2` plus
+/// `F_SETPIPE_SZ`, and dropping it two `close`s: per direction per tunnel that was a sixth of
+/// the system calls a small request cost each proxy. An empty pipe holds no data pages (they
+/// are freed as they are read), so a spare costs two descriptors and its slot array.
+const SPARE_PIPES: usize = 64;
+
+type Pipe = (OwnedFd, OwnedFd, usize);
+
+static SPARES: parking_lot::Mutex<Vec<Pipe>> = parking_lot::const_mutex(Vec::new());
+
+/// A spare pipe, or a new one of up to [`MAX_PIPE`] bytes.
+fn take_pipe() -> nix::Result<Pipe> {
+    if let Some(p) = SPARES.lock().pop() {
+        return Ok(p);
+    }
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    // F_SETPIPE_SZ answers with the size granted (less than asked when the user's pipe-pages
+    // limit is reached), so one call does both.
+    let size = fcntl(&r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32))
+        .or_else(|_| fcntl(&r, FcntlArg::F_GETPIPE_SZ))
+        .map_or(65536, |n| n as usize);
+    Ok((r, w, size))
+}
+
+impl Drop for Dir<'_> {
+    fn drop(&mut self) {
+        // Only a pipe known to be empty may serve another tunnel: one with bytes left in it
+        // (a failed write) would hand them to the wrong connection.
+        if let Some(p) = self.pipe.take() {
+            if self.pending == 0 {
+                let mut spares = SPARES.lock();
+                if spares.len() < SPARE_PIPES {
+                    spares.push(p);
+                }
             }
         }
     }
