@@ -81,14 +81,14 @@ pub fn open_tunnel(
         match TcpStream::connect_timeout(&a, timeouts.connect) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                s.set_read_timeout(Some(reply_wait))
-                    .map_err(TunnelError::Remote)?;
                 tunnel::write_request(&mut &s, req).map_err(TunnelError::Remote)?;
-                let reply = match tunnel::read_reply(&mut &s) {
+                let mut d = Deadline::new(&s, reply_wait).map_err(TunnelError::Remote)?;
+                let reply = match tunnel::read_reply(&mut d) {
                     Ok(r) => r,
                     Err(tunnel::Error::Io(e)) => return Err(TunnelError::Remote(e)),
                     Err(e) => return Err(TunnelError::Protocol(e)),
                 };
+                drop(d);
                 return Ok((s, reply));
             }
             Err(e) => last = e,
@@ -136,28 +136,23 @@ impl Service for Local {
         // Run the app's handshake far enough to answer in its own protocol, with a short
         // deadline: this job exists only to say "busy".
         let wait = self.cfg.timeouts.handshake.min(Duration::from_secs(2));
-        if stream.set_read_timeout(Some(wait)).is_err() {
+        let Ok(mut d) = Deadline::new(&stream, wait) else {
             return;
-        }
-        let mut first = [0u8; 1];
-        if !matches!(stream.peek(&mut first), Ok(1)) {
-            return;
-        }
-        if first[0] == socks5::VERSION {
-            if self.socks_handshake(&stream, id, wait).is_some() {
+        };
+        match d.peek_byte() {
+            Ok(Some(socks5::VERSION)) if self.socks_handshake(&mut d, id).is_some() => {
                 let _ =
                     socks5::write_reply(&mut &stream, socks5::Reply::GeneralFailure, UNSPECIFIED);
                 log::info!("conn={id} socks5 answered busy (0x01); retry in {retry_after}s");
             }
-        } else if first[0].is_ascii_alphabetic() {
-            let mut buf = Vec::new();
-            let Ok(mut deadline) = Deadline::new(&stream, wait) else {
-                return;
-            };
-            if http_connect::read_head(&mut deadline, &mut buf).is_ok() {
+            Ok(Some(b))
+                if b.is_ascii_alphabetic()
+                    && http_connect::read_head(&mut d, &mut Vec::new()).is_ok() =>
+            {
                 let _ = http_connect::write_status(&mut &stream, 503, "server busy", retry_after);
                 log::info!("conn={id} http answered 503 busy; retry in {retry_after}s");
             }
+            _ => {}
         }
     }
 }
@@ -165,24 +160,31 @@ impl Service for Local {
 impl Local {
     fn serve(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
         let _ = stream.set_nodelay(true);
-        if stream
-            .set_read_timeout(Some(self.cfg.timeouts.handshake))
-            .is_err()
-        {
+        let Ok(mut d) = Deadline::new(&stream, self.cfg.timeouts.handshake) else {
             return;
-        }
-        let mut first = [0u8; 1];
-        match stream.peek(&mut first) {
-            Ok(1) => {}
-            Ok(_) => return,
+        };
+        let first = match d.peek_byte() {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
             Err(e) => {
                 log::debug!("conn={id} no greeting: {e}");
                 return;
             }
-        }
-        match first[0] {
-            socks5::VERSION => self.socks(stream, id, workers),
-            b'A'..=b'Z' | b'a'..=b'z' => self.http(stream, id, workers),
+        };
+        match first {
+            socks5::VERSION => {
+                let Some((creds, req)) = self.socks_handshake(&mut d, id) else {
+                    return;
+                };
+                drop(d);
+                self.socks(stream, id, creds, req, workers);
+            }
+            b'A'..=b'Z' | b'a'..=b'z' => {
+                let mut buf = Vec::with_capacity(1024);
+                let read = http_connect::read_head(&mut d, &mut buf);
+                drop(d);
+                self.http(stream, id, read, buf, workers);
+            }
             0x04 => {
                 log::info!("conn={id} SOCKS4 is not supported; use SOCKS5");
                 // SOCKS4 "request rejected" (0x5B), so SOCKS4 clients print a real error.
@@ -191,7 +193,7 @@ impl Local {
             other => {
                 log::info!("conn={id} unknown protocol (first byte {other:#04x})");
                 // Take what already arrived so the close is a FIN, not a reset.
-                let _ = (&stream).read(&mut [0u8; 4096]);
+                let _ = d.read(&mut [0u8; 4096]);
             }
         }
     }
@@ -204,13 +206,10 @@ impl Local {
     /// logged here; `None` means the connection is done.
     fn socks_handshake(
         &self,
-        stream: &TcpStream,
+        s: &mut Deadline<'_>,
         id: ConnId,
-        within: Duration,
     ) -> Option<(Credentials, socks5::Request)> {
-        // The whole exchange, not each read, must fit in `within`.
-        let mut s = Deadline::new(stream, within).ok()?;
-        let methods = match socks5::read_greeting(&mut s) {
+        let methods = match socks5::read_greeting(s) {
             Ok(m) => m,
             Err(e) => {
                 log::info!("conn={id} socks5 greeting: {e}");
@@ -219,16 +218,16 @@ impl Local {
         };
         // App credentials win: they pick the user, so one local-proxy serves several users.
         let creds = if methods.contains(&(Method::UserPass as u8)) {
-            socks5::write_method(&mut s, Method::UserPass).ok()?;
-            match socks5::read_userpass(&mut s) {
+            socks5::write_method(s, Method::UserPass).ok()?;
+            match socks5::read_userpass(s) {
                 Ok((user, password)) => {
                     // Checked by remote-proxy at CONNECT; a bad pair gets reply 0x02 then.
-                    socks5::write_userpass_status(&mut s, true).ok()?;
+                    socks5::write_userpass_status(s, true).ok()?;
                     Credentials { user, password }
                 }
                 Err(e) => {
                     log::info!("conn={id} socks5 auth: {e}");
-                    let _ = socks5::write_userpass_status(&mut s, false);
+                    let _ = socks5::write_userpass_status(s, false);
                     return None;
                 }
             }
@@ -236,38 +235,40 @@ impl Local {
             methods.contains(&(Method::NoAuth as u8)),
             self.default_creds(),
         ) {
-            socks5::write_method(&mut s, Method::NoAuth).ok()?;
+            socks5::write_method(s, Method::NoAuth).ok()?;
             c
         } else {
             log::info!("conn={id} socks5: no acceptable auth method (no --user configured)");
-            let _ = socks5::write_method(&mut s, Method::NoAcceptable);
+            let _ = socks5::write_method(s, Method::NoAcceptable);
             return None;
         };
-        let req = match socks5::read_request(&mut s) {
+        let req = match socks5::read_request(s) {
             Ok(r) => r,
             Err(e) => {
                 log::info!("conn={id} socks5 request: {e}");
                 if let Some(reply) = e.reply() {
-                    let _ = socks5::write_reply(&mut s, reply, UNSPECIFIED);
+                    let _ = socks5::write_reply(s, reply, UNSPECIFIED);
                 }
                 return None;
             }
         };
         if req.command != socks5::Command::Connect {
             log::info!("conn={id} socks5 command {:?} not supported", req.command);
-            let _ = socks5::write_reply(&mut s, socks5::Reply::CommandNotSupported, UNSPECIFIED);
+            let _ = socks5::write_reply(s, socks5::Reply::CommandNotSupported, UNSPECIFIED);
             return None;
         }
         Some((creds, req))
     }
 
-    fn socks(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
-        let Some((creds, req)) = self.socks_handshake(&stream, id, self.cfg.timeouts.handshake)
-        else {
-            return;
-        };
+    fn socks(
+        &self,
+        stream: TcpStream,
+        id: ConnId,
+        creds: Credentials,
+        req: socks5::Request,
+        workers: &Workers,
+    ) {
         let unspecified = UNSPECIFIED;
-        let mut s = &stream;
         let ask = Ask {
             proto: "socks5",
             creds,
@@ -286,22 +287,25 @@ impl Local {
         }) else {
             return;
         };
-        if socks5::write_reply(&mut s, socks5::Reply::Succeeded, reply.bound).is_err() {
+        if socks5::write_reply(&mut &stream, socks5::Reply::Succeeded, reply.bound).is_err() {
             return;
         }
         self.run(stream, remote, &ask, id, 0, workers);
     }
 
-    fn http(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
-        let mut buf = Vec::with_capacity(1024);
+    /// Serves an HTTP proxy request whose head was read (`read`) into `buf`.
+    fn http(
+        &self,
+        stream: TcpStream,
+        id: ConnId,
+        read: Result<(usize, http_connect::Head), http_connect::Error>,
+        buf: Vec<u8>,
+        workers: &Workers,
+    ) {
         let fail = |code: u16, detail: &str, retry: u16| {
             let _ = http_connect::write_status(&mut &stream, code, detail, retry);
         };
-        let mut deadline = match Deadline::new(&stream, self.cfg.timeouts.handshake) {
-            Ok(d) => d,
-            Err(_) => return,
-        };
-        let (len, head) = match http_connect::read_head(&mut deadline, &mut buf) {
+        let (len, head) = match read {
             Ok(h) => h,
             Err(e) => {
                 log::info!("conn={id} http: {e}");

@@ -181,7 +181,9 @@ impl Remote {
                 return Next::Done;
             }
         };
-        let req = match tunnel::read_request(&mut deadline) {
+        let read = tunnel::read_request(&mut deadline);
+        drop(deadline);
+        let req = match read {
             Ok(r) => r,
             Err(e) => {
                 match e.reply_status() {
