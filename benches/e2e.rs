@@ -5,7 +5,8 @@
 //! Run through `scripts/bench.sh` (it builds in release and raises the open-file limit).
 //! Writes `bench-out/results.md`, `bench-out/results.json` and `bench-out/accuracy.svg`.
 //! `--quick` shortens every phase (for a smoke run); `--only NAME[,NAME]` picks phases
-//! (throughput, accuracy, fairness, setup, scale).
+//! (throughput, accuracy, fairness, setup, scale); `--no-reference` skips the HAProxy rows
+//! (measured when `haproxy` is installed).
 
 use flowgate::origin::Origin;
 use std::collections::BTreeMap;
@@ -23,6 +24,8 @@ const SLOT: Duration = Duration::from_millis(100);
 
 struct Opts {
     quick: bool,
+    // Measure HAProxy beside flowgate when it is installed (`--no-reference` skips it).
+    reference: bool,
     only: Option<Vec<String>>,
     out: PathBuf,
     bin: PathBuf,
@@ -142,6 +145,78 @@ impl Setup {
     }
 }
 
+/// HAProxy as a two-hop TCP relay to the origin (two processes, like local-proxy and
+/// remote-proxy, in stock threading), measured beside flowgate on the same client, origin and
+/// machine: the peer figures in the issue came from such a setup, and absolute numbers swing
+/// too much between runs and machines to compare with a figure taken elsewhere.
+struct Reference {
+    hops: Vec<Child>,
+    entry: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        for c in &mut self.hops {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Reference {
+    /// Starts the two hops, or `None` (with a note) when haproxy is not installed.
+    fn start(origin: SocketAddr) -> Option<Reference> {
+        let ok = Command::new("haproxy")
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("haproxy not installed: reference rows skipped");
+            return None;
+        }
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+        };
+        let (entry, middle) = (free(), free());
+        let dir = std::env::temp_dir().join(format!("flowgate-haproxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let mut hops = vec![];
+        for (i, (from, to)) in [(middle, origin), (entry, middle)].into_iter().enumerate() {
+            let cfg = format!(
+                "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 10s\n  \
+                 timeout client 600s\n  timeout server 600s\nlisten hop\n  bind {from}\n  \
+                 server next {to}\n"
+            );
+            let path = dir.join(format!("hop{i}.cfg"));
+            std::fs::write(&path, cfg).ok()?;
+            let child = Command::new("haproxy")
+                .arg("-f")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            hops.push(child);
+        }
+        let r = Reference { hops, entry, dir };
+        let until = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(middle).is_err() || TcpStream::connect(entry).is_err() {
+            if Instant::now() > until {
+                eprintln!("haproxy did not start: reference rows skipped");
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(r)
+    }
+}
+
 /// /proc/PID/stat utime+stime in seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -170,12 +245,18 @@ fn rss_threads(pid: u32) -> (u64, u64) {
 enum Via {
     Direct,
     Proxy(SocketAddr, String),
+    /// A fixed-target TCP relay (the HAProxy reference): connect here instead of the target.
+    Relay(SocketAddr),
 }
 
 fn open(via: &Via, target: SocketAddr) -> std::io::Result<TcpStream> {
     match via {
-        Via::Direct => {
-            let s = TcpStream::connect(target)?;
+        Via::Direct | Via::Relay(_) => {
+            let to = match via {
+                Via::Relay(a) => *a,
+                _ => target,
+            };
+            let s = TcpStream::connect(to)?;
             s.set_nodelay(true)?;
             Ok(s)
         }
@@ -301,22 +382,33 @@ impl Report {
     }
 }
 
-/// Median of three alternating runs of `direct` and `proxied`: throughput on a shared
+/// Medians of three rounds in which each of `runs` runs once in turn: throughput on a shared
 /// 2-core machine swings by 2x between runs, so single runs do not compare.
-fn alternate(mut direct: impl FnMut() -> f64, mut proxied: impl FnMut() -> f64) -> (f64, f64) {
-    let (mut d, mut p) = (vec![], vec![]);
+fn alternate(runs: &mut [&mut dyn FnMut() -> f64]) -> Vec<f64> {
+    let mut got = vec![vec![]; runs.len()];
     for _ in 0..3 {
-        d.push(direct());
-        p.push(proxied());
+        for (i, run) in runs.iter_mut().enumerate() {
+            got[i].push(run());
+        }
     }
-    d.sort_by(|a, b| a.total_cmp(b));
-    p.sort_by(|a, b| a.total_cmp(b));
-    (d[1], p[1])
+    got.into_iter()
+        .map(|mut v| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[1]
+        })
+        .collect()
 }
 
-fn throughput(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
+fn throughput(
+    opts: &Opts,
+    st: &Setup,
+    reference: Option<&Reference>,
+    origin: SocketAddr,
+    rep: &mut Report,
+) {
     let size = if opts.quick { GIB / 4 } else { GIB };
     let via = Via::Proxy(st.local.addr, "unlimited".into());
+    let relay = reference.map(|r| Via::Relay(r.entry));
     let mut rows = vec![];
     let mut cpu = (0.0, 0.0);
     let mut relayed = 0u64;
@@ -328,19 +420,29 @@ fn throughput(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
         relayed += size;
         r
     };
-    for (name, streams) in [("download, 1 stream", 1usize), ("download, 8 streams", 8)] {
-        let per = size / streams as u64;
-        let (d, p) = alternate(
-            || download(&Via::Direct, origin, streams, per),
-            || measure(&mut || download(&via, origin, streams, per)),
-        );
-        rows.push((name, d, p));
+    type Run<'a> = Box<dyn Fn(&Via) -> f64 + 'a>;
+    let kinds: [(&str, Run); 3] = [
+        (
+            "download, 1 stream",
+            Box::new(|v: &Via| download(v, origin, 1, size)),
+        ),
+        (
+            "download, 8 streams",
+            Box::new(|v: &Via| download(v, origin, 8, size / 8)),
+        ),
+        ("upload, 1 stream", Box::new(|v: &Via| upload(v, origin, size))),
+    ];
+    for (name, run) in &kinds {
+        let mut direct = || run(&Via::Direct);
+        let mut proxied = || measure(&mut || run(&via));
+        let mut peer = || relay.as_ref().map_or(0.0, |r| run(r));
+        let mut runs: Vec<&mut dyn FnMut() -> f64> = vec![&mut direct, &mut proxied];
+        if relay.is_some() {
+            runs.push(&mut peer);
+        }
+        let m = alternate(&mut runs);
+        rows.push((*name, m[0], m[1], m.get(2).copied()));
     }
-    let (d, p) = alternate(
-        || upload(&Via::Direct, origin, size),
-        || measure(&mut || upload(&via, origin, size)),
-    );
-    rows.push(("upload, 1 stream", d, p));
     let gib = relayed as f64 / GIB as f64;
     let (lc, rc) = (cpu.0 / gib, cpu.1 / gib);
     let _ = writeln!(
@@ -350,14 +452,19 @@ fn throughput(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
     );
     let _ = writeln!(
         rep.md,
-        "| run | direct MB/s | flowgate MB/s | ratio |\n|---|---|---|---|"
+        "| run | direct MB/s | flowgate MB/s | ratio | haproxy 2-hop MB/s | ratio |\n|---|---|---|---|---|---|"
     );
-    for (name, d, p) in rows {
-        let _ = writeln!(rep.md, "| {name} | {d:.0} | {p:.0} | {:.2} |", p / d);
+    for (name, d, p, h) in rows {
+        let peer = h.map_or("- | -".to_string(), |h| format!("{h:.0} | {:.2}", h / d));
+        let _ = writeln!(rep.md, "| {name} | {d:.0} | {p:.0} | {:.2} | {peer} |", p / d);
         let key = name.replace([',', ' '], "_").replace("__", "_");
         rep.num(&format!("throughput.{key}.direct_mbps"), d);
         rep.num(&format!("throughput.{key}.flowgate_mbps"), p);
         rep.num(&format!("throughput.{key}.ratio"), p / d);
+        if let Some(h) = h {
+            rep.num(&format!("throughput.{key}.haproxy_mbps"), h);
+            rep.num(&format!("throughput.{key}.haproxy_ratio"), h / d);
+        }
     }
     let _ = writeln!(rep.md, "\n## 6. CPU seconds per GiB relayed (during the throughput runs)\n\n| process | CPU s/GiB |\n|---|---|\n| local-proxy | {lc:.2} |\n| remote-proxy | {rc:.2} |");
     rep.num("cpu.local_s_per_gib", lc);
@@ -542,13 +649,23 @@ fn fairness_users(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report)
     rep.num("fairness.users8.jain", f);
 }
 
-fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
+fn setup_rate(
+    opts: &Opts,
+    st: &Setup,
+    reference: Option<&Reference>,
+    origin: SocketAddr,
+    rep: &mut Report,
+) {
     let secs = if opts.quick { 2 } else { 5 };
     let mut rows = vec![];
-    for (name, via) in [
+    let mut paths = vec![
         ("direct", Via::Direct),
         ("flowgate", Via::Proxy(st.local.addr, "unlimited".into())),
-    ] {
+    ];
+    if let Some(r) = reference {
+        paths.push(("haproxy 2-hop (reference)", Via::Relay(r.entry)));
+    }
+    for (name, via) in paths {
         let lat = Arc::new(Mutex::new(Vec::<f64>::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let t = Instant::now();
@@ -592,6 +709,7 @@ fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
     let _ = writeln!(rep.md, "\n## 4. Setup: 1 KiB requests on new connections, 16 concurrent, {secs} s\n\n| path | req/s | TTFB p50 ms | TTFB p99 ms |\n|---|---|---|---|");
     for (n, r, p50, p99) in &rows {
         let _ = writeln!(rep.md, "| {n} | {r:.0} | {p50:.2} | {p99:.2} |");
+        let n = n.split_whitespace().next().unwrap_or(n);
         rep.num(&format!("setup.{n}.rps"), *r);
         rep.num(&format!("setup.{n}.ttfb_p50_ms"), *p50);
         rep.num(&format!("setup.{n}.ttfb_p99_ms"), *p99);
@@ -602,6 +720,15 @@ fn setup_rate(opts: &Opts, st: &Setup, origin: SocketAddr, rep: &mut Report) {
         rep.md,
         "\nratio {ratio:.2}x direct; p99 TTFB {extra:+.2} ms over direct"
     );
+    if let Some(h) = rows.get(2) {
+        let _ = writeln!(
+            rep.md,
+            "haproxy 2-hop: {:.2}x direct; p99 TTFB {:+.2} ms over direct",
+            h.1 / rows[0].1,
+            h.3 - rows[0].3
+        );
+        rep.num("setup.haproxy_ratio", h.1 / rows[0].1);
+    }
     rep.num("setup.ratio", ratio);
     rep.num("setup.p99_extra_ms", extra);
 }
@@ -769,6 +896,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut opts = Opts {
         quick: args.iter().any(|a| a == "--quick"),
+        reference: !args.iter().any(|a| a == "--no-reference"),
         only: None,
         out: PathBuf::from("bench-out"),
         bin: PathBuf::from("target/release"),
@@ -790,6 +918,9 @@ fn main() {
         .expect("origin")
         .local_addr();
     let st = Setup::start(&opts);
+    let reference = (opts.reference && (opts.wants("throughput") || opts.wants("setup")))
+        .then(|| Reference::start(origin))
+        .flatten();
     let mut rep = Report {
         md: String::new(),
         json: BTreeMap::new(),
@@ -797,13 +928,13 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(rep.md, "# flowgate benchmark\n\n{} cores; origin, client and both proxies on 127.0.0.1; ratios are against direct in the same run.", cores);
     let phases: &[Phase] = &[
-        ("throughput", &|r| throughput(&opts, &st, origin, r)),
+        ("throughput", &|r| throughput(&opts, &st, reference.as_ref(), origin, r)),
         ("accuracy", &|r| {
             let runs = accuracy(&opts, &st, origin, r);
             std::fs::write(opts.out.join("accuracy.svg"), svg(&runs)).unwrap();
         }),
         ("fairness", &|r| fairness_users(&opts, &st, origin, r)),
-        ("setup", &|r| setup_rate(&opts, &st, origin, r)),
+        ("setup", &|r| setup_rate(&opts, &st, reference.as_ref(), origin, r)),
         ("scale", &|r| scale(&opts, &st, r)),
     ];
     for (name, run) in phases {

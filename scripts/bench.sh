@@ -5,8 +5,18 @@
 #   scripts/bench.sh            full run (about 4 minutes)
 #   scripts/bench.sh --quick    short smoke run
 #   scripts/bench.sh --only throughput,setup
+#   scripts/bench.sh --no-reference   skip the HAProxy reference rows
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# HAProxy (as a two-hop TCP relay) is measured beside flowgate on the same client and origin,
+# so the peer comparison holds on this machine. Installed here if missing and possible.
+if [[ " $* " != *" --no-reference "* ]] && ! command -v haproxy >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing haproxy for the reference rows"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) \
+      >/dev/null 2>&1 || echo "(could not install haproxy; reference rows skipped)"
+  fi
+fi
 # The scale phase holds 5,000 tunnels: about 10,000 descriptors in each process.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cargo build --release --bins --quiet
