@@ -430,7 +430,10 @@ fn throughput(
             "download, 8 streams",
             Box::new(|v: &Via| download(v, origin, 8, size / 8)),
         ),
-        ("upload, 1 stream", Box::new(|v: &Via| upload(v, origin, size))),
+        (
+            "upload, 1 stream",
+            Box::new(|v: &Via| upload(v, origin, size)),
+        ),
     ];
     for (name, run) in &kinds {
         let mut direct = || run(&Via::Direct);
@@ -456,7 +459,11 @@ fn throughput(
     );
     for (name, d, p, h) in rows {
         let peer = h.map_or("- | -".to_string(), |h| format!("{h:.0} | {:.2}", h / d));
-        let _ = writeln!(rep.md, "| {name} | {d:.0} | {p:.0} | {:.2} | {peer} |", p / d);
+        let _ = writeln!(
+            rep.md,
+            "| {name} | {d:.0} | {p:.0} | {:.2} | {peer} |",
+            p / d
+        );
         let key = name.replace([',', ' '], "_").replace("__", "_");
         rep.num(&format!("throughput.{key}.direct_mbps"), d);
         rep.num(&format!("throughput.{key}.flowgate_mbps"), p);
@@ -928,13 +935,17 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(rep.md, "# flowgate benchmark\n\n{} cores; origin, client and both proxies on 127.0.0.1; ratios are against direct in the same run.", cores);
     let phases: &[Phase] = &[
-        ("throughput", &|r| throughput(&opts, &st, reference.as_ref(), origin, r)),
+        ("throughput", &|r| {
+            throughput(&opts, &st, reference.as_ref(), origin, r)
+        }),
         ("accuracy", &|r| {
             let runs = accuracy(&opts, &st, origin, r);
             std::fs::write(opts.out.join("accuracy.svg"), svg(&runs)).unwrap();
         }),
         ("fairness", &|r| fairness_users(&opts, &st, origin, r)),
-        ("setup", &|r| setup_rate(&opts, &st, reference.as_ref(), origin, r)),
+        ("setup", &|r| {
+            setup_rate(&opts, &st, reference.as_ref(), origin, r)
+        }),
         ("scale", &|r| scale(&opts, &st, r)),
     ];
     for (name, run) in phases {
