@@ -438,7 +438,7 @@ fn throughput(
     for (name, run) in &kinds {
         let mut direct = || run(&Via::Direct);
         let mut proxied = || measure(&mut || run(&via));
-        let mut peer = || relay.as_ref().map_or(0.0, |r| run(r));
+        let mut peer = || relay.as_ref().map_or(0.0, run);
         let mut runs: Vec<&mut dyn FnMut() -> f64> = vec![&mut direct, &mut proxied];
         if relay.is_some() {
             runs.push(&mut peer);
