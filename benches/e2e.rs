@@ -227,6 +227,24 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// (busy, total) jiffies of the whole machine from /proc/stat: a run that leaves the cores
+/// idle is waiting on something (wake-ups, windows), not out of CPU.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
 /// (resident KiB, threads) from /proc/PID/status.
 fn rss_threads(pid: u32) -> (u64, u64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -412,11 +430,17 @@ fn throughput(
     let mut rows = vec![];
     let mut cpu = (0.0, 0.0);
     let mut relayed = 0u64;
+    // Machine busy/total ticks during the proxied runs of the current kind.
+    let ticks = std::cell::Cell::new((0u64, 0u64));
     let mut measure = |f: &mut dyn FnMut() -> f64| {
         let c0 = (cpu_secs(st.local.pid()), cpu_secs(st.remote.pid()));
+        let m0 = machine_ticks();
         let r = f();
+        let m1 = machine_ticks();
         cpu.0 += cpu_secs(st.local.pid()) - c0.0;
         cpu.1 += cpu_secs(st.remote.pid()) - c0.1;
+        let t = ticks.get();
+        ticks.set((t.0 + m1.0 - m0.0, t.1 + m1.1 - m0.1));
         relayed += size;
         r
     };
@@ -444,7 +468,9 @@ fn throughput(
             runs.push(&mut peer);
         }
         let m = alternate(&mut runs);
-        rows.push((*name, m[0], m[1], m.get(2).copied()));
+        let (busy, total) = ticks.replace((0, 0));
+        let busy = busy as f64 / total.max(1) as f64;
+        rows.push((*name, m[0], m[1], m.get(2).copied(), busy));
     }
     let gib = relayed as f64 / GIB as f64;
     let (lc, rc) = (cpu.0 / gib, cpu.1 / gib);
@@ -455,19 +481,21 @@ fn throughput(
     );
     let _ = writeln!(
         rep.md,
-        "| run | direct MB/s | flowgate MB/s | ratio | haproxy 2-hop MB/s | ratio |\n|---|---|---|---|---|---|"
+        "| run | direct MB/s | flowgate MB/s | ratio | cores busy (flowgate runs) | haproxy 2-hop MB/s | ratio |\n|---|---|---|---|---|---|---|"
     );
-    for (name, d, p, h) in rows {
+    for (name, d, p, h, busy) in rows {
         let peer = h.map_or("- | -".to_string(), |h| format!("{h:.0} | {:.2}", h / d));
         let _ = writeln!(
             rep.md,
-            "| {name} | {d:.0} | {p:.0} | {:.2} | {peer} |",
-            p / d
+            "| {name} | {d:.0} | {p:.0} | {:.2} | {:.0}% | {peer} |",
+            p / d,
+            busy * 100.0
         );
         let key = name.replace([',', ' '], "_").replace("__", "_");
         rep.num(&format!("throughput.{key}.direct_mbps"), d);
         rep.num(&format!("throughput.{key}.flowgate_mbps"), p);
         rep.num(&format!("throughput.{key}.ratio"), p / d);
+        rep.num(&format!("throughput.{key}.machine_busy"), busy);
         if let Some(h) = h {
             rep.num(&format!("throughput.{key}.haproxy_mbps"), h);
             rep.num(&format!("throughput.{key}.haproxy_ratio"), h / d);
