@@ -245,6 +245,24 @@ fn machine_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// Context switches of all of a process's threads so far (threads that exited are not
+/// counted; the proxies keep their workers).
+fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// (resident KiB, threads) from /proc/PID/status.
 fn rss_threads(pid: u32) -> (u64, u64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -693,14 +711,22 @@ fn setup_rate(
 ) {
     let secs = if opts.quick { 2 } else { 5 };
     let mut rows = vec![];
+    // Each path with the relay processes whose CPU and context switches it costs.
     let mut paths = vec![
-        ("direct", Via::Direct),
-        ("flowgate", Via::Proxy(st.local.addr, "unlimited".into())),
+        ("direct", Via::Direct, vec![]),
+        (
+            "flowgate",
+            Via::Proxy(st.local.addr, "unlimited".into()),
+            vec![st.local.pid(), st.remote.pid()],
+        ),
     ];
     if let Some(r) = reference {
-        paths.push(("haproxy 2-hop (reference)", Via::Relay(r.entry)));
+        let pids = r.hops.iter().map(Child::id).collect();
+        paths.push(("haproxy 2-hop (reference)", Via::Relay(r.entry), pids));
     }
-    for (name, via) in paths {
+    for (name, via, pids) in paths {
+        let cpu0: f64 = pids.iter().map(|&p| cpu_secs(p)).sum();
+        let ctx0: u64 = pids.iter().map(|&p| ctx_switches(p)).sum();
         let lat = Arc::new(Mutex::new(Vec::<f64>::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let t = Instant::now();
@@ -732,6 +758,8 @@ fn setup_rate(
             h.join().unwrap();
         }
         let elapsed = t.elapsed().as_secs_f64();
+        let cpu = pids.iter().map(|&p| cpu_secs(p)).sum::<f64>() - cpu0;
+        let ctx = pids.iter().map(|&p| ctx_switches(p)).sum::<u64>() - ctx0;
         let mut l = lat.lock().unwrap().clone();
         l.sort_by(|a, b| a.total_cmp(b));
         let pct = |p: f64| {
@@ -739,12 +767,19 @@ fn setup_rate(
                 .copied()
                 .unwrap_or(0.0)
         };
-        rows.push((name, l.len() as f64 / elapsed, pct(0.5), pct(0.99)));
+        let reqs = l.len().max(1) as f64;
+        let relay = (!pids.is_empty()).then(|| (cpu * 1e6 / reqs, ctx as f64 / reqs));
+        rows.push((name, l.len() as f64 / elapsed, pct(0.5), pct(0.99), relay));
     }
-    let _ = writeln!(rep.md, "\n## 4. Setup: 1 KiB requests on new connections, 16 concurrent, {secs} s\n\n| path | req/s | TTFB p50 ms | TTFB p99 ms |\n|---|---|---|---|");
-    for (n, r, p50, p99) in &rows {
-        let _ = writeln!(rep.md, "| {n} | {r:.0} | {p50:.2} | {p99:.2} |");
+    let _ = writeln!(rep.md, "\n## 4. Setup: 1 KiB requests on new connections, 16 concurrent, {secs} s\n\n| path | req/s | TTFB p50 ms | TTFB p99 ms | relay CPU us/req (both hops) | context switches/req (both hops) |\n|---|---|---|---|---|---|");
+    for (n, r, p50, p99, relay) in &rows {
+        let per = relay.map_or("- | -".into(), |(c, x)| format!("{c:.0} | {x:.1}"));
+        let _ = writeln!(rep.md, "| {n} | {r:.0} | {p50:.2} | {p99:.2} | {per} |");
         let n = n.split_whitespace().next().unwrap_or(n);
+        if let Some((c, x)) = relay {
+            rep.num(&format!("setup.{n}.relay_cpu_us_per_req"), *c);
+            rep.num(&format!("setup.{n}.ctx_switches_per_req"), *x);
+        }
         rep.num(&format!("setup.{n}.rps"), *r);
         rep.num(&format!("setup.{n}.ttfb_p50_ms"), *p50);
         rep.num(&format!("setup.{n}.ttfb_p99_ms"), *p99);
