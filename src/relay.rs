@@ -593,6 +593,53 @@ mod tests {
     }
 
     #[test]
+    fn recycled_pipes_carry_only_their_own_tunnels_bytes() {
+        // Tunnel i sends bytes of value i. Some end with the target hanging up mid-transfer,
+        // which can leave bytes in the pipe: such a pipe must not serve a later tunnel.
+        for i in 1..=12u8 {
+            let (mut app, client, target, mut origin) = sockets();
+            let opts = Options {
+                bucket: None,
+                idle_timeout: Some(Duration::from_secs(30)),
+            };
+            let relay =
+                std::thread::spawn(move || relay_spliced(&client, &target, &opts).expect("splice"));
+            if i % 4 == 1 {
+                let writer = std::thread::spawn(move || {
+                    let _ = app.write_all(&vec![i; 8_000_000]);
+                });
+                let mut first = [0u8; 1000];
+                origin.read_exact(&mut first).unwrap();
+                assert!(first.iter().all(|&b| b == i));
+                drop(origin); // unread bytes: a reset, and the relay's write fails
+                writer.join().unwrap();
+                relay.join().unwrap();
+                continue;
+            }
+            let n = if i % 3 == 0 {
+                2_000_000
+            } else {
+                1000 + i as usize
+            };
+            let writer = std::thread::spawn(move || {
+                app.write_all(&vec![i; n]).unwrap();
+                app.shutdown(Shutdown::Write).unwrap();
+                app
+            });
+            let mut got = Vec::new();
+            origin.read_to_end(&mut got).unwrap();
+            assert_eq!(got.len(), n, "tunnel {i}");
+            assert!(
+                got.iter().all(|&b| b == i),
+                "tunnel {i} got another's bytes"
+            );
+            drop(origin);
+            drop(writer.join().unwrap());
+            relay.join().unwrap();
+        }
+    }
+
+    #[test]
     fn an_idle_tunnel_is_closed() {
         let (mut app, client, target, _origin) = sockets();
         let opts = Options {
