@@ -17,6 +17,31 @@ fn socks5_ipv4_carries_10mb_each_way_intact() {
 }
 
 #[test]
+fn a_whole_handshake_and_early_data_in_one_write_arrive_intact() {
+    // Greeting, RFC 1929 credentials, CONNECT and the app's first request in one segment (as
+    // pipelining clients send them): the handshake takes its bytes, the request goes on.
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    let o = origin();
+    let SocketAddr::V4(o4) = o else {
+        panic!("origin is IPv4")
+    };
+    let mut s = connect(p.local_addr());
+    let mut msg = vec![5, 1, 2, 1, 5];
+    msg.extend_from_slice(b"alice");
+    msg.extend_from_slice(&[2, b'p', b'w', 5, 1, 0, 1]);
+    msg.extend_from_slice(&o4.ip().octets());
+    msg.extend_from_slice(&o4.port().to_be_bytes());
+    msg.extend_from_slice(b"GET /bytes/70000 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n");
+    s.write_all(&msg).unwrap();
+    let mut replies = [0u8; 2 + 2 + 10];
+    s.read_exact(&mut replies).unwrap();
+    assert_eq!(&replies[..6], &[5, 2, 1, 0, 5, 0], "{replies:?}");
+    let r = read_response_head(&mut s);
+    assert_eq!(r.code, 200);
+    assert_body_is_pattern(&mut s, 70_000);
+}
+
+#[test]
 fn socks5_domain_is_resolved_by_remote_proxy() {
     let p = pair(&[user("alice", "pw", "unlimited")]);
     let o = origin();
