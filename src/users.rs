@@ -481,12 +481,23 @@ struct Verified {
     digest: [u8; 64],
 }
 
+/// One argon2 check in progress, shared by every caller with the same name, password and
+/// stored hash.
+struct Flight {
+    phc: String,
+    // Set once: whether the password matched.
+    result: Mutex<Option<bool>>,
+    done: Condvar,
+}
+
 /// Checks credentials against the store, remembering successes.
 ///
 /// A password that verified once is recognised by a keyed BLAKE2b digest (microseconds)
 /// until the stored hash changes. A wrong password, or an unknown user, always costs a full
 /// argon2 check, so timing does not tell the two apart. At most as many argon2 checks run at
 /// once as there are cores: each takes 19 MiB, and a login flood must not exhaust memory.
+/// Concurrent checks of the same name and password share one argon2 run (single flight): an
+/// app that opens 16 connections at once used to queue 16 hashes, a second of CPU on 2 cores.
 pub struct Authenticator {
     // The store; one connection, lookups are short primary-key reads.
     store: Mutex<Store>,
@@ -501,6 +512,10 @@ pub struct Authenticator {
     // malloc arena (glibc raises its mmap threshold after the first free), hundreds of MiB.
     hash_memory: Mutex<Vec<Vec<Block>>>,
     hash_memory_freed: Condvar,
+    // Checks in progress, by password digest (which covers the name).
+    flights: Mutex<HashMap<[u8; 64], std::sync::Arc<Flight>>>,
+    // argon2 checks run so far.
+    hashes: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Authenticator {
@@ -527,6 +542,8 @@ impl Authenticator {
             dummy_hash,
             hash_memory: Mutex::new((0..slots).map(|_| Vec::new()).collect()),
             hash_memory_freed: Condvar::new(),
+            flights: Mutex::new(HashMap::new()),
+            hashes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -545,6 +562,8 @@ impl Authenticator {
     }
 
     fn slow_verify(&self, password: &str, phc: &str) -> bool {
+        self.hashes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut memory = {
             let mut pool = self.hash_memory.lock();
             loop {
@@ -576,9 +595,84 @@ impl Authenticator {
                 return Ok(user);
             }
         }
-        if !self.slow_verify(password, &user.password_hash) {
+        if !self.shared_verify(name, password, &user.password_hash, digest) {
             return Err(AuthError::BadCredentials);
         }
+        Ok(user)
+    }
+
+    /// Runs the argon2 check, or waits for an identical one already running; a success is
+    /// cached before anyone is told.
+    fn shared_verify(&self, name: &str, password: &str, phc: &str, digest: [u8; 64]) -> bool {
+        use std::collections::hash_map::Entry;
+        // (flight to wait for or lead, whether we lead); the map's lock is released here.
+        let joined = match self.flights.lock().entry(digest) {
+            Entry::Occupied(e) if e.get().phc == phc => {
+                Some((std::sync::Arc::clone(e.get()), false))
+            }
+            // A check against an older hash (the password just changed): run our own.
+            Entry::Occupied(_) => None,
+            Entry::Vacant(e) => {
+                let f = std::sync::Arc::new(Flight {
+                    phc: phc.to_string(),
+                    result: Mutex::new(None),
+                    done: Condvar::new(),
+                });
+                e.insert(std::sync::Arc::clone(&f));
+                Some((f, true))
+            }
+        };
+        match joined {
+            Some((f, true)) => self.lead(name, password, digest, &f),
+            Some((f, false)) => {
+                let mut result = f.result.lock();
+                loop {
+                    if let Some(ok) = *result {
+                        return ok;
+                    }
+                    f.done.wait(&mut result);
+                }
+            }
+            None => {
+                let ok = self.slow_verify(password, phc);
+                if ok {
+                    self.remember(name, phc, digest);
+                }
+                ok
+            }
+        }
+    }
+
+    // Runs the flight this caller registered, publishes the result, and retires the flight.
+    fn lead(&self, name: &str, password: &str, digest: [u8; 64], f: &Flight) -> bool {
+        /// Publishes "no match" and retires the flight if the check panics, so waiters and
+        /// later logins are never stuck behind it.
+        struct Landing<'a> {
+            auth: &'a Authenticator,
+            flight: &'a Flight,
+            digest: [u8; 64],
+        }
+        impl Drop for Landing<'_> {
+            fn drop(&mut self) {
+                self.flight.result.lock().get_or_insert(false);
+                self.flight.done.notify_all();
+                self.auth.flights.lock().remove(&self.digest);
+            }
+        }
+        let _landing = Landing {
+            auth: self,
+            flight: f,
+            digest,
+        };
+        let ok = self.slow_verify(password, &f.phc);
+        if ok {
+            self.remember(name, &f.phc, digest);
+        }
+        *f.result.lock() = Some(ok);
+        ok
+    }
+
+    fn remember(&self, name: &str, phc: &str, digest: [u8; 64]) {
         let mut cache = self.cache.lock();
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
@@ -586,11 +680,10 @@ impl Authenticator {
         cache.insert(
             name.to_string(),
             Verified {
-                phc: user.password_hash.clone(),
+                phc: phc.to_string(),
                 digest,
             },
         );
-        Ok(user)
     }
 
     /// Forgets cached verifications of users no longer in `present`.
@@ -750,6 +843,32 @@ mod tests {
             Err(AuthError::BadCredentials)
         ));
         assert!(auth.authenticate("alice", "new").is_ok());
+    }
+
+    #[test]
+    fn concurrent_logins_with_one_password_share_one_hash() {
+        let db = temp_db();
+        let s = Store::open(&db).unwrap();
+        s.add("alice", "right", Bandwidth::UNLIMITED).unwrap();
+        let auth = std::sync::Arc::new(Authenticator::new(s).unwrap());
+        let start = std::sync::Arc::new(std::sync::Barrier::new(16));
+        let hs: Vec<_> = (0..16)
+            .map(|i| {
+                let (auth, start) = (std::sync::Arc::clone(&auth), std::sync::Arc::clone(&start));
+                std::thread::spawn(move || {
+                    let pw = if i == 15 { "wrong" } else { "right" };
+                    start.wait();
+                    auth.authenticate("alice", pw).is_ok()
+                })
+            })
+            .collect();
+        let oks: Vec<bool> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(oks.iter().filter(|&&ok| ok).count(), 15);
+        assert!(!oks[15], "the wrong password must still fail");
+        // One hash for the fifteen right passwords (shared, or cached by the time a late
+        // thread arrives) and one for the wrong one.
+        assert_eq!(auth.hashes.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert!(auth.flights.lock().is_empty());
     }
 
     #[test]
