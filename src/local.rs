@@ -193,7 +193,8 @@ impl Local {
             other => {
                 log::info!("conn={id} unknown protocol (first byte {other:#04x})");
                 // Take what already arrived so the close is a FIN, not a reset.
-                let _ = d.read(&mut [0u8; 4096]);
+                drop(d);
+                let _ = (&stream).read(&mut [0u8; 4096]);
             }
         }
     }

@@ -130,6 +130,22 @@ impl Dir<'_> {
         self.pending > 0
     }
 
+    /// A splice filled the pipe: this direction carries bulk, so give it [`MAX_PIPE`] at
+    /// once (growing in steps was measured slower: on loopback a socket seldom holds a whole
+    /// 256 KiB at once, so the next step came late or never). Starting at the kernel's
+    /// default keeps small and rate-limited tunnels cheap; unprivileged users share a budget
+    /// of pipe pages (fs.pipe-user-pages-soft).
+    fn grow_pipe(&mut self) {
+        if let Some((r, _, size)) = self.pipe.as_mut() {
+            *size = match fcntl(&*r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32)) {
+                Ok(got) => got as usize,
+                // Refused (the pipe-page budget is spent): stop asking. The larger figure is
+                // only a cap on each splice, which moves what the pipe holds.
+                Err(_) => MAX_PIPE,
+            };
+        }
+    }
+
     /// Writes what the pipe holds; passes the FIN on once drained after EOF.
     fn flush(&mut self) -> Step {
         let Some((pr, _, _)) = self.pipe.as_ref() else {
@@ -248,24 +264,6 @@ impl Drop for Dir<'_> {
     }
 }
 
-impl Dir<'_> {
-    /// A splice filled the pipe: this direction carries bulk, so give it [`MAX_PIPE`] at
-    /// once (growing in steps was measured slower: on loopback a socket seldom holds a whole
-    /// 256 KiB at once, so the next step came late or never). Starting at the kernel's
-    /// default keeps small and rate-limited tunnels cheap; unprivileged users share a budget
-    /// of pipe pages (fs.pipe-user-pages-soft).
-    fn grow_pipe(&mut self) {
-        if let Some((r, _, size)) = self.pipe.as_mut() {
-            *size = match fcntl(&*r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32)) {
-                Ok(got) => got as usize,
-                // Refused (the pipe-page budget is spent): stop asking. The larger figure is
-                // only a cap on each splice, which moves what the pipe holds.
-                Err(_) => MAX_PIPE,
-            };
-        }
-    }
-}
-
 fn flags() -> SpliceFFlags {
     // No SPLICE_F_MORE: it corks the last chunk for 200 ms (PERF-NOTES).
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
@@ -275,10 +273,10 @@ fn flags() -> SpliceFFlags {
 /// socket, no copy through user space and no second thread.
 ///
 /// Each direction takes a pipe (64 KiB; 1 MiB once a splice fills it) when its first byte
-/// arrives, so an idle tunnel
-/// holds one thread and two sockets, nothing else. Metering is as in the copying relay: move
-/// at most the fair share into the pipe, pay for what arrived, then write it. While a
-/// direction waits for tokens the other waits too; both draw on the same budget anyway.
+/// arrives, so an idle tunnel holds one thread and two sockets, nothing else. Metering is as
+/// in the copying relay: move at most the fair share into the pipe, pay for what arrived,
+/// then write it. While a direction waits for tokens the other waits too; both draw on the
+/// same budget anyway.
 /// Returns `None`, having moved nothing, when these sockets cannot be spliced.
 fn relay_spliced(client: &TcpStream, target: &TcpStream, opts: &Options) -> Option<Stats> {
     if client.set_nonblocking(true).is_err() || target.set_nonblocking(true).is_err() {
