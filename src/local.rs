@@ -192,9 +192,8 @@ impl Local {
             }
             other => {
                 log::info!("conn={id} unknown protocol (first byte {other:#04x})");
-                // Take what already arrived so the close is a FIN, not a reset.
                 drop(d);
-                let _ = (&stream).read(&mut [0u8; 4096]);
+                drain_arrived(&stream);
             }
         }
     }
@@ -447,6 +446,17 @@ impl Local {
             started.elapsed().as_secs_f64()
         );
     }
+}
+
+/// Takes what already arrived so closing sends a FIN, not a reset.
+///
+/// Not inlined: its buffer would otherwise sit in `serve`'s frame, which stays live for the
+/// whole tunnel, and a frame over a page is probed page by page: +4 KiB resident per idle
+/// tunnel (measured: 15.2 -> 19.1 KiB at 5,000 tunnels).
+#[inline(never)]
+fn drain_arrived(stream: &TcpStream) {
+    let mut s = stream;
+    let _ = s.read(&mut [0u8; 4096]);
 }
 
 fn is_timeout(e: &io::Error) -> bool {

@@ -300,11 +300,6 @@ pub fn raise_fd_limit() -> Option<u64> {
 /// closed, so a flood cannot tie up threads answering it.
 const MAX_BUSY_JOBS: usize = 64;
 
-/// Serve workers kept waiting for sockets; more go back to the thread pool. Low enough that
-/// the waiting ones stay warm, high enough that 16-32 concurrent short tunnels do not make
-/// workers retire and respawn all the time (a cap of 4 cost ~10% CPU per request).
-const MAX_IDLE_SERVERS: usize = 32;
-
 /// State shared by the accept thread, the serve workers and the sweeper.
 struct ServeCtx {
     rx: crossbeam_channel::Receiver<Arrived>,
@@ -339,14 +334,6 @@ impl ServeCtx {
 
     fn serve_loop(self: Arc<Self>) {
         loop {
-            // Enough spares are waiting: give this thread back to the pool. crossbeam wakes
-            // the longest-waiting receiver, so after a burst left hundreds of workers every
-            // socket went to the coldest thread: context switches per tunnel (both proxies)
-            // rose from ~11 to ~18 after the accuracy benchmark; with the cap they stay ~11.
-            if self.idle.load(Ordering::Acquire) >= MAX_IDLE_SERVERS {
-                self.serving.fetch_sub(1, Ordering::AcqRel);
-                return;
-            }
             self.idle.fetch_add(1, Ordering::AcqRel);
             let next = self.rx.recv();
             let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
