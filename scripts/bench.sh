@@ -2,7 +2,7 @@
 # Benchmark: builds in release, then benches/e2e.rs starts remote-proxy and local-proxy on
 # 127.0.0.1 with an in-process origin and prints throughput, accuracy, fairness, setup rate,
 # scale and CPU beside direct figures. Output: bench-out/results.{md,json}, accuracy.svg.
-#   scripts/bench.sh            full run (about 4 minutes)
+#   scripts/bench.sh            full run (about 6 minutes)
 #   scripts/bench.sh --quick    short smoke run
 #   scripts/bench.sh --only throughput,setup
 #   scripts/bench.sh --no-reference   skip the HAProxy reference rows
