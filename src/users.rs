@@ -16,6 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes; older databases are migrated on open.
@@ -513,7 +514,7 @@ pub struct Authenticator {
     hash_memory: Mutex<Vec<Vec<Block>>>,
     hash_memory_freed: Condvar,
     // Checks in progress, by password digest (which covers the name).
-    flights: Mutex<HashMap<[u8; 64], std::sync::Arc<Flight>>>,
+    flights: Mutex<HashMap<[u8; 64], Arc<Flight>>>,
     // argon2 checks run so far.
     hashes: std::sync::atomic::AtomicU64,
 }
@@ -607,18 +608,16 @@ impl Authenticator {
         use std::collections::hash_map::Entry;
         // (flight to wait for or lead, whether we lead); the map's lock is released here.
         let joined = match self.flights.lock().entry(digest) {
-            Entry::Occupied(e) if e.get().phc == phc => {
-                Some((std::sync::Arc::clone(e.get()), false))
-            }
+            Entry::Occupied(e) if e.get().phc == phc => Some((Arc::clone(e.get()), false)),
             // A check against an older hash (the password just changed): run our own.
             Entry::Occupied(_) => None,
             Entry::Vacant(e) => {
-                let f = std::sync::Arc::new(Flight {
+                let f = Arc::new(Flight {
                     phc: phc.to_string(),
                     result: Mutex::new(None),
                     done: Condvar::new(),
                 });
-                e.insert(std::sync::Arc::clone(&f));
+                e.insert(Arc::clone(&f));
                 Some((f, true))
             }
         };
@@ -633,13 +632,7 @@ impl Authenticator {
                     f.done.wait(&mut result);
                 }
             }
-            None => {
-                let ok = self.slow_verify(password, phc);
-                if ok {
-                    self.remember(name, phc, digest);
-                }
-                ok
-            }
+            None => self.verify_and_remember(name, password, phc, digest),
         }
     }
 
@@ -664,11 +657,17 @@ impl Authenticator {
             flight: f,
             digest,
         };
-        let ok = self.slow_verify(password, &f.phc);
-        if ok {
-            self.remember(name, &f.phc, digest);
-        }
+        let ok = self.verify_and_remember(name, password, &f.phc, digest);
         *f.result.lock() = Some(ok);
+        ok
+    }
+
+    /// The argon2 check; a success goes into the cache.
+    fn verify_and_remember(&self, name: &str, password: &str, phc: &str, digest: [u8; 64]) -> bool {
+        let ok = self.slow_verify(password, phc);
+        if ok {
+            self.remember(name, phc, digest);
+        }
         ok
     }
 
@@ -850,11 +849,11 @@ mod tests {
         let db = temp_db();
         let s = Store::open(&db).unwrap();
         s.add("alice", "right", Bandwidth::UNLIMITED).unwrap();
-        let auth = std::sync::Arc::new(Authenticator::new(s).unwrap());
-        let start = std::sync::Arc::new(std::sync::Barrier::new(16));
+        let auth = Arc::new(Authenticator::new(s).unwrap());
+        let start = Arc::new(std::sync::Barrier::new(16));
         let hs: Vec<_> = (0..16)
             .map(|i| {
-                let (auth, start) = (std::sync::Arc::clone(&auth), std::sync::Arc::clone(&start));
+                let (auth, start) = (Arc::clone(&auth), Arc::clone(&start));
                 std::thread::spawn(move || {
                     let pw = if i == 15 { "wrong" } else { "right" };
                     start.wait();
