@@ -3,8 +3,8 @@
 //! `cargo bench --bench bucket`. Plain `std::time` rather than criterion: one number per case
 //! is all we need, and the CI build stays free of criterion's dependency tree.
 
-use flowgate::bucket::SharedBucket;
-use flowgate::rate::Bandwidth;
+use flowgate::limit::bucket::SharedBucket;
+use flowgate::limit::rate::Bandwidth;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -8,7 +8,13 @@
 //! (throughput, accuracy, fairness, setup, scale); `--no-reference` skips the HAProxy rows
 //! (measured when `haproxy` is installed).
 
-use flowgate::origin::Origin;
+// The origin lives with the test support (it is not part of the library); its unit tests run
+// with the integration tests, not here.
+#[path = "../tests/it/support/origin.rs"]
+#[allow(dead_code, unused_imports)]
+mod origin;
+
+use origin::Origin;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,9 +1,9 @@
 //! Command-line flags of both binaries (clap derive), and their conversion into the
 //! validated types of config.rs. The binaries stay thin: parse, convert, run.
 
-use crate::admission::Limits;
 use crate::config::{self, Credentials, LocalConfig, RemoteConfig, Timeouts};
-use crate::rate::{Bandwidth, RequestRate};
+use crate::limit::admission::Limits;
+use crate::limit::rate::{Bandwidth, RequestRate};
 use crate::users::Changes;
 use clap::{Args, Parser, Subcommand};
 use std::io::BufRead;
@@ -137,7 +137,7 @@ impl std::str::FromStr for MaybeRate {
             r => r
                 .parse()
                 .map(|r| MaybeRate(Some(r)))
-                .map_err(|e: crate::rate::RequestRateError| e.to_string()),
+                .map_err(|e: crate::limit::rate::RequestRateError| e.to_string()),
         }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Out of scope: flag parsing (cli.rs turns flags into these types).
 
-use crate::admission::Limits;
-use crate::rate::{Bandwidth, RequestRate};
+use crate::limit::admission::Limits;
+use crate::limit::rate::{Bandwidth, RequestRate};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -21,24 +21,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod addr;
-pub mod admission;
-pub mod bucket;
 // Doc comments in cli.rs are --help text; flattened and subcommand fields have none.
 #[allow(missing_docs)]
 pub mod cli;
-pub mod clock;
 pub mod config;
-pub mod http_connect;
+pub mod limit;
 pub mod local;
-pub mod origin;
-pub mod rate;
-pub mod relay;
+pub mod net;
+pub mod proto;
 pub mod remote;
-pub mod server;
-pub mod socks5;
-pub mod throttle;
-pub mod tunnel;
 pub mod users;
 
 /// Starts env_logger with `info` as the default level (RUST_LOG overrides it).

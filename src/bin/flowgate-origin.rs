@@ -1,5 +1,10 @@
-//! flowgate-origin: the demo/test/benchmark origin (see `flowgate::origin`) as a process, so
-//! scripts/demo.sh and scripts/loadtest.sh need nothing but this repository and curl.
+//! flowgate-origin: the demo/test/benchmark origin (tests/it/support/origin.rs) as a process,
+//! so scripts/demo.sh and scripts/loadtest.sh need nothing but this repository and curl. The
+//! origin is compiled into this binary, the tests and the benchmark, not into the library.
+
+#[path = "../../tests/it/support/origin.rs"]
+#[allow(dead_code)]
+mod origin;
 
 use clap::Parser;
 use std::net::SocketAddr;
@@ -17,7 +22,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     flowgate::init_logging();
-    match flowgate::origin::Origin::start(cli.listen) {
+    match origin::Origin::start(cli.listen) {
         Ok(o) => {
             log::info!("origin listening on {}", o.local_addr());
             loop {

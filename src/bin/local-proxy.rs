@@ -1,7 +1,7 @@
 //! local-proxy: serve apps (SOCKS5 + HTTP on one port), or `signup` for a new account.
 
 use flowgate::cli::{LocalCli, LocalCommand};
-use flowgate::tunnel::Status;
+use flowgate::proto::tunnel::Status;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -40,7 +40,7 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
         None => {
             let cfg = cli.run.into_config()?;
             flowgate::init_logging();
-            let fd_limit = flowgate::server::raise_fd_limit();
+            let fd_limit = flowgate::net::sys::raise_fd_limit();
             let server = flowgate::local::start(cfg)?;
             // After the "listening on" line, which scripts read as the first line.
             if let Some(n) = fd_limit {

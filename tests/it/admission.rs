@@ -1,8 +1,8 @@
 //! Slots, the paused queue, per-user caps and request-rate throttles, end to end.
 
 use crate::support::*;
-use flowgate::addr::TargetAddr;
-use flowgate::tunnel::Status;
+use flowgate::proto::addr::TargetAddr;
+use flowgate::proto::tunnel::Status;
 use flowgate::users::{Changes, Store};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -127,13 +127,13 @@ fn a_client_that_leaves_the_queue_is_never_served() {
     let counted = hold_target(reached.clone());
     {
         let mut s = connect(p.remote_addr());
-        let req = flowgate::tunnel::Request {
-            command: flowgate::tunnel::Command::Connect,
+        let req = flowgate::proto::tunnel::Request {
+            command: flowgate::proto::tunnel::Command::Connect,
             user: "alice".into(),
             password: "pw".into(),
             target: Some(TargetAddr::Ip(counted)),
         };
-        flowgate::tunnel::write_request(&mut s, &req).unwrap();
+        flowgate::proto::tunnel::write_request(&mut s, &req).unwrap();
         std::thread::sleep(Duration::from_millis(200));
     } // dropped: the client left while queued
     std::thread::sleep(Duration::from_millis(300));

@@ -52,7 +52,7 @@ fn curl_through_the_real_binaries() {
     let (_local, laddr) = spawn_listening(lcmd);
     let o = origin();
     let n = 3_000_000u64;
-    let want = format!("{n} {:016x}", flowgate::origin::pattern_hash(n));
+    let want = format!("{n} {:016x}", crate::support::origin::pattern_hash(n));
     let url = format!("http://localhost:{}/bytes/{n}", o.port());
     let proxy = laddr.to_string();
     let http_proxy = format!("http://{laddr}");
@@ -75,7 +75,7 @@ fn curl_through_the_real_binaries() {
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let h = flowgate::origin::fnv1a(flowgate::origin::FNV_START, &out.stdout);
+        let h = crate::support::origin::fnv1a(crate::support::origin::FNV_START, &out.stdout);
         assert_eq!(format!("{} {h:016x}", out.stdout.len()), want, "{args:?}");
     }
     // Errors as curl reports them.

@@ -2,8 +2,8 @@
 //! hangs a worker.
 
 use crate::support::*;
-use flowgate::addr::TargetAddr;
-use flowgate::tunnel::{self, Status};
+use flowgate::proto::addr::TargetAddr;
+use flowgate::proto::tunnel::{self, Status};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};

@@ -90,7 +90,7 @@ fn plain_http_is_forwarded_10mb_each_way_intact() {
     let mut off = 0u64;
     while off < TEN_MB {
         let k = ((TEN_MB - off) as usize).min(buf.len());
-        flowgate::origin::fill_pattern(off, &mut buf[..k]);
+        crate::support::origin::fill_pattern(off, &mut buf[..k]);
         s.write_all(&buf[..k]).unwrap();
         off += k as u64;
     }
@@ -102,7 +102,7 @@ fn plain_http_is_forwarded_10mb_each_way_intact() {
         body.trim(),
         format!(
             "bytes={TEN_MB} fnv={:016x}",
-            flowgate::origin::pattern_hash(TEN_MB)
+            crate::support::origin::pattern_hash(TEN_MB)
         )
     );
 }

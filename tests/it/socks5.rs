@@ -53,7 +53,7 @@ fn socks5_domain_is_resolved_by_remote_proxy() {
 
 #[test]
 fn socks5_ipv6_carries_bytes_when_the_machine_has_ipv6() {
-    let Ok(o6) = flowgate::origin::Origin::start("[::1]:0".parse().unwrap()) else {
+    let Ok(o6) = crate::support::origin::Origin::start("[::1]:0".parse().unwrap()) else {
         eprintln!("skipped: cannot bind [::1]");
         return;
     };

@@ -9,8 +9,8 @@
 //! are forgotten, so memory is bounded by the keys active in the last window.
 //! Out of scope: what a key is (remote.rs uses client IPs and user names).
 
-use crate::clock::{Clock, SystemClock};
-use crate::rate::RequestRate;
+use crate::limit::clock::{Clock, SystemClock};
+use crate::limit::rate::RequestRate;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -161,7 +161,7 @@ pub fn retry_after_secs(wait: Duration) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::limit::clock::ManualClock;
 
     fn rate(s: &str) -> RequestRate {
         s.parse().unwrap()

@@ -14,8 +14,9 @@
 //! pool grows on demand so a relay job never waits for a thread: a tunnel stuck half-relayed
 //! would be a deadlock.
 
-use crate::admission::{Admission, Arrival, Limits, Removed};
-use parking_lot::Mutex;
+use crate::limit::admission::{Admission, Arrival, Limits, Removed};
+use crate::net::sys::peer_alive;
+use crate::net::workers::Workers;
 use std::any::Any;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,81 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use threadpool::ThreadPool;
-
-/// Stack size of every worker thread, in bytes. Relay buffers live on the heap; the deepest
-/// stack use is getaddrinfo and argon2's setup, both well under this. The default 2 MiB costs
-/// address space per thread, and thousands of tunnels mean thousands of threads; only touched
-/// pages become resident, so this bounds the worst case, not the typical one.
-pub const WORKER_STACK_SIZE: usize = 256 * 1024;
 
 /// Short per-connection id for log lines (`conn=17`).
 pub type ConnId = u64;
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-
-/// A thread pool that runs every job at once: it grows instead of queueing.
-#[derive(Clone)]
-pub struct Workers {
-    inner: Arc<WorkersInner>,
-}
-
-struct WorkersInner {
-    // The pool; behind a mutex because growing it needs `&mut`.
-    pool: Mutex<ThreadPool>,
-    // Jobs submitted and not yet finished.
-    busy: AtomicUsize,
-}
-
-impl std::fmt::Debug for Workers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Workers")
-            .field("busy", &self.inner.busy.load(Ordering::Relaxed))
-            .finish()
-    }
-}
-
-struct BusyGuard(Arc<WorkersInner>);
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Workers {
-    /// An empty pool whose threads are named `name`.
-    pub fn new(name: &str) -> Workers {
-        let pool = threadpool::Builder::new()
-            .num_threads(1)
-            .thread_name(name.to_string())
-            .thread_stack_size(WORKER_STACK_SIZE)
-            .build();
-        Workers {
-            inner: Arc::new(WorkersInner {
-                pool: Mutex::new(pool),
-                busy: AtomicUsize::new(0),
-            }),
-        }
-    }
-
-    /// Runs `job` on a pool thread, adding a thread when every one is busy.
-    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
-        let mut pool = self.inner.pool.lock();
-        let busy = self.inner.busy.fetch_add(1, Ordering::AcqRel) + 1;
-        if busy > pool.max_count() {
-            // Grow by a quarter at a time so a burst of tunnels does not add threads one by
-            // one under the lock.
-            let target = busy.max(pool.max_count() + pool.max_count() / 4);
-            pool.set_num_threads(target);
-        }
-        let guard = BusyGuard(Arc::clone(&self.inner));
-        pool.execute(move || {
-            let _guard = guard;
-            job();
-        });
-    }
-}
 
 /// A running listener. Dropping it stops accepting; tunnels already open run to the end.
 pub struct Server {
@@ -142,158 +73,6 @@ struct Arrived {
     stream: TcpStream,
     id: ConnId,
     at: std::time::Instant,
-}
-
-/// True while the peer has neither closed nor reset: checked without reading, so a queued
-/// connection's bytes stay unread. POLLRDHUP reports a FIN even when data is pending.
-pub fn peer_alive(stream: &TcpStream) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-    let rdhup = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
-    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN | rdhup)];
-    match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(0) => true,
-        Ok(_) => match fds[0].revents() {
-            // nix names no POLLRDHUP flag, so it reports revents holding it as `None`; the only
-            // unnamed bit we asked for is POLLRDHUP: the peer shut down its side.
-            None => false,
-            Some(r) => !r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL),
-        },
-        Err(_) => true,
-    }
-}
-
-/// Bytes looked at per `peek`: a whole tunnel request (at most 775 bytes), SOCKS5 message or
-/// typical HTTP head arrives in one.
-const PEEK_BYTES: usize = 1024;
-
-/// How far past the deadline a blocked read may run before the socket's timeout is re-armed.
-/// Re-arming on every read cost a `setsockopt` per field of every handshake.
-const REARM_SLACK: Duration = Duration::from_millis(20);
-
-/// A socket whose handshake reads must all finish by one deadline, read with few system calls.
-///
-/// A per-read timeout alone lets a client that sends a byte every few seconds hold a worker
-/// for hours (slowloris); this caps the whole handshake (to within [`REARM_SLACK`]).
-///
-/// Parsers read field by field; each field used to be a `recv`. Instead this peeks at
-/// whatever has arrived (`MSG_PEEK`), serves the parser from that copy, and removes from the
-/// socket only the bytes the parser took, when it needs more or when dropped. So a handshake
-/// that arrived in one segment costs two `recv`s, and bytes an app sent early (past the
-/// handshake) stay in the socket for the relay, never swallowed into a buffer here.
-/// Drop it (or call [`Deadline::settle`]) before reading the socket any other way.
-/// Writes pass straight through.
-pub struct Deadline<'a> {
-    stream: &'a TcpStream,
-    until: std::time::Instant,
-    // The read timeout the socket has now.
-    timeout: Duration,
-    // Bytes peeked from the socket (still in it): `peeked[..len]`, of which the first `taken`
-    // have been handed to the reader.
-    peeked: [u8; PEEK_BYTES],
-    len: usize,
-    taken: usize,
-}
-
-impl<'a> Deadline<'a> {
-    /// Reads on `stream` must finish within `within` from now; sets that as the read timeout.
-    pub fn new(stream: &'a TcpStream, within: Duration) -> io::Result<Deadline<'a>> {
-        stream.set_read_timeout(Some(within.max(Duration::from_millis(1))))?;
-        Ok(Deadline {
-            stream,
-            until: std::time::Instant::now() + within,
-            timeout: within,
-            peeked: [0; PEEK_BYTES],
-            len: 0,
-            taken: 0,
-        })
-    }
-
-    /// The next byte, without taking it; `None` at end of stream.
-    ///
-    /// # Errors
-    /// As `read`: the deadline passed, or the socket failed.
-    pub fn peek_byte(&mut self) -> io::Result<Option<u8>> {
-        if self.taken == self.len && !self.fill()? {
-            return Ok(None);
-        }
-        Ok(Some(self.peeked[self.taken]))
-    }
-
-    /// Removes from the socket the bytes already handed out.
-    ///
-    /// # Errors
-    /// When the socket fails (the bytes were seen by `peek`, so this does not wait).
-    pub fn settle(&mut self) -> io::Result<()> {
-        if self.taken > 0 {
-            let n = self.taken;
-            self.len = 0;
-            self.taken = 0;
-            io::Read::read_exact(&mut &*self.stream, &mut self.peeked[..n])?;
-        }
-        Ok(())
-    }
-
-    // Peeks at the socket after settling what was taken; false at end of stream.
-    fn fill(&mut self) -> io::Result<bool> {
-        self.settle()?;
-        let left = self
-            .until
-            .saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake took too long",
-            ));
-        }
-        if left + REARM_SLACK < self.timeout {
-            self.stream.set_read_timeout(Some(left))?;
-            self.timeout = left;
-        }
-        self.len = self.stream.peek(&mut self.peeked)?;
-        Ok(self.len > 0)
-    }
-}
-
-impl Drop for Deadline<'_> {
-    fn drop(&mut self) {
-        let _ = self.settle();
-    }
-}
-
-impl io::Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() || (self.taken == self.len && !self.fill()?) {
-            return Ok(0);
-        }
-        let n = buf.len().min(self.len - self.taken);
-        buf[..n].copy_from_slice(&self.peeked[self.taken..self.taken + n]);
-        self.taken += n;
-        Ok(n)
-    }
-}
-
-impl io::Write for Deadline<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        io::Write::write(&mut &*self.stream, buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Raises this process's soft open-file limit to its hard limit and returns the new soft
-/// limit. Each busy tunnel holds two sockets and up to four pipe ends, so the common default
-/// of 1024 would cap a proxy near 170 busy tunnels; servers raise it themselves (nginx's
-/// `worker_rlimit_nofile`).
-pub fn raise_fd_limit() -> Option<u64> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return Some(hard);
-    }
-    Some(soft)
 }
 
 /// Most "busy" answers being written at once; past this, turned-away sockets are just
@@ -447,7 +226,7 @@ impl Server {
             service,
             workers: workers.clone(),
             admission: Admission::new(limits),
-            retry_after: crate::throttle::retry_after_secs(limits.timeout),
+            retry_after: crate::limit::throttle::retry_after_secs(limits.timeout),
             idle: AtomicUsize::new(0),
             serving: AtomicUsize::new(0),
             max: limits.max_active.max(1),
@@ -577,108 +356,4 @@ fn accept_loop(
     }
     // Whoever still waits for a slot is closed: the server is going away.
     drop(ctx.admission.drain());
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-
-    /// A connected client socket and the server side of it.
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        (c, s)
-    }
-
-    #[test]
-    fn a_deadline_caps_a_trickling_handshake() {
-        let (mut c, s) = pair();
-        let trickle = std::thread::spawn(move || {
-            for _ in 0..20 {
-                if c.write_all(b"x").is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        let mut d = Deadline::new(&s, Duration::from_millis(400)).unwrap();
-        let t = std::time::Instant::now();
-        let mut buf = [0u8; 1];
-        let err = loop {
-            match d.read(&mut buf) {
-                Ok(0) => panic!("EOF before the deadline"),
-                Ok(_) => continue,
-                Err(e) => break e,
-            }
-        };
-        assert!(
-            matches!(
-                err.kind(),
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-            ),
-            "{err}"
-        );
-        assert!(
-            t.elapsed() < Duration::from_millis(900),
-            "took {:?}",
-            t.elapsed()
-        );
-        drop(d);
-        drop(s);
-        trickle.join().unwrap();
-    }
-
-    #[test]
-    fn a_deadline_leaves_unparsed_bytes_in_the_socket() {
-        let (mut c, s) = pair();
-        c.write_all(b"HEADearly app data").unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        let mut d = Deadline::new(&s, Duration::from_secs(2)).unwrap();
-        assert_eq!(d.peek_byte().unwrap(), Some(b'H'));
-        let mut head = [0u8; 4];
-        d.read_exact(&mut head).unwrap();
-        assert_eq!(&head, b"HEAD");
-        drop(d);
-        // What the parser did not take is still there for whoever reads next (the relay).
-        let mut rest = [0u8; 14];
-        (&s).read_exact(&mut rest).unwrap();
-        assert_eq!(&rest, b"early app data");
-    }
-
-    #[test]
-    fn a_deadline_reads_a_message_split_across_segments() {
-        let (mut c, s) = pair();
-        let writer = std::thread::spawn(move || {
-            for part in [&b"ab"[..], b"cd", b"ef"] {
-                c.write_all(part).unwrap();
-                std::thread::sleep(Duration::from_millis(30));
-            }
-            c
-        });
-        let mut d = Deadline::new(&s, Duration::from_secs(2)).unwrap();
-        let mut all = [0u8; 5];
-        d.read_exact(&mut all).unwrap();
-        assert_eq!(&all, b"abcde");
-        drop(d);
-        let _c = writer.join().unwrap();
-        let mut last = [0u8; 1];
-        (&s).read_exact(&mut last).unwrap();
-        assert_eq!(&last, b"f");
-    }
-
-    #[test]
-    fn peer_alive_sees_a_fin_even_behind_unread_bytes() {
-        let (mut c, s) = pair();
-        assert!(peer_alive(&s));
-        c.write_all(b"request bytes nobody has read").unwrap();
-        assert!(peer_alive(&s));
-        drop(c);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while peer_alive(&s) {
-            assert!(std::time::Instant::now() < deadline, "FIN never seen");
-            std::thread::yield_now();
-        }
-    }
 }

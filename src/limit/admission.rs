@@ -7,7 +7,7 @@
 //! sockets: the caller says whether an item's client is still there (`is_alive`), and answers
 //! the ones turned away in their own protocol (server.rs, remote.rs).
 
-use crate::clock::{Clock, SystemClock};
+use crate::limit::clock::{Clock, SystemClock};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -319,7 +319,7 @@ impl<P> UserGate<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::limit::clock::ManualClock;
 
     fn limits(active: usize, queued: usize, secs: u64) -> Limits {
         Limits {

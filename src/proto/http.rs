@@ -8,8 +8,8 @@
 //! A forwarded request gets `Connection: close`, so each client connection carries requests
 //! to one origin only and the proxy never has to parse responses.
 
-use crate::addr::{self, TargetAddr};
-use crate::tunnel::Status;
+use crate::proto::addr::{self, TargetAddr};
+use crate::proto::tunnel::Status;
 use std::fmt;
 use std::io::{self, Read, Write};
 

@@ -13,8 +13,8 @@
 //! reads at most its share of the burst ([`SharedBucket::chunk_limit`]), so parallel
 //! connections of one user take turns in equal slices.
 
-use crate::clock::{Clock, SystemClock};
-use crate::rate::Bandwidth;
+use crate::limit::clock::{Clock, SystemClock};
+use crate::limit::rate::Bandwidth;
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -275,7 +275,7 @@ impl Drop for PumpGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::limit::clock::ManualClock;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 
 use flowgate::config::{Credentials, LocalConfig, RemoteConfig, Timeouts};
-use flowgate::origin::{self, Origin};
-use flowgate::rate::Bandwidth;
-use flowgate::server::Server;
+pub mod origin;
+
+use flowgate::limit::rate::Bandwidth;
+use flowgate::net::server::Server;
 use flowgate::users::Store;
+use origin::Origin;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -417,9 +419,9 @@ pub fn tunnel_reply(
     remote: SocketAddr,
     user: &str,
     pw: &str,
-    target: flowgate::addr::TargetAddr,
-) -> flowgate::tunnel::Reply {
-    use flowgate::tunnel;
+    target: flowgate::proto::addr::TargetAddr,
+) -> flowgate::proto::tunnel::Reply {
+    use flowgate::proto::tunnel;
     let mut s = connect(remote);
     let req = tunnel::Request {
         command: tunnel::Command::Connect,
@@ -436,8 +438,8 @@ pub fn tunnel_status(
     remote: SocketAddr,
     user: &str,
     pw: &str,
-    target: flowgate::addr::TargetAddr,
-) -> flowgate::tunnel::Status {
+    target: flowgate::proto::addr::TargetAddr,
+) -> flowgate::proto::tunnel::Status {
     tunnel_reply(remote, user, pw, target).status
 }
 

@@ -6,15 +6,21 @@
 //! Also here: one [`SharedBucket`] per user, and the watcher thread that applies `user set`
 //! and `user del` made by other processes (it polls SQLite's `data_version`).
 
-use crate::addr::TargetAddr;
-use crate::admission::{Enter, Removed, UserGate};
-use crate::bucket::SharedBucket;
+mod registry;
+
 use crate::config::RemoteConfig;
-use crate::rate::{Bandwidth, RequestRate};
-use crate::relay;
-use crate::server::{peer_alive, ConnId, Deadline, Next, Server, Service, Workers};
-use crate::throttle::{retry_after_secs, Throttle};
-use crate::tunnel::{self, Command, Reply, Request, Status};
+use crate::limit::admission::{Enter, Removed, UserGate};
+use crate::limit::bucket::SharedBucket;
+use crate::limit::rate::RequestRate;
+use crate::limit::throttle::{retry_after_secs, Throttle};
+use crate::net::connect::connect_target;
+use crate::net::handshake::Deadline;
+use crate::net::relay;
+use crate::net::server::{ConnId, Next, Server, Service};
+use crate::net::sys::peer_alive;
+use crate::net::workers::Workers;
+use crate::proto::addr::TargetAddr;
+use crate::proto::tunnel::{self, Command, Reply, Request, Status};
 use crate::users::{self, AuthError, Authenticator, Store, User};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -419,77 +425,4 @@ impl Remote {
             self.busy_pending(p);
         }
     }
-
-    /// The user's bucket, created on first use; applies `bandwidth` (just read from the
-    /// database) so a change is in force from this tunnel on.
-    fn bucket_for(&self, name: &str, bandwidth: Bandwidth) -> Arc<SharedBucket> {
-        let mut map = self.buckets.lock();
-        let b = map
-            .entry(name.to_string())
-            .or_insert_with(|| Arc::new(SharedBucket::new(bandwidth)));
-        b.set_rate(bandwidth);
-        Arc::clone(b)
-    }
-
-    /// Applies bandwidth changes and deletions made by other processes to live buckets.
-    fn watch_users(&self, stop: crossbeam_channel::Receiver<()>) {
-        let mut seen = self.auth.with_store(|s| s.data_version()).ok();
-        loop {
-            match stop.recv_timeout(self.cfg.user_poll) {
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                _ => return,
-            }
-            let now = match self.auth.with_store(|s| s.data_version()) {
-                Ok(v) => v,
-                Err(e) => {
-                    log::warn!("cannot poll the user database: {e}");
-                    continue;
-                }
-            };
-            if Some(now) == seen {
-                continue;
-            }
-            seen = Some(now);
-            let users = match self.auth.with_store(|s| s.list()) {
-                Ok(u) => u,
-                Err(e) => {
-                    log::warn!("cannot reload users: {e}");
-                    continue;
-                }
-            };
-            let rates: HashMap<&str, _> = users
-                .iter()
-                .map(|u| (u.name.as_str(), u.bandwidth))
-                .collect();
-            let mut map = self.buckets.lock();
-            map.retain(|name, bucket| match rates.get(name.as_str()) {
-                Some(bw) => {
-                    if bucket.rate() != *bw {
-                        log::info!("user={name} bandwidth now {bw}");
-                        bucket.set_rate(*bw);
-                    }
-                    true
-                }
-                None => {
-                    log::info!("user={name} deleted; new tunnels refused");
-                    false
-                }
-            });
-            drop(map);
-            self.auth.retain_cached(&|n| rates.contains_key(n));
-        }
-    }
-}
-
-/// Resolves and connects, trying each address in turn; the last error wins.
-fn connect_target(target: &TargetAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let addrs = target.resolve()?;
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
 }

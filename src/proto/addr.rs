@@ -2,12 +2,11 @@
 //!
 //! The wire form is the SOCKS5 one (RFC 1928 §5: ATYP, address, port), which the tunnel
 //! protocol reuses (docs/protocol.md §3), so one encoder and one decoder serve both.
-//! Also here: host-name checks and resolution, including RFC 6761 §6.4's rule that names
-//! under `.invalid` fail at once without asking DNS. Out of scope: connecting (remote.rs).
+//! Also here: host-name checks. Out of scope: resolving and connecting (net/connect.rs).
 
 use std::fmt;
 use std::io::{self, Read};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Address type byte: IPv4 (RFC 1928 §5 `X'01'`).
 pub const ATYP_IPV4: u8 = 0x01;
@@ -167,34 +166,6 @@ impl TargetAddr {
         }
         Ok(TargetAddr::Ip(SocketAddr::new(addr, port)))
     }
-
-    /// Resolves to socket addresses. Names under `.invalid` fail at once (RFC 6761 §6.4).
-    ///
-    /// # Errors
-    /// `io::ErrorKind::NotFound` when the name does not resolve to any address.
-    pub fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
-        match self {
-            TargetAddr::Ip(a) => Ok(vec![*a]),
-            TargetAddr::Domain(host, port) => {
-                let lower = host.trim_end_matches('.').to_ascii_lowercase();
-                if lower == "invalid" || lower.ends_with(".invalid") {
-                    return Err(not_resolved(host));
-                }
-                let addrs: Vec<SocketAddr> = (host.as_str(), *port)
-                    .to_socket_addrs()
-                    .map_err(|_| not_resolved(host))?
-                    .collect();
-                if addrs.is_empty() {
-                    return Err(not_resolved(host));
-                }
-                Ok(addrs)
-            }
-        }
-    }
-}
-
-fn not_resolved(host: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {host}"))
 }
 
 fn read_port<R: Read>(r: &mut R) -> io::Result<u16> {
@@ -310,14 +281,6 @@ mod tests {
         assert!(matches!(p("exa mple.com:80", None), Err(Error::BadHost)));
         assert!(matches!(p("[::1:80", None), Err(Error::BadHost)));
         assert!(matches!(p(":80", None), Err(Error::BadHost)));
-    }
-
-    #[test]
-    fn invalid_tld_fails_without_dns() {
-        let e = TargetAddr::Domain("nothing.invalid".into(), 80)
-            .resolve()
-            .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

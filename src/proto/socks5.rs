@@ -5,8 +5,8 @@
 //! [`Reply::for_io_error`]). Out of scope: sockets and what to do with a request (local.rs).
 //! Only CONNECT is carried; BIND and UDP ASSOCIATE get [`Reply::CommandNotSupported`].
 
-use crate::addr::{self, TargetAddr};
-use crate::tunnel::Status;
+use crate::proto::addr::{self, TargetAddr};
+use crate::proto::tunnel::Status;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! Out of scope: sockets, authentication, relaying. After an `Ok` reply to `Connect`, both
 //! sides switch to raw bytes.
 
-use crate::addr::{self, TargetAddr};
+use crate::proto::addr::{self, TargetAddr};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};

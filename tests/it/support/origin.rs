@@ -6,7 +6,7 @@
 //! hashing (for throughput benchmarks); `GET /` says hello. Not a general web
 //! server: no chunked bodies, no files. One thread per connection, keep-alive honoured.
 
-use crate::http_connect::{read_head, Head};
+use flowgate::proto::http::{read_head, Head};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;

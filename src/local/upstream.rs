@@ -1,0 +1,86 @@
+//! The connection from local-proxy to remote-proxy: open a tunnel (connect, send the request,
+//! read the reply), and signup.
+
+use crate::config::{Credentials, Timeouts};
+use crate::net::handshake::Deadline;
+use crate::proto::tunnel::{self, Command, Reply, Request, Status};
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// Why a tunnel to remote-proxy could not be opened.
+#[derive(Debug)]
+pub enum TunnelError {
+    /// remote-proxy could not be reached or stopped answering.
+    Remote(io::Error),
+    /// remote-proxy answered with something that is not our protocol.
+    Protocol(tunnel::Error),
+}
+
+impl fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TunnelError::Remote(e) => write!(f, "cannot reach remote-proxy: {e}"),
+            TunnelError::Protocol(e) => write!(f, "bad answer from remote-proxy: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TunnelError {}
+
+/// Opens a tunnel: connects to remote-proxy, sends `req`, reads the reply.
+///
+/// The reply may take as long as remote-proxy's queue wait plus its target connect, so it is
+/// awaited for `reply_wait`, not just the handshake timeout.
+///
+/// # Errors
+/// `Remote` when remote-proxy cannot be reached or goes silent, `Protocol` for bad replies.
+pub fn open_tunnel(
+    remote: &str,
+    req: &Request,
+    timeouts: &Timeouts,
+    reply_wait: Duration,
+) -> Result<(TcpStream, Reply), TunnelError> {
+    let addrs: Vec<SocketAddr> = remote
+        .to_socket_addrs()
+        .map_err(TunnelError::Remote)?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "remote address did not resolve");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeouts.connect) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                tunnel::write_request(&mut &s, req).map_err(TunnelError::Remote)?;
+                let mut d = Deadline::new(&s, reply_wait).map_err(TunnelError::Remote)?;
+                let reply = match tunnel::read_reply(&mut d) {
+                    Ok(r) => r,
+                    Err(tunnel::Error::Io(e)) => return Err(TunnelError::Remote(e)),
+                    Err(e) => return Err(TunnelError::Protocol(e)),
+                };
+                drop(d);
+                return Ok((s, reply));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(TunnelError::Remote(last))
+}
+
+/// Asks remote-proxy to create an account (`local-proxy signup`).
+///
+/// # Errors
+/// As [`open_tunnel`]; a refusal is an `Ok` reply with a non-`Ok` status.
+pub fn signup(
+    remote: &str,
+    creds: &Credentials,
+    timeouts: &Timeouts,
+) -> Result<Status, TunnelError> {
+    let req = Request {
+        command: Command::Signup,
+        user: creds.user.clone(),
+        password: creds.password.clone(),
+        target: None,
+    };
+    open_tunnel(remote, &req, timeouts, timeouts.handshake).map(|(_, reply)| reply.status)
+}

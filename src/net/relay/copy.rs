@@ -1,0 +1,149 @@
+//! The copying relay, for sockets splice(2) cannot serve: each direction on its own thread,
+//! through a user-space buffer.
+
+use super::{shutdown_both, Activity, Options, Stats};
+use crate::limit::bucket::SharedBucket;
+use crate::net::workers::Workers;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// First read buffer of a direction, in bytes; small so idle tunnels stay cheap.
+pub const INITIAL_BUFFER: usize = 16 * 1024;
+/// Largest read buffer, in bytes: PERF-NOTES measured 256 KiB as the knee for bulk copies.
+pub const MAX_BUFFER: usize = 256 * 1024;
+
+enum End {
+    /// EOF read and passed on as a half-close.
+    Eof,
+    /// Closed for idleness.
+    Idle,
+    /// A read or write failed; both sockets were shut down.
+    Failed,
+}
+
+/// The copying relay: each direction on its own thread, for sockets splice(2) cannot serve.
+pub(super) fn relay_threaded(
+    client: TcpStream,
+    target: TcpStream,
+    opts: &Options,
+    workers: &Workers,
+) -> Stats {
+    let client = Arc::new(client);
+    let target = Arc::new(target);
+    if let Some(idle) = opts.idle_timeout {
+        // The read timeout is how a blocked read notices idleness; check a few times per
+        // period so an idle tunnel closes close to on time.
+        let tick = (idle / 4).max(Duration::from_millis(50));
+        let _ = client.set_read_timeout(Some(tick));
+        let _ = target.set_read_timeout(Some(tick));
+        // A peer that stops reading for the whole idle period is as dead as a silent one.
+        let _ = client.set_write_timeout(Some(idle));
+        let _ = target.set_write_timeout(Some(idle));
+    } else {
+        let _ = client.set_read_timeout(None);
+        let _ = target.set_read_timeout(None);
+    }
+    let activity = Arc::new(Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, End)>(1);
+    {
+        let (src, dst) = (Arc::clone(&client), Arc::clone(&target));
+        let (bucket, idle, act) = (
+            opts.bucket.clone(),
+            opts.idle_timeout,
+            Arc::clone(&activity),
+        );
+        workers.spawn(move || {
+            let r = pump(&src, &dst, bucket.as_ref(), idle, &act);
+            let _ = done_tx.send(r);
+        });
+    }
+    let (down, down_end) = pump(
+        &target,
+        &client,
+        opts.bucket.as_ref(),
+        opts.idle_timeout,
+        &activity,
+    );
+    let (up, up_end) = match done_rx.recv() {
+        Ok(r) => r,
+        // The job panicked; its socket halves are shut down by the drop below.
+        Err(_) => (0, End::Failed),
+    };
+    let idle_closed = matches!(down_end, End::Idle) || matches!(up_end, End::Idle);
+    Stats {
+        up,
+        down,
+        idle_closed,
+    }
+}
+
+/// One direction: read from `src`, pay the bucket, write to `dst`, until EOF or error.
+fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bucket: Option<&Arc<SharedBucket>>,
+    idle: Option<Duration>,
+    activity: &Activity,
+) -> (u64, End) {
+    let _registered = bucket.map(|b| b.register());
+    let mut buf = vec![0u8; INITIAL_BUFFER];
+    let mut total = 0u64;
+    let mut reader = src;
+    let mut writer = dst;
+    loop {
+        let limit = match bucket {
+            Some(b) => b.chunk_limit(buf.len()),
+            None => buf.len(),
+        };
+        let n = match reader.read(&mut buf[..limit]) {
+            Ok(0) => {
+                // Pass the FIN on; the other direction may still have bytes to carry.
+                let _ = dst.shutdown(Shutdown::Write);
+                return (total, End::Eof);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) => {
+                if let Some(limit) = idle {
+                    if activity.idle_for() >= limit {
+                        shutdown_both(src, dst);
+                        return (total, End::Idle);
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                log::trace!("relay read failed: {e}");
+                shutdown_both(src, dst);
+                return (total, End::Failed);
+            }
+        };
+        if let Some(b) = bucket {
+            b.acquire(n as u64);
+        }
+        if let Err(e) = writer.write_all(&buf[..n]) {
+            log::trace!("relay write failed: {e}");
+            shutdown_both(src, dst);
+            return (total, End::Failed);
+        }
+        total += n as u64;
+        activity.touch();
+        // Grow when a read filled the whole buffer: the peer has more than we can take.
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}

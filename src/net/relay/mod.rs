@@ -1,0 +1,214 @@
+//! Moving bytes both ways between two connected sockets until both are done.
+//!
+//! In scope: the two-direction pump, passing half-closes on, charging a user's bucket, the
+//! idle timeout, and byte counts. Out of scope: handshakes (socks5.rs, http_connect.rs,
+//! tunnel.rs) and which bucket applies (remote.rs).
+//!
+//! Each direction is a loop: read a chunk, wait for the bucket to allow those bytes, write.
+//! Reading first and paying after means a relay never holds tokens while its socket is idle;
+//! the read size is capped by the bucket's fair share, so one grant never exceeds the burst.
+//! Normally one thread serves both directions (poll + splice, see [`relay`]); the copying
+//! fallback runs one direction on the caller's thread and the other on a pool job.
+
+mod copy;
+mod splice;
+
+use crate::limit::bucket::SharedBucket;
+use crate::net::workers::Workers;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use copy::relay_threaded;
+pub use copy::{INITIAL_BUFFER, MAX_BUFFER};
+use splice::relay_spliced;
+pub use splice::MAX_PIPE;
+
+/// What a finished relay did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes from the client side to the target side.
+    pub up: u64,
+    /// Bytes from the target side to the client side.
+    pub down: u64,
+    /// True when the tunnel was closed for being idle.
+    pub idle_closed: bool,
+}
+
+/// Options for one relay.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The user's bucket, charged for both directions; `None` relays unmetered.
+    pub bucket: Option<Arc<SharedBucket>>,
+    /// Close when neither direction moved a byte for this long.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Shared between the two directions of one tunnel.
+struct Activity {
+    start: Instant,
+    // Milliseconds since `start` of the last byte moved in either direction.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Relays between `client` and `target` until both directions end; returns the byte counts.
+///
+/// A FIN in one direction becomes `shutdown(Write)` on the other socket; the opposite
+/// direction keeps flowing. An error in either direction (a reset, a failed write) shuts
+/// both sockets down so the other direction ends too.
+///
+/// Normally both directions run on the calling thread with splice(2) ([`relay_spliced`]);
+/// where the kernel cannot splice these sockets, each direction copies on its own thread.
+pub fn relay(client: TcpStream, target: TcpStream, opts: &Options, workers: &Workers) -> Stats {
+    match relay_spliced(&client, &target, opts) {
+        Some(stats) => stats,
+        None => {
+            let _ = client.set_nonblocking(false);
+            let _ = target.set_nonblocking(false);
+            relay_threaded(client, target, opts, workers)
+        }
+    }
+}
+
+fn shutdown_both(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::rate::Bandwidth;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// Two connected pairs: (app, proxy's client side) and (proxy's target side, target).
+    fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (d, _) = l.accept().unwrap();
+        (a, b, c, d)
+    }
+
+    /// Sends `n` bytes each way, half-closing after each, through `run`; checks both arrive.
+    fn carries_both_ways_with_half_close(run: fn(TcpStream, TcpStream, &Options) -> Stats) {
+        let (mut app, client, target, mut origin) = sockets();
+        let opts = Options {
+            bucket: Some(Arc::new(SharedBucket::new(Bandwidth::UNLIMITED))),
+            idle_timeout: Some(Duration::from_secs(30)),
+        };
+        let relay = std::thread::spawn(move || run(client, target, &opts));
+        let n = 3_000_000usize;
+        let sender = {
+            let mut app = app.try_clone().unwrap();
+            std::thread::spawn(move || {
+                app.write_all(&vec![1u8; n]).unwrap();
+                app.shutdown(Shutdown::Write).unwrap();
+            })
+        };
+        let mut got = Vec::new();
+        origin.read_to_end(&mut got).unwrap(); // ends at the app's FIN, passed on
+        assert_eq!(got.len(), n);
+        origin.write_all(&vec![2u8; n]).unwrap();
+        origin.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).unwrap();
+        assert_eq!(back.len(), n);
+        assert!(back.iter().all(|&b| b == 2));
+        sender.join().unwrap();
+        let stats = relay.join().unwrap();
+        assert_eq!((stats.up, stats.down), (n as u64, n as u64));
+        assert!(!stats.idle_closed);
+    }
+
+    #[test]
+    fn spliced_relay_carries_both_ways_with_half_close() {
+        carries_both_ways_with_half_close(|c, t, o| relay_spliced(&c, &t, o).expect("splice"));
+    }
+
+    #[test]
+    fn copying_relay_carries_both_ways_with_half_close() {
+        carries_both_ways_with_half_close(|c, t, o| relay_threaded(c, t, o, &Workers::new("test")));
+    }
+
+    #[test]
+    fn recycled_pipes_carry_only_their_own_tunnels_bytes() {
+        // Tunnel i sends bytes of value i. Some end with the target hanging up mid-transfer,
+        // which can leave bytes in the pipe: such a pipe must not serve a later tunnel.
+        for i in 1..=12u8 {
+            let (mut app, client, target, mut origin) = sockets();
+            let opts = Options {
+                bucket: None,
+                idle_timeout: Some(Duration::from_secs(30)),
+            };
+            let relay =
+                std::thread::spawn(move || relay_spliced(&client, &target, &opts).expect("splice"));
+            if i % 4 == 1 {
+                let writer = std::thread::spawn(move || {
+                    let _ = app.write_all(&vec![i; 8_000_000]);
+                });
+                let mut first = [0u8; 1000];
+                origin.read_exact(&mut first).unwrap();
+                assert!(first.iter().all(|&b| b == i));
+                drop(origin); // unread bytes: a reset, and the relay's write fails
+                writer.join().unwrap();
+                relay.join().unwrap();
+                continue;
+            }
+            let n = if i % 3 == 0 {
+                2_000_000
+            } else {
+                1000 + i as usize
+            };
+            let writer = std::thread::spawn(move || {
+                app.write_all(&vec![i; n]).unwrap();
+                app.shutdown(Shutdown::Write).unwrap();
+                app
+            });
+            let mut got = Vec::new();
+            origin.read_to_end(&mut got).unwrap();
+            assert_eq!(got.len(), n, "tunnel {i}");
+            assert!(
+                got.iter().all(|&b| b == i),
+                "tunnel {i} got another's bytes"
+            );
+            drop(origin);
+            drop(writer.join().unwrap());
+            relay.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn an_idle_tunnel_is_closed() {
+        let (mut app, client, target, _origin) = sockets();
+        let opts = Options {
+            bucket: None,
+            idle_timeout: Some(Duration::from_millis(300)),
+        };
+        let t = Instant::now();
+        let stats = relay(client, target, &opts, &Workers::new("test"));
+        assert!(stats.idle_closed);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            t.elapsed()
+        );
+        let mut buf = [0u8; 1];
+        assert!(matches!(app.read(&mut buf), Ok(0) | Err(_)));
+    }
+}

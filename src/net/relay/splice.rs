@@ -1,0 +1,326 @@
+//! The splicing relay: both directions of a tunnel on one thread, poll(2) plus splice(2)
+//! through a pipe, and the pool of spare pipes.
+
+use super::{shutdown_both, Activity, Options, Stats};
+use crate::limit::bucket::SharedBucket;
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One direction of [`relay_spliced`].
+struct Dir<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    // The pipe (read end, write end, capacity), made when the first byte arrives.
+    pipe: Option<Pipe>,
+    // Bytes in the pipe, paid for, not yet written to `dst`.
+    pending: usize,
+    // `src` reached EOF.
+    eof: bool,
+    // EOF seen, everything written, FIN passed on.
+    done: bool,
+    total: u64,
+}
+
+/// How a step of one direction went.
+enum Step {
+    /// Moved bytes or reached EOF; look again.
+    Progress,
+    /// Nothing to do until poll says so.
+    Wait,
+    /// A read or write failed: tear the tunnel down.
+    Failed,
+    /// splice(2) does not work here and nothing has moved yet: copy instead.
+    Unsupported,
+}
+
+impl Dir<'_> {
+    fn wants_read(&self) -> bool {
+        !self.eof && self.pending == 0
+    }
+
+    fn wants_write(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// A splice filled the pipe: this direction carries bulk, so give it [`MAX_PIPE`] at
+    /// once (growing in steps was measured slower: on loopback a socket seldom holds a whole
+    /// 256 KiB at once, so the next step came late or never). Starting at the kernel's
+    /// default keeps small and rate-limited tunnels cheap; unprivileged users share a budget
+    /// of pipe pages (fs.pipe-user-pages-soft).
+    fn grow_pipe(&mut self) {
+        if let Some((r, _, size)) = self.pipe.as_mut() {
+            *size = match fcntl(&*r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32)) {
+                Ok(got) => got as usize,
+                // Refused (the pipe-page budget is spent): stop asking. The larger figure is
+                // only a cap on each splice, which moves what the pipe holds.
+                Err(_) => MAX_PIPE,
+            };
+        }
+    }
+
+    /// Writes what the pipe holds; passes the FIN on once drained after EOF.
+    fn flush(&mut self) -> Step {
+        let Some((pr, _, _)) = self.pipe.as_ref() else {
+            return Step::Wait;
+        };
+        while self.pending > 0 {
+            match splice(pr, None, self.dst, None, self.pending, flags()) {
+                Ok(0) => return Step::Failed,
+                Ok(k) => self.pending -= k,
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return Step::Wait,
+                Err(e) => {
+                    log::trace!("relay splice out failed: {e}");
+                    return Step::Failed;
+                }
+            }
+        }
+        if self.eof && !self.done {
+            let _ = self.dst.shutdown(Shutdown::Write);
+            self.done = true;
+        }
+        Step::Progress
+    }
+
+    /// Moves the next chunk from `src` into the pipe, pays for it, and writes it out.
+    fn fill(
+        &mut self,
+        bucket: Option<&Arc<SharedBucket>>,
+        activity: &Activity,
+        nothing_moved: bool,
+    ) -> Step {
+        if self.pipe.is_none() {
+            match take_pipe() {
+                Ok(p) => self.pipe = Some(p),
+                Err(e) if nothing_moved => {
+                    log::debug!("cannot make a relay pipe ({e}); copying instead");
+                    return Step::Unsupported;
+                }
+                Err(e) => {
+                    log::warn!("cannot make a relay pipe: {e} (raise the open-file limit)");
+                    return Step::Failed;
+                }
+            }
+        }
+        let Some((_, pw, size)) = self.pipe.as_ref() else {
+            return Step::Failed;
+        };
+        let limit = bucket.map_or(*size, |b| b.chunk_limit(*size));
+        match splice(self.src, None, pw, None, limit, flags()) {
+            Ok(0) => {
+                self.eof = true;
+                self.flush()
+            }
+            Ok(n) => {
+                if n == *size && *size < MAX_PIPE {
+                    self.grow_pipe();
+                }
+                if let Some(b) = bucket {
+                    b.acquire(n as u64);
+                }
+                self.pending = n;
+                self.total += n as u64;
+                activity.touch();
+                match self.flush() {
+                    Step::Wait => Step::Progress, // the rest goes when dst drains
+                    other => other,
+                }
+            }
+            Err(Errno::EINTR) => Step::Progress,
+            Err(Errno::EAGAIN) => Step::Wait,
+            Err(Errno::EINVAL) if nothing_moved => Step::Unsupported,
+            Err(e) => {
+                log::trace!("relay splice in failed: {e}");
+                Step::Failed
+            }
+        }
+    }
+}
+
+/// Empty pipes kept for the next tunnels, at most this many. Making a pipe is `pipe2` plus
+/// `F_SETPIPE_SZ`, and dropping it two `close`s: per direction per tunnel that was a sixth of
+/// the system calls a small request cost each proxy. An empty pipe holds no data pages (they
+/// are freed as they are read), so a spare costs two descriptors and its slot array.
+const SPARE_PIPES: usize = 64;
+
+type Pipe = (OwnedFd, OwnedFd, usize);
+
+static SPARES: parking_lot::Mutex<Vec<Pipe>> = parking_lot::const_mutex(Vec::new());
+
+/// Capacity of a new pipe: the kernel's default, 16 pages.
+const DEFAULT_PIPE: usize = 64 * 1024;
+
+/// A spare pipe, or a new one of the default size.
+fn take_pipe() -> nix::Result<Pipe> {
+    if let Some(p) = SPARES.lock().pop() {
+        return Ok(p);
+    }
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    Ok((r, w, DEFAULT_PIPE))
+}
+
+impl Drop for Dir<'_> {
+    fn drop(&mut self) {
+        // Only a pipe known to be empty may serve another tunnel: one with bytes left in it
+        // (a failed write) would hand them to the wrong connection.
+        if let Some(p) = self.pipe.take() {
+            // Grown pipes are closed: they belonged to bulk tunnels, which are few and long,
+            // and a spare would hold pipe pages of the user's budget.
+            if self.pending == 0 && p.2 <= DEFAULT_PIPE {
+                let mut spares = SPARES.lock();
+                if spares.len() < SPARE_PIPES {
+                    spares.push(p);
+                }
+            }
+        }
+    }
+}
+
+fn flags() -> SpliceFFlags {
+    // No SPLICE_F_MORE: it corks the last chunk for 200 ms (PERF-NOTES).
+    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
+}
+
+/// Both directions on this thread: poll(2) on the two sockets, splice(2) socket → pipe →
+/// socket, no copy through user space and no second thread.
+///
+/// Each direction takes a pipe (64 KiB; 1 MiB once a splice fills it) when its first byte
+/// arrives, so an idle tunnel holds one thread and two sockets, nothing else. Metering is as
+/// in the copying relay: move at most the fair share into the pipe, pay for what arrived,
+/// then write it. While a direction waits for tokens the other waits too; both draw on the
+/// same budget anyway.
+/// Returns `None`, having moved nothing, when these sockets cannot be spliced.
+pub(super) fn relay_spliced(
+    client: &TcpStream,
+    target: &TcpStream,
+    opts: &Options,
+) -> Option<Stats> {
+    if client.set_nonblocking(true).is_err() || target.set_nonblocking(true).is_err() {
+        return None;
+    }
+    let _guards = opts.bucket.as_ref().map(|b| (b.register(), b.register()));
+    let bucket = opts.bucket.as_ref();
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let new_dir = |src, dst| Dir {
+        src,
+        dst,
+        pipe: None,
+        pending: 0,
+        eof: false,
+        done: false,
+        total: 0,
+    };
+    let mut up = new_dir(client, target);
+    let mut down = new_dir(target, client);
+    let tick = match opts.idle_timeout {
+        Some(idle) => PollTimeout::try_from((idle / 4).max(Duration::from_millis(50)))
+            .unwrap_or(PollTimeout::MAX),
+        None => PollTimeout::NONE,
+    };
+    let mut idle_closed = false;
+    while !(up.done && down.done) {
+        let ev = |read: bool, write: bool| {
+            let mut f = PollFlags::empty();
+            if read {
+                f |= PollFlags::POLLIN;
+            }
+            if write {
+                f |= PollFlags::POLLOUT;
+            }
+            f
+        };
+        // Only sockets we want something from are polled: an error or hang-up is reported
+        // whether asked for or not, and on a socket nobody acts on it would spin the loop.
+        let want_c = ev(up.wants_read(), down.wants_write());
+        let want_t = ev(down.wants_read(), up.wants_write());
+        if want_c.is_empty() && want_t.is_empty() {
+            break; // cannot happen while a direction is unfinished; never spin
+        }
+        let (c_in, c_out, t_in, t_out) = {
+            let mut fds = Vec::with_capacity(2);
+            if !want_c.is_empty() {
+                fds.push(PollFd::new(client.as_fd(), want_c));
+            }
+            if !want_t.is_empty() {
+                fds.push(PollFd::new(target.as_fd(), want_t));
+            }
+            match poll(&mut fds, tick) {
+                Ok(0) => {
+                    if opts
+                        .idle_timeout
+                        .is_some_and(|limit| activity.idle_for() >= limit)
+                    {
+                        idle_closed = true;
+                        break;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+            let revents = |want: PollFlags, i: Option<usize>| -> bool {
+                let Some(i) = i else { return false };
+                // Unknown bits come back as None: treat as "something happened".
+                fds[i].revents().is_none_or(|r| {
+                    r.intersects(
+                        want | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL,
+                    )
+                })
+            };
+            let ci = (!want_c.is_empty()).then_some(0);
+            let ti = (!want_t.is_empty()).then_some(usize::from(ci.is_some()));
+            let (c_in, c_out) = (
+                revents(PollFlags::POLLIN, ci),
+                revents(PollFlags::POLLOUT, ci),
+            );
+            let (t_in, t_out) = (
+                revents(PollFlags::POLLIN, ti),
+                revents(PollFlags::POLLOUT, ti),
+            );
+            drop(fds);
+            (c_in, c_out, t_in, t_out)
+        };
+        let nothing_moved = up.total == 0 && down.total == 0;
+        let mut steps = [Step::Wait, Step::Wait, Step::Wait, Step::Wait];
+        if up.wants_write() && t_out {
+            steps[0] = up.flush();
+        }
+        if down.wants_write() && c_out {
+            steps[1] = down.flush();
+        }
+        if up.wants_read() && c_in {
+            steps[2] = up.fill(bucket, &activity, nothing_moved);
+        }
+        if down.wants_read() && t_in {
+            steps[3] = down.fill(bucket, &activity, nothing_moved);
+        }
+        if steps.iter().any(|s| matches!(s, Step::Unsupported)) {
+            return None;
+        }
+        if steps.iter().any(|s| matches!(s, Step::Failed)) {
+            break;
+        }
+    }
+    if !(up.done && down.done) {
+        shutdown_both(client, target);
+    }
+    Some(Stats {
+        up: up.total,
+        down: down.total,
+        idle_closed,
+    })
+}
+
+/// Largest pipe a splicing direction grows to, in bytes: the default fs.pipe-max-size. Measured
+/// against 256 KiB: CPU per GiB relayed 0.44 -> 0.30 s in each proxy, one stream +20%.
+pub const MAX_PIPE: usize = 1024 * 1024;

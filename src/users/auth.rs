@@ -1,0 +1,337 @@
+//! Checking credentials: argon2 behind a cache of verified passwords and single flight.
+
+use super::password::hash_password;
+use super::password::verify_password_with;
+use super::{Error, Store, User};
+use argon2::password_hash::rand_core::OsRng;
+use argon2::Block;
+use blake2::{Blake2b512, Digest};
+use parking_lot::{Condvar, Mutex};
+use rand_core::RngCore;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// Cached verifications kept before the cache is cleared (bounds memory).
+const CACHE_LIMIT: usize = 100_000;
+
+/// Why authentication failed.
+#[derive(Debug)]
+pub enum AuthError {
+    /// Unknown user or wrong password (not told apart, so names cannot be probed).
+    BadCredentials,
+    /// The database failed.
+    Store(Error),
+}
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::BadCredentials => write!(f, "bad credentials"),
+            AuthError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for AuthError {}
+
+/// A remembered successful verification.
+struct Verified {
+    /// The PHC string it was checked against; a changed password changes it (new salt).
+    phc: String,
+    /// Keyed BLAKE2b of the password that matched.
+    digest: [u8; 64],
+}
+
+/// One argon2 check in progress, shared by every caller with the same name, password and
+/// stored hash.
+struct Flight {
+    phc: String,
+    // Set once: whether the password matched.
+    result: Mutex<Option<bool>>,
+    done: Condvar,
+}
+
+/// Checks credentials against the store, remembering successes.
+///
+/// A password that verified once is recognised by a keyed BLAKE2b digest (microseconds)
+/// until the stored hash changes. A wrong password, or an unknown user, always costs a full
+/// argon2 check, so timing does not tell the two apart. At most as many argon2 checks run at
+/// once as there are cores: each takes 19 MiB, and a login flood must not exhaust memory.
+/// Concurrent checks of the same name and password share one argon2 run (single flight): an
+/// app that opens 16 connections at once used to queue 16 hashes, a second of CPU on 2 cores.
+pub struct Authenticator {
+    // The store; one connection, lookups are short primary-key reads.
+    store: Mutex<Store>,
+    // user name -> last verified password digest.
+    cache: Mutex<HashMap<String, Verified>>,
+    // Random per-process key for the digests, so a memory dump does not hold plain hashes.
+    key: [u8; 32],
+    // A hash of a random password, checked for unknown users to spend the same time.
+    dummy_hash: String,
+    // argon2 working memory (19 MiB each with the default parameters), one per concurrent
+    // check, reused: freed 19 MiB blocks would otherwise stay resident in every thread's
+    // malloc arena (glibc raises its mmap threshold after the first free), hundreds of MiB.
+    hash_memory: Mutex<Vec<Vec<Block>>>,
+    hash_memory_freed: Condvar,
+    // Checks in progress, by password digest (which covers the name).
+    flights: Mutex<HashMap<[u8; 64], Arc<Flight>>>,
+    // argon2 checks run so far.
+    hashes: std::sync::atomic::AtomicU64,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator").finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Wraps a store.
+    pub fn new(store: Store) -> Result<Authenticator, Error> {
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        let mut dummy = [0u8; 16];
+        OsRng.fill_bytes(&mut dummy);
+        let dummy_hash = hash_password(&format!("{dummy:?}"))?;
+        let slots = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        Ok(Authenticator {
+            store: Mutex::new(store),
+            cache: Mutex::new(HashMap::new()),
+            key,
+            dummy_hash,
+            hash_memory: Mutex::new((0..slots).map(|_| Vec::new()).collect()),
+            hash_memory_freed: Condvar::new(),
+            flights: Mutex::new(HashMap::new()),
+            hashes: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Runs `f` with the store locked.
+    pub fn with_store<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
+        f(&self.store.lock())
+    }
+
+    fn digest(&self, name: &str, password: &str) -> [u8; 64] {
+        let mut h = Blake2b512::new();
+        h.update(self.key);
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    fn slow_verify(&self, password: &str, phc: &str) -> bool {
+        self.hashes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut memory = {
+            let mut pool = self.hash_memory.lock();
+            loop {
+                if let Some(m) = pool.pop() {
+                    break m;
+                }
+                self.hash_memory_freed.wait(&mut pool);
+            }
+        };
+        let ok = verify_password_with(password, phc, &mut memory);
+        self.hash_memory.lock().push(memory);
+        self.hash_memory_freed.notify_one();
+        ok
+    }
+
+    /// Returns the user when `password` is theirs.
+    ///
+    /// # Errors
+    /// `BadCredentials` for an unknown user or wrong password; `Store` when SQLite fails.
+    pub fn authenticate(&self, name: &str, password: &str) -> Result<User, AuthError> {
+        let user = self.store.lock().get(name).map_err(AuthError::Store)?;
+        let Some(user) = user else {
+            self.slow_verify(password, &self.dummy_hash);
+            return Err(AuthError::BadCredentials);
+        };
+        let digest = self.digest(name, password);
+        if let Some(v) = self.cache.lock().get(name) {
+            if v.phc == user.password_hash && ct_eq(&v.digest, &digest) {
+                return Ok(user);
+            }
+        }
+        if !self.shared_verify(name, password, &user.password_hash, digest) {
+            return Err(AuthError::BadCredentials);
+        }
+        Ok(user)
+    }
+
+    /// Runs the argon2 check, or waits for an identical one already running; a success is
+    /// cached before anyone is told.
+    fn shared_verify(&self, name: &str, password: &str, phc: &str, digest: [u8; 64]) -> bool {
+        use std::collections::hash_map::Entry;
+        // (flight to wait for or lead, whether we lead); the map's lock is released here.
+        let joined = match self.flights.lock().entry(digest) {
+            Entry::Occupied(e) if e.get().phc == phc => Some((Arc::clone(e.get()), false)),
+            // A check against an older hash (the password just changed): run our own.
+            Entry::Occupied(_) => None,
+            Entry::Vacant(e) => {
+                let f = Arc::new(Flight {
+                    phc: phc.to_string(),
+                    result: Mutex::new(None),
+                    done: Condvar::new(),
+                });
+                e.insert(Arc::clone(&f));
+                Some((f, true))
+            }
+        };
+        match joined {
+            Some((f, true)) => self.lead(name, password, digest, &f),
+            Some((f, false)) => {
+                let mut result = f.result.lock();
+                loop {
+                    if let Some(ok) = *result {
+                        return ok;
+                    }
+                    f.done.wait(&mut result);
+                }
+            }
+            None => self.verify_and_remember(name, password, phc, digest),
+        }
+    }
+
+    // Runs the flight this caller registered, publishes the result, and retires the flight.
+    fn lead(&self, name: &str, password: &str, digest: [u8; 64], f: &Flight) -> bool {
+        /// Publishes "no match" and retires the flight if the check panics, so waiters and
+        /// later logins are never stuck behind it.
+        struct Landing<'a> {
+            auth: &'a Authenticator,
+            flight: &'a Flight,
+            digest: [u8; 64],
+        }
+        impl Drop for Landing<'_> {
+            fn drop(&mut self) {
+                self.flight.result.lock().get_or_insert(false);
+                self.flight.done.notify_all();
+                self.auth.flights.lock().remove(&self.digest);
+            }
+        }
+        let _landing = Landing {
+            auth: self,
+            flight: f,
+            digest,
+        };
+        let ok = self.verify_and_remember(name, password, &f.phc, digest);
+        *f.result.lock() = Some(ok);
+        ok
+    }
+
+    /// The argon2 check; a success goes into the cache.
+    fn verify_and_remember(&self, name: &str, password: &str, phc: &str, digest: [u8; 64]) -> bool {
+        let ok = self.slow_verify(password, phc);
+        if ok {
+            self.remember(name, phc, digest);
+        }
+        ok
+    }
+
+    fn remember(&self, name: &str, phc: &str, digest: [u8; 64]) {
+        let mut cache = self.cache.lock();
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(
+            name.to_string(),
+            Verified {
+                phc: phc.to_string(),
+                digest,
+            },
+        );
+    }
+
+    /// Forgets cached verifications of users no longer in `present`.
+    pub fn retain_cached(&self, present: &dyn Fn(&str) -> bool) {
+        self.cache.lock().retain(|name, _| present(name));
+    }
+}
+
+/// Compares two digests in time independent of where they differ.
+fn ct_eq(a: &[u8; 64], b: &[u8; 64]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::rate::Bandwidth;
+    use crate::users::{temp_db, Changes};
+
+    #[test]
+    fn authenticator_caches_success_and_notices_password_change() {
+        let db = temp_db();
+        let s = Store::open(&db).unwrap();
+        s.add("alice", "right", Bandwidth::UNLIMITED).unwrap();
+        let auth = Authenticator::new(s).unwrap();
+        assert!(auth.authenticate("alice", "right").is_ok());
+        assert!(auth.cache.lock().contains_key("alice"));
+        assert!(matches!(
+            auth.authenticate("alice", "wrong"),
+            Err(AuthError::BadCredentials)
+        ));
+        assert!(matches!(
+            auth.authenticate("nobody", "right"),
+            Err(AuthError::BadCredentials)
+        ));
+        // A password change from another connection (the CLI) invalidates the cached check.
+        let ch = Changes {
+            password: Some("new".into()),
+            ..Changes::default()
+        };
+        Store::open(&db).unwrap().set("alice", &ch).unwrap();
+        assert!(matches!(
+            auth.authenticate("alice", "right"),
+            Err(AuthError::BadCredentials)
+        ));
+        assert!(auth.authenticate("alice", "new").is_ok());
+    }
+
+    #[test]
+    fn concurrent_logins_with_one_password_share_one_hash() {
+        let db = temp_db();
+        let s = Store::open(&db).unwrap();
+        s.add("alice", "right", Bandwidth::UNLIMITED).unwrap();
+        let auth = Arc::new(Authenticator::new(s).unwrap());
+        let start = Arc::new(std::sync::Barrier::new(16));
+        let hs: Vec<_> = (0..16)
+            .map(|i| {
+                let (auth, start) = (Arc::clone(&auth), Arc::clone(&start));
+                std::thread::spawn(move || {
+                    let pw = if i == 15 { "wrong" } else { "right" };
+                    start.wait();
+                    auth.authenticate("alice", pw).is_ok()
+                })
+            })
+            .collect();
+        let oks: Vec<bool> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(oks.iter().filter(|&&ok| ok).count(), 15);
+        assert!(!oks[15], "the wrong password must still fail");
+        // One hash for the fifteen right passwords (shared, or cached by the time a late
+        // thread arrives) and one for the wrong one.
+        assert_eq!(auth.hashes.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert!(auth.flights.lock().is_empty());
+    }
+
+    #[test]
+    fn cached_check_is_much_faster_than_argon2() {
+        let db = temp_db();
+        let s = Store::open(&db).unwrap();
+        s.add("alice", "right", Bandwidth::UNLIMITED).unwrap();
+        let auth = Authenticator::new(s).unwrap();
+        let t = std::time::Instant::now();
+        auth.authenticate("alice", "right").unwrap();
+        let slow = t.elapsed();
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            auth.authenticate("alice", "right").unwrap();
+        }
+        let fast = t.elapsed() / 10;
+        assert!(fast * 5 < slow, "cached {fast:?} vs full {slow:?}");
+    }
+}

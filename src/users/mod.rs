@@ -1,0 +1,160 @@
+//! The user database (SQLite) and password checks.
+//!
+//! In scope: schema creation and migration (`PRAGMA user_version`), user CRUD with
+//! parameterized SQL only, argon2id hashing, and [`Authenticator`], which caches successful
+//! verifications so a known password is not re-hashed on every tunnel. Out of scope: buckets
+//! and live rate changes (remote.rs watches `PRAGMA data_version` and applies them).
+
+mod auth;
+mod password;
+mod sqlite;
+
+pub use auth::{AuthError, Authenticator};
+pub use password::{hash_password, verify_password, verify_password_with};
+pub use sqlite::{Store, SCHEMA_VERSION};
+
+use crate::limit::rate::{Bandwidth, RequestRate};
+use std::fmt;
+
+/// Longest user name, in bytes.
+pub const MAX_NAME: usize = 64;
+/// Longest password, in bytes (the tunnel protocol carries at most 255).
+pub const MAX_PASSWORD: usize = 255;
+
+/// Why a user operation failed.
+#[derive(Debug)]
+pub enum Error {
+    /// `user add` or signup for a name that exists.
+    Exists(String),
+    /// A name that is not in the database.
+    NotFound(String),
+    /// A name outside `[A-Za-z0-9._@-]{1,64}`.
+    BadName(String),
+    /// An empty or too long password.
+    BadPassword(&'static str),
+    /// The database is from a newer flowgate.
+    SchemaTooNew(i64),
+    /// SQLite failed.
+    Db(rusqlite::Error),
+    /// Hashing failed (should not happen with valid parameters).
+    Hash(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Exists(n) => write!(f, "user {n:?} already exists"),
+            Error::NotFound(n) => write!(f, "no such user {n:?}"),
+            Error::BadName(n) => write!(
+                f,
+                "invalid user name {n:?}: use 1-{MAX_NAME} of A-Z a-z 0-9 . _ @ -"
+            ),
+            Error::BadPassword(why) => write!(f, "invalid password: {why}"),
+            Error::SchemaTooNew(v) => write!(
+                f,
+                "database schema version {v} is newer than this build supports ({SCHEMA_VERSION})"
+            ),
+            Error::Db(e) => write!(f, "database: {e}"),
+            Error::Hash(e) => write!(f, "password hashing: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Db(e)
+    }
+}
+
+/// One user as stored. `Debug` hides the hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct User {
+    /// Account name.
+    pub name: String,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Bytes per second for everything forwarded for this user.
+    pub bandwidth: Bandwidth,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Most tunnels at once; further ones wait (`None`: no cap).
+    pub max_connections: Option<u32>,
+    /// Most new tunnels per time window (`None`: no limit).
+    pub rate: Option<RequestRate>,
+}
+
+/// Changes for [`Store::set`]: `None` leaves a field as it is; `Some(None)` clears a limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// New bandwidth.
+    pub bandwidth: Option<Bandwidth>,
+    /// New password (hashed before storing).
+    pub password: Option<String>,
+    /// New per-user tunnel cap.
+    pub max_connections: Option<Option<u32>>,
+    /// New per-user request rate.
+    pub rate: Option<Option<RequestRate>>,
+}
+
+impl Changes {
+    /// True when nothing would change.
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+impl fmt::Debug for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("password_hash", &"<redacted>")
+            .field("bandwidth", &self.bandwidth)
+            .field("max_connections", &self.max_connections)
+            .field("rate", &self.rate)
+            .finish()
+    }
+}
+
+/// Checks a user name: 1..=64 bytes of `A-Z a-z 0-9 . _ @ -`, so it fits every protocol
+/// (no `:` for HTTP Basic, no spaces or control bytes for logs).
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadName(name.to_string()))
+    }
+}
+
+/// Checks a password: 1..=255 bytes.
+pub fn validate_password(password: &str) -> Result<(), Error> {
+    if password.is_empty() {
+        Err(Error::BadPassword("empty"))
+    } else if password.len() > MAX_PASSWORD {
+        Err(Error::BadPassword("longer than 255 bytes"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A fresh database path for one unit test.
+#[cfg(test)]
+pub(crate) fn temp_db() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "flowgate-users-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("users.db");
+    let _ = std::fs::remove_file(&p);
+    p
+}

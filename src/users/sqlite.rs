@@ -1,0 +1,345 @@
+//! The SQLite user store: schema, migrations, parameterized CRUD.
+
+use super::password::hash_password;
+use super::{validate_name, validate_password, Changes, Error, User};
+use crate::limit::rate::{Bandwidth, RequestRate};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The schema version this build writes; older databases are migrated on open.
+pub const SCHEMA_VERSION: i64 = 2;
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The SQLite user store.
+pub struct Store {
+    conn: Connection,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, Error> {
+        let conn = Connection::open(path)?;
+        // WAL lets `user set` from the CLI commit while remote-proxy reads; the busy timeout
+        // makes the two wait for each other instead of failing.
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), Error> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::SchemaTooNew(version));
+        }
+        if version < 1 {
+            self.conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS users (
+                     name          TEXT PRIMARY KEY NOT NULL,
+                     password_hash TEXT NOT NULL,
+                     bandwidth     INTEGER,            -- bytes/s; NULL = unlimited
+                     created_at    INTEGER NOT NULL,
+                     updated_at    INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        if version < 2 {
+            // v2: per-user admission limits (issue 3). NULL means "no limit".
+            self.conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE users ADD COLUMN max_connections INTEGER;
+                 ALTER TABLE users ADD COLUMN rate_count INTEGER;
+                 ALTER TABLE users ADD COLUMN rate_per_secs INTEGER;
+                 PRAGMA user_version = 2;
+                 COMMIT;",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Adds a user.
+    ///
+    /// # Errors
+    /// `BadName`, `BadPassword`, or `Exists` when the name is taken; nothing is written then.
+    pub fn add(&self, name: &str, password: &str, bandwidth: Bandwidth) -> Result<(), Error> {
+        validate_name(name)?;
+        validate_password(password)?;
+        self.add_hashed(name, &hash_password(password)?, bandwidth)
+    }
+
+    /// Adds a user whose password the caller already hashed with [`hash_password`], so the
+    /// slow hash can run without holding whatever lock guards this store.
+    ///
+    /// # Errors
+    /// `BadName`, or `Exists` when the name is taken.
+    pub fn add_hashed(&self, name: &str, hash: &str, bandwidth: Bandwidth) -> Result<(), Error> {
+        validate_name(name)?;
+        let now = unix_now();
+        let res = self.conn.execute(
+            "INSERT INTO users (name, password_hash, bandwidth, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+            params![name, hash, bandwidth.to_db(), now],
+        );
+        match res {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(Error::Exists(name.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Adds a user and applies `changes` (limits) in one transaction.
+    ///
+    /// # Errors
+    /// As [`add`](Self::add) and [`set`](Self::set); nothing is written on error.
+    pub fn add_with(
+        &self,
+        name: &str,
+        password: &str,
+        bandwidth: Bandwidth,
+        changes: &Changes,
+    ) -> Result<(), Error> {
+        let tx = self.conn.unchecked_transaction()?;
+        self.add(name, password, bandwidth)?;
+        self.apply(name, changes)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Applies `changes` to a user, all or nothing.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown user, `BadPassword` for a bad new password.
+    pub fn set(&self, name: &str, changes: &Changes) -> Result<(), Error> {
+        let tx = self.conn.unchecked_transaction()?;
+        if self.get(name)?.is_none() {
+            return Err(Error::NotFound(name.to_string()));
+        }
+        self.apply(name, changes)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Writes `changes` for an existing user; the caller holds the transaction.
+    fn apply(&self, name: &str, changes: &Changes) -> Result<(), Error> {
+        let hash = match &changes.password {
+            Some(p) => {
+                validate_password(p)?;
+                Some(hash_password(p)?)
+            }
+            None => None,
+        };
+        let now = unix_now();
+        if let Some(bw) = changes.bandwidth {
+            self.conn.execute(
+                "UPDATE users SET bandwidth = ?1, updated_at = ?2 WHERE name = ?3",
+                params![bw.to_db(), now, name],
+            )?;
+        }
+        if let Some(h) = hash {
+            self.conn.execute(
+                "UPDATE users SET password_hash = ?1, updated_at = ?2 WHERE name = ?3",
+                params![h, now, name],
+            )?;
+        }
+        if let Some(cap) = changes.max_connections {
+            self.conn.execute(
+                "UPDATE users SET max_connections = ?1, updated_at = ?2 WHERE name = ?3",
+                params![cap, now, name],
+            )?;
+        }
+        if let Some(rate) = changes.rate {
+            self.conn.execute(
+                "UPDATE users SET rate_count = ?1, rate_per_secs = ?2, updated_at = ?3
+                 WHERE name = ?4",
+                params![
+                    rate.map(|r| r.count),
+                    rate.map(|r| r.per.as_secs() as i64),
+                    now,
+                    name
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a user.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown user.
+    pub fn delete(&self, name: &str) -> Result<(), Error> {
+        let n = self
+            .conn
+            .execute("DELETE FROM users WHERE name = ?1", params![name])?;
+        if n == 0 {
+            return Err(Error::NotFound(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// One user, or `None`.
+    pub fn get(&self, name: &str) -> Result<Option<User>, Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
+                    rate_per_secs
+             FROM users WHERE name = ?1",
+        )?;
+        Ok(stmt.query_row(params![name], row_to_user).optional()?)
+    }
+
+    /// Every user, by name.
+    pub fn list(&self) -> Result<Vec<User>, Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
+                    rate_per_secs
+             FROM users ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], row_to_user)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// A number that changes whenever another connection commits (`PRAGMA data_version`):
+    /// cheap to poll for changes made by `remote-proxy user ...`.
+    pub fn data_version(&self) -> Result<i64, Error> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+}
+
+fn row_to_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+    Ok(User {
+        name: r.get(0)?,
+        password_hash: r.get(1)?,
+        bandwidth: Bandwidth::from_db(r.get(2)?),
+        created_at: r.get(3)?,
+        max_connections: r
+            .get::<_, Option<i64>>(4)?
+            .map(|v| v.clamp(1, u32::MAX as i64) as u32),
+        rate: match (r.get::<_, Option<i64>>(5)?, r.get::<_, Option<i64>>(6)?) {
+            (Some(c), Some(p)) if c > 0 && p > 0 => Some(RequestRate {
+                count: c.min(u32::MAX as i64) as u32,
+                per: Duration::from_secs(p as u64),
+            }),
+            _ => None,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::users::temp_db;
+
+    #[test]
+    fn crud_roundtrip_and_errors() {
+        let db = temp_db();
+        let s = Store::open(&db).unwrap();
+        s.add("alice", "pw1", Bandwidth::bytes_per_sec(1000))
+            .unwrap();
+        assert!(matches!(
+            s.add("alice", "x", Bandwidth::UNLIMITED),
+            Err(Error::Exists(_))
+        ));
+        assert!(matches!(
+            s.add("a b", "x", Bandwidth::UNLIMITED),
+            Err(Error::BadName(_))
+        ));
+        assert!(matches!(
+            s.add("bob", "", Bandwidth::UNLIMITED),
+            Err(Error::BadPassword(_))
+        ));
+        let u = s.get("alice").unwrap().unwrap();
+        assert_eq!(u.bandwidth, Bandwidth::bytes_per_sec(1000));
+        assert!(u.password_hash.starts_with("$argon2id$"));
+        assert!(!u.password_hash.contains("pw1"));
+        let ch = Changes {
+            bandwidth: Some(Bandwidth::UNLIMITED),
+            max_connections: Some(Some(3)),
+            rate: Some(Some("100/m".parse().unwrap())),
+            ..Changes::default()
+        };
+        s.set("alice", &ch).unwrap();
+        let u = s.get("alice").unwrap().unwrap();
+        assert_eq!(u.bandwidth, Bandwidth::UNLIMITED);
+        assert_eq!(u.max_connections, Some(3));
+        assert_eq!(u.rate, Some("100/m".parse().unwrap()));
+        let clear = Changes {
+            max_connections: Some(None),
+            rate: Some(None),
+            ..Changes::default()
+        };
+        s.set("alice", &clear).unwrap();
+        let u = s.get("alice").unwrap().unwrap();
+        assert_eq!((u.max_connections, u.rate), (None, None));
+        let pw = Changes {
+            password: Some("x".into()),
+            ..Changes::default()
+        };
+        assert!(matches!(s.set("carol", &pw), Err(Error::NotFound(_))));
+        // add_with is all or nothing: a duplicate leaves no trace of its limits.
+        assert!(matches!(
+            s.add_with("alice", "pw", Bandwidth::UNLIMITED, &ch),
+            Err(Error::Exists(_))
+        ));
+        assert_eq!(s.list().unwrap().len(), 1);
+        s.delete("alice").unwrap();
+        assert!(matches!(s.delete("alice"), Err(Error::NotFound(_))));
+        assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_users() {
+        let db = temp_db();
+        let c = Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE users (name TEXT PRIMARY KEY NOT NULL, password_hash TEXT NOT NULL,
+                 bandwidth INTEGER, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+             INSERT INTO users VALUES ('old', 'h', 1000, 1, 1);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(c);
+        let s = Store::open(&db).unwrap();
+        let u = s.get("old").unwrap().unwrap();
+        assert_eq!(u.bandwidth, Bandwidth::bytes_per_sec(1000));
+        assert_eq!((u.max_connections, u.rate), (None, None));
+    }
+
+    #[test]
+    fn schema_is_versioned_and_newer_is_refused() {
+        let db = temp_db();
+        drop(Store::open(&db).unwrap());
+        let c = Connection::open(&db).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        assert!(matches!(Store::open(&db), Err(Error::SchemaTooNew(99))));
+    }
+}
