@@ -7,12 +7,12 @@ mod upstream;
 pub use upstream::{open_tunnel, signup, TunnelError};
 
 use crate::config::{Credentials, LocalConfig};
-use crate::net::handshake::Deadline;
+use crate::net::handshake::HandshakeReader;
 use crate::net::relay;
-use crate::net::server::{ConnId, Next, Server, Service};
+use crate::net::server::{ConnId, Handled, Server, Service};
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
-use crate::proto::http::{self as http_connect, ProxyRequest};
+use crate::proto::http::{self, ProxyRequest};
 use crate::proto::socks5::{self, Method};
 use crate::proto::tunnel::{Command, Reply, Request, Status};
 use std::io::{self, Read, Write};
@@ -49,23 +49,23 @@ const UNSPECIFIED: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// What an app asked for, once its handshake is done.
-struct Ask {
+struct AppRequest {
     proto: &'static str,
     creds: Credentials,
     target: TargetAddr,
 }
 
 impl Service for Local {
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Next {
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled {
         self.serve(stream, id, workers);
-        Next::Done
+        Handled::SlotFree
     }
 
     fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16) {
         // Run the app's handshake far enough to answer in its own protocol, with a short
         // deadline: this job exists only to say "busy".
         let wait = self.cfg.timeouts.handshake.min(Duration::from_secs(2));
-        let Ok(mut d) = Deadline::new(&stream, wait) else {
+        let Ok(mut d) = HandshakeReader::new(&stream, wait) else {
             return;
         };
         match d.peek_byte() {
@@ -75,10 +75,9 @@ impl Service for Local {
                 log::info!("conn={id} socks5 answered busy (0x01); retry in {retry_after}s");
             }
             Ok(Some(b))
-                if b.is_ascii_alphabetic()
-                    && http_connect::read_head(&mut d, &mut Vec::new()).is_ok() =>
+                if b.is_ascii_alphabetic() && http::read_head(&mut d, &mut Vec::new()).is_ok() =>
             {
-                let _ = http_connect::write_status(&mut &stream, 503, "server busy", retry_after);
+                let _ = http::write_status(&mut &stream, 503, "server busy", retry_after);
                 log::info!("conn={id} http answered 503 busy; retry in {retry_after}s");
             }
             _ => {}
@@ -89,7 +88,7 @@ impl Service for Local {
 impl Local {
     fn serve(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
         let _ = stream.set_nodelay(true);
-        let Ok(mut d) = Deadline::new(&stream, self.cfg.timeouts.handshake) else {
+        let Ok(mut d) = HandshakeReader::new(&stream, self.cfg.timeouts.handshake) else {
             return;
         };
         let first = match d.peek_byte() {
@@ -110,7 +109,7 @@ impl Local {
             }
             b'A'..=b'Z' | b'a'..=b'z' => {
                 let mut buf = Vec::with_capacity(1024);
-                let read = http_connect::read_head(&mut d, &mut buf);
+                let read = http::read_head(&mut d, &mut buf);
                 drop(d);
                 self.http(stream, id, read, buf, workers);
             }
@@ -135,7 +134,7 @@ impl Local {
     /// logged here; `None` means the connection is done.
     fn socks_handshake(
         &self,
-        s: &mut Deadline<'_>,
+        s: &mut HandshakeReader<'_>,
         id: ConnId,
     ) -> Option<(Credentials, socks5::Request)> {
         let methods = match socks5::read_greeting(s) {
@@ -198,7 +197,7 @@ impl Local {
         workers: &Workers,
     ) {
         let unspecified = UNSPECIFIED;
-        let ask = Ask {
+        let ask = AppRequest {
             proto: "socks5",
             creds,
             target: req.target,
@@ -227,12 +226,12 @@ impl Local {
         &self,
         stream: TcpStream,
         id: ConnId,
-        read: Result<(usize, http_connect::Head), http_connect::Error>,
+        read: Result<(usize, http::Head), http::Error>,
         buf: Vec<u8>,
         workers: &Workers,
     ) {
         let fail = |code: u16, detail: &str, retry: u16| {
-            let _ = http_connect::write_status(&mut &stream, code, detail, retry);
+            let _ = http::write_status(&mut &stream, code, detail, retry);
         };
         let (len, head) = match read {
             Ok(h) => h,
@@ -244,7 +243,7 @@ impl Local {
                 return;
             }
         };
-        let creds = match http_connect::proxy_credentials(&head) {
+        let creds = match http::proxy_credentials(&head) {
             Ok(Some((user, password))) => Credentials { user, password },
             Ok(None) => match self.default_creds() {
                 Some(c) => c,
@@ -258,7 +257,7 @@ impl Local {
                 return fail(407, &e.to_string(), 0);
             }
         };
-        let request = match http_connect::interpret(&head) {
+        let request = match http::interpret(&head) {
             Ok(r) => r,
             Err(e) => {
                 log::info!("conn={id} http: {e}");
@@ -269,14 +268,14 @@ impl Local {
             ProxyRequest::Connect(t) => (t, None, "http-connect"),
             ProxyRequest::Forward { target, head } => (target, Some(head), "http"),
         };
-        let ask = Ask {
+        let ask = AppRequest {
             proto,
             creds,
             target,
         };
         let Some((remote, _reply)) = self.tunnel(&ask, id, |status, retry, detail| {
             let code = match status {
-                Some(st) => http_connect::status_for(st),
+                Some(st) => http::status_for(st),
                 None => 502,
             };
             fail(code, detail, retry);
@@ -284,7 +283,7 @@ impl Local {
             return;
         };
         let sent = match &forward_head {
-            None => http_connect::write_status(&mut &stream, 200, "", 0),
+            None => http::write_status(&mut &stream, 200, "", 0),
             Some(h) => (&remote).write_all(h),
         };
         // Bytes the app sent after the head (a request body, a TLS ClientHello) go on.
@@ -301,7 +300,7 @@ impl Local {
     /// and returns `None`.
     fn tunnel(
         &self,
-        ask: &Ask,
+        ask: &AppRequest,
         id: ConnId,
         refuse: impl FnOnce(Option<Status>, u16, &str),
     ) -> Option<(TcpStream, Reply)> {
@@ -349,7 +348,7 @@ impl Local {
         &self,
         app: TcpStream,
         remote: TcpStream,
-        ask: &Ask,
+        ask: &AppRequest,
         id: ConnId,
         already_up: u64,
         workers: &Workers,

@@ -2,7 +2,7 @@
 //! read the reply), and signup.
 
 use crate::config::{Credentials, Timeouts};
-use crate::net::handshake::Deadline;
+use crate::net::handshake::HandshakeReader;
 use crate::proto::tunnel::{self, Command, Reply, Request, Status};
 use std::fmt;
 use std::io;
@@ -52,7 +52,7 @@ pub fn open_tunnel(
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 tunnel::write_request(&mut &s, req).map_err(TunnelError::Remote)?;
-                let mut d = Deadline::new(&s, reply_wait).map_err(TunnelError::Remote)?;
+                let mut d = HandshakeReader::new(&s, reply_wait).map_err(TunnelError::Remote)?;
                 let reply = match tunnel::read_reply(&mut d) {
                     Ok(r) => r,
                     Err(tunnel::Error::Io(e)) => return Err(TunnelError::Remote(e)),

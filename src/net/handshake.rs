@@ -22,9 +22,9 @@ const REARM_SLACK: Duration = Duration::from_millis(20);
 /// socket only the bytes the parser took, when it needs more or when dropped. So a handshake
 /// that arrived in one segment costs two `recv`s, and bytes an app sent early (past the
 /// handshake) stay in the socket for the relay, never swallowed into a buffer here.
-/// Drop it (or call [`Deadline::settle`]) before reading the socket any other way.
+/// Drop it (or call [`HandshakeReader::settle`]) before reading the socket any other way.
 /// Writes pass straight through.
-pub struct Deadline<'a> {
+pub struct HandshakeReader<'a> {
     stream: &'a TcpStream,
     until: std::time::Instant,
     // The read timeout the socket has now.
@@ -36,11 +36,11 @@ pub struct Deadline<'a> {
     taken: usize,
 }
 
-impl<'a> Deadline<'a> {
+impl<'a> HandshakeReader<'a> {
     /// Reads on `stream` must finish within `within` from now; sets that as the read timeout.
-    pub fn new(stream: &'a TcpStream, within: Duration) -> io::Result<Deadline<'a>> {
+    pub fn new(stream: &'a TcpStream, within: Duration) -> io::Result<HandshakeReader<'a>> {
         stream.set_read_timeout(Some(within.max(Duration::from_millis(1))))?;
-        Ok(Deadline {
+        Ok(HandshakeReader {
             stream,
             until: std::time::Instant::now() + within,
             timeout: within,
@@ -96,13 +96,13 @@ impl<'a> Deadline<'a> {
     }
 }
 
-impl Drop for Deadline<'_> {
+impl Drop for HandshakeReader<'_> {
     fn drop(&mut self) {
         let _ = self.settle();
     }
 }
 
-impl io::Read for Deadline<'_> {
+impl io::Read for HandshakeReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() || (self.taken == self.len && !self.fill()?) {
             return Ok(0);
@@ -114,7 +114,7 @@ impl io::Read for Deadline<'_> {
     }
 }
 
-impl io::Write for Deadline<'_> {
+impl io::Write for HandshakeReader<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         io::Write::write(&mut &*self.stream, buf)
     }
@@ -149,7 +149,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        let mut d = Deadline::new(&s, Duration::from_millis(400)).unwrap();
+        let mut d = HandshakeReader::new(&s, Duration::from_millis(400)).unwrap();
         let t = std::time::Instant::now();
         let mut buf = [0u8; 1];
         let err = loop {
@@ -181,7 +181,7 @@ mod tests {
         let (mut c, s) = pair();
         c.write_all(b"HEADearly app data").unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        let mut d = Deadline::new(&s, Duration::from_secs(2)).unwrap();
+        let mut d = HandshakeReader::new(&s, Duration::from_secs(2)).unwrap();
         assert_eq!(d.peek_byte().unwrap(), Some(b'H'));
         let mut head = [0u8; 4];
         d.read_exact(&mut head).unwrap();
@@ -203,7 +203,7 @@ mod tests {
             }
             c
         });
-        let mut d = Deadline::new(&s, Duration::from_secs(2)).unwrap();
+        let mut d = HandshakeReader::new(&s, Duration::from_secs(2)).unwrap();
         let mut all = [0u8; 5];
         d.read_exact(&mut all).unwrap();
         assert_eq!(&all, b"abcde");

@@ -50,17 +50,17 @@ impl std::fmt::Debug for Server {
 
 /// What a handler wants done after it returns: nothing, or more work on the same slot
 /// (a tunnel of the same user that was parked waiting for this one to end).
-pub enum Next {
+pub enum Handled {
     /// The slot is free.
-    Done,
+    SlotFree,
     /// Run this on the same slot, then look again.
-    Continue(Box<dyn FnOnce(&Workers) -> Next + Send>),
+    ResumeOnSlot(Box<dyn FnOnce(&Workers) -> Handled + Send>),
 }
 
 /// What a listener does with its connections.
 pub trait Service: Send + Sync + 'static {
     /// Serves one admitted connection on a serve worker, start to end.
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Next;
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled;
     /// Tells a connection that was not admitted "server busy, retry after N seconds" in its
     /// own protocol, then closes it. Runs on a short pool job; must bound its reads.
     fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16);
@@ -129,7 +129,7 @@ impl ServeCtx {
                 let mut next = self
                     .service
                     .handle(arrived.stream, arrived.id, &self.workers);
-                while let Next::Continue(f) = next {
+                while let Handled::ResumeOnSlot(f) = next {
                     next = f(&self.workers);
                 }
                 let mut removed = Removed::default();

@@ -14,9 +14,9 @@ use crate::limit::bucket::SharedBucket;
 use crate::limit::rate::RequestRate;
 use crate::limit::throttle::{retry_after_secs, Throttle};
 use crate::net::connect::connect_target;
-use crate::net::handshake::Deadline;
+use crate::net::handshake::HandshakeReader;
 use crate::net::relay;
-use crate::net::server::{ConnId, Next, Server, Service};
+use crate::net::server::{ConnId, Handled, Server, Service};
 use crate::net::sys::peer_alive;
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
@@ -50,7 +50,7 @@ impl std::fmt::Display for Error {
 impl std::error::Error for Error {}
 
 /// An authenticated tunnel waiting for one of its user's other tunnels to end.
-struct Pending {
+struct AuthorizedTunnel {
     stream: TcpStream,
     id: ConnId,
     peer: String,
@@ -67,7 +67,7 @@ pub struct Remote {
     // One bucket per user who has had a tunnel, shared by all of that user's tunnels.
     buckets: Mutex<HashMap<String, Arc<SharedBucket>>>,
     // Per-user tunnel caps; waiting tunnels are parked here, holding no slot or thread.
-    gate: UserGate<Pending>,
+    gate: UserGate<AuthorizedTunnel>,
     // New tunnels per client IP (`--rate-per-ip`).
     ip_throttle: Option<Throttle<IpAddr>>,
     // Failed logins per client IP; when full, logins are refused without hashing.
@@ -86,7 +86,7 @@ impl std::fmt::Debug for Remote {
 struct RemoteService(Arc<Remote>);
 
 impl Service for RemoteService {
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Next {
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled {
         self.0.handle(stream, id, workers)
     }
 
@@ -94,7 +94,7 @@ impl Service for RemoteService {
         // Read the request first: replying to unread bytes and closing would send a reset
         // that can destroy the reply before local-proxy reads it.
         let wait = self.0.cfg.timeouts.handshake.min(Duration::from_secs(2));
-        let Ok(mut deadline) = Deadline::new(&stream, wait) else {
+        let Ok(mut deadline) = HandshakeReader::new(&stream, wait) else {
             return;
         };
         if tunnel::read_request(&mut deadline).is_ok() {
@@ -108,7 +108,10 @@ impl Service for RemoteService {
     }
 
     fn sweep(&self, _workers: &Workers) {
-        let removed = self.0.gate.sweep(&mut |p: &Pending| peer_alive(&p.stream));
+        let removed = self
+            .0
+            .gate
+            .sweep(&mut |p: &AuthorizedTunnel| peer_alive(&p.stream));
         self.0.turn_away(removed);
     }
 }
@@ -176,15 +179,15 @@ fn reply_wait(stream: &TcpStream, status: Status, wait: Duration) {
 }
 
 impl Remote {
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Next {
+    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled {
         let peer_addr = stream.peer_addr().ok();
         let peer = peer_addr.map_or_else(|| "?".into(), |a| a.to_string());
         let _ = stream.set_nodelay(true);
-        let mut deadline = match Deadline::new(&stream, self.cfg.timeouts.handshake) {
+        let mut deadline = match HandshakeReader::new(&stream, self.cfg.timeouts.handshake) {
             Ok(d) => d,
             Err(e) => {
                 log::debug!("conn={id} peer={peer} cannot set timeout: {e}");
-                return Next::Done;
+                return Handled::SlotFree;
             }
         };
         let read = tunnel::read_request(&mut deadline);
@@ -199,7 +202,7 @@ impl Remote {
                     }
                     None => log::debug!("conn={id} peer={peer} handshake ended: {e}"),
                 }
-                return Next::Done;
+                return Handled::SlotFree;
             }
         };
         let ip = peer_addr.map(|a| a.ip());
@@ -207,13 +210,13 @@ impl Remote {
             if let Err(wait) = t.check(&ip) {
                 let why = format!("peer={peer} rate limited (per IP)");
                 rate_limited(&stream, id, &why, wait);
-                return Next::Done;
+                return Handled::SlotFree;
             }
         }
         match req.command {
             Command::Signup => {
                 self.signup(&stream, id, &peer, &req);
-                Next::Done
+                Handled::SlotFree
             }
             Command::Connect => self.connect(stream, id, peer, ip, req, workers),
         }
@@ -269,10 +272,10 @@ impl Remote {
         ip: Option<IpAddr>,
         req: Request,
         workers: &Workers,
-    ) -> Next {
+    ) -> Handled {
         let Some(target) = req.target else {
             reply(&stream, Status::Malformed);
-            return Next::Done;
+            return Handled::SlotFree;
         };
         // Too many failed logins from this address: refuse before spending a hash on it.
         if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
@@ -282,7 +285,7 @@ impl Remote {
                     req.user
                 );
                 rate_limited(&stream, id, &why, wait);
-                return Next::Done;
+                return Handled::SlotFree;
             }
         }
         let user = match self.auth.authenticate(&req.user, &req.password) {
@@ -293,12 +296,12 @@ impl Remote {
                 }
                 log::info!("conn={id} peer={peer} user={} auth failed", req.user);
                 reply(&stream, Status::BadCredentials);
-                return Next::Done;
+                return Handled::SlotFree;
             }
             Err(AuthError::Store(e)) => {
                 log::error!("conn={id} user database failed: {e}");
                 reply(&stream, Status::GeneralFailure);
-                return Next::Done;
+                return Handled::SlotFree;
             }
         };
         if let Some(rate) = user.rate {
@@ -311,11 +314,11 @@ impl Remote {
             if let Err(wait) = throttle.check(&user.name) {
                 let why = format!("user={} rate limited ({rate})", user.name);
                 rate_limited(&stream, id, &why, wait);
-                return Next::Done;
+                return Handled::SlotFree;
             }
         }
         let cap = user.max_connections.map(|c| c as usize);
-        let pending = Pending {
+        let pending = AuthorizedTunnel {
             stream,
             id,
             peer,
@@ -327,39 +330,39 @@ impl Remote {
             Enter::Go(p) => self.run(p, workers),
             Enter::Parked => {
                 log::debug!("conn={id} user={name} at its connection cap; waiting");
-                Next::Done
+                Handled::SlotFree
             }
             Enter::Full(p) => {
                 log::info!("conn={id} user={name} server busy: too many tunnels waiting");
                 self.busy_pending(p);
-                Next::Done
+                Handled::SlotFree
             }
         }
     }
 
     /// Connects and relays a tunnel that has its user's permission; when it ends, hands its
     /// place to the user's next waiting tunnel, if any.
-    fn run(&self, p: Pending, workers: &Workers) -> Next {
+    fn run(&self, p: AuthorizedTunnel, workers: &Workers) -> Handled {
         let name = p.user.name.clone();
         self.tunnel(p, workers);
         let mut removed = Removed::default();
         let next = self.gate.exit(
             &name,
-            &mut |w: &Pending| peer_alive(&w.stream),
+            &mut |w: &AuthorizedTunnel| peer_alive(&w.stream),
             &mut removed,
         );
         self.turn_away(removed);
         match (next, self.me.upgrade()) {
             (Some(p), Some(me)) => {
                 log::debug!("conn={} user={name} resumed", p.id);
-                Next::Continue(Box::new(move |w: &Workers| me.run(p, w)))
+                Handled::ResumeOnSlot(Box::new(move |w: &Workers| me.run(p, w)))
             }
-            _ => Next::Done,
+            _ => Handled::SlotFree,
         }
     }
 
-    fn tunnel(&self, p: Pending, workers: &Workers) {
-        let Pending {
+    fn tunnel(&self, p: AuthorizedTunnel, workers: &Workers) {
+        let AuthorizedTunnel {
             stream,
             id,
             peer,
@@ -407,12 +410,12 @@ impl Remote {
         );
     }
 
-    fn busy_pending(&self, p: Pending) {
+    fn busy_pending(&self, p: AuthorizedTunnel) {
         let _ = p.stream.set_write_timeout(Some(Duration::from_secs(2)));
         reply_wait(&p.stream, Status::ServerBusy, self.cfg.admission.timeout);
     }
 
-    fn turn_away(&self, removed: Removed<Pending>) {
+    fn turn_away(&self, removed: Removed<AuthorizedTunnel>) {
         for p in removed.gone {
             log::debug!("conn={} user={} left while waiting", p.id, p.user.name);
         }
