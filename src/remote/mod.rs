@@ -1,17 +1,18 @@
-//! remote-proxy's per-connection handler: read the tunnel request, apply the throttles,
+//! remote-proxy: the tunnel handler. Read the tunnel request, apply the throttles,
 //! authenticate, wait for the user's cap, connect to the target, reply, relay through the
-//! user's bucket. Glue only; the wire format is in tunnel.rs, passwords in users.rs, metering
-//! in bucket.rs and relay.rs, queueing in admission.rs, request rates in throttle.rs.
+//! user's bucket.
 //!
-//! Also here: one [`SharedBucket`] per user, and the watcher thread that applies `user set`
-//! and `user del` made by other processes (it polls SQLite's `data_version`).
+//! Glue only: the wire format is in proto/tunnel.rs, passwords in users/, metering in
+//! limit/bucket.rs and net/relay/, queueing in limit/admission.rs, request rates in
+//! limit/throttle.rs. Per-user live state (buckets, rate throttles, the watcher that applies
+//! `user set` and `user del` from other processes) is in registry.rs.
 
 mod registry;
 
+pub use registry::Registry;
+
 use crate::config::RemoteConfig;
 use crate::limit::admission::{Enter, Removed, UserGate};
-use crate::limit::bucket::SharedBucket;
-use crate::limit::rate::RequestRate;
 use crate::limit::throttle::{retry_after_secs, Throttle};
 use crate::net::connect::connect_target;
 use crate::net::handshake::HandshakeReader;
@@ -22,8 +23,6 @@ use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
 use crate::proto::tunnel::{self, Command, Reply, Request, Status};
 use crate::users::{self, AuthError, Authenticator, Store, User};
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::{Arc, Weak};
@@ -64,16 +63,14 @@ pub struct Remote {
     // Itself, so continuations handed to the server can outlive a `&self` borrow.
     me: Weak<Remote>,
     auth: Authenticator,
-    // One bucket per user who has had a tunnel, shared by all of that user's tunnels.
-    buckets: Mutex<HashMap<String, Arc<SharedBucket>>>,
+    // Buckets and request-rate throttles of the users who have had tunnels.
+    registry: Registry,
     // Per-user tunnel caps; waiting tunnels are parked here, holding no slot or thread.
     gate: UserGate<AuthorizedTunnel>,
     // New tunnels per client IP (`--rate-per-ip`).
     ip_throttle: Option<Throttle<IpAddr>>,
     // Failed logins per client IP; when full, logins are refused without hashing.
     login_throttle: Option<Throttle<IpAddr>>,
-    // Per-user request rates, one sliding log per distinct rate, keyed by user name.
-    user_throttles: Mutex<HashMap<RequestRate, Arc<Throttle<String>>>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -127,11 +124,10 @@ pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
         cfg: cfg.clone(),
         me: me.clone(),
         auth,
-        buckets: Mutex::new(HashMap::new()),
+        registry: Registry::new(),
         gate: UserGate::new(cfg.admission.timeout, cfg.admission.max_queued),
         ip_throttle: cfg.rate_per_ip.map(Throttle::new),
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
-        user_throttles: Mutex::new(HashMap::new()),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
     let mut server = Server::bind(cfg.listen, "remote", cfg.admission, service)
@@ -154,7 +150,10 @@ pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
     let watcher = Arc::clone(&remote);
     std::thread::Builder::new()
         .name("remote-users".into())
-        .spawn(move || watcher.watch_users(stop_rx))
+        .spawn(move || {
+            let every = watcher.cfg.user_poll;
+            registry::watch_users(&watcher.auth, &watcher.registry, every, stop_rx)
+        })
         .map_err(|e| Error::Bind(cfg.listen, e))?;
     server.attach(Box::new(stop_tx));
     Ok(server)
@@ -305,13 +304,7 @@ impl Remote {
             }
         };
         if let Some(rate) = user.rate {
-            let throttle = Arc::clone(
-                self.user_throttles
-                    .lock()
-                    .entry(rate)
-                    .or_insert_with(|| Arc::new(Throttle::new(rate))),
-            );
-            if let Err(wait) = throttle.check(&user.name) {
+            if let Err(wait) = self.registry.check_rate(&user.name, rate) {
                 let why = format!("user={} rate limited ({rate})", user.name);
                 rate_limited(&stream, id, &why, wait);
                 return Handled::SlotFree;
@@ -369,7 +362,7 @@ impl Remote {
             user,
             target,
         } = p;
-        let bucket = self.bucket_for(&user.name, user.bandwidth);
+        let bucket = self.registry.bucket_for(&user.name, user.bandwidth);
         let upstream = match connect_target(&target, self.cfg.timeouts.connect) {
             Ok(s) => s,
             Err(e) => {
