@@ -1,7 +1,7 @@
 //! remote-proxy: `serve` tunnels, and `user add|set|del|list` on the same database.
 
 use flowgate::cli::{RemoteCli, RemoteCommand, UserCommand};
-use flowgate::users::{Changes, Store};
+use flowgate::users::{Changes, Store, UserStore};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

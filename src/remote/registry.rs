@@ -141,7 +141,10 @@ mod tests {
         // bob was deleted: his next tunnel (if the store still let it in) gets a new bucket.
         let b2 = r.bucket_for("bob", "1M".parse().unwrap());
         assert!(!Arc::ptr_eq(&b, &b2));
-        assert!(Arc::ptr_eq(&a, &r.bucket_for("alice", "300K".parse().unwrap())));
+        assert!(Arc::ptr_eq(
+            &a,
+            &r.bucket_for("alice", "300K".parse().unwrap())
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use super::password::hash_password;
 use super::password::verify_password_with;
-use super::{Error, Store, User};
+use super::{Error, User, UserStore};
 use argon2::password_hash::rand_core::OsRng;
 use argon2::Block;
 use blake2::{Blake2b512, Digest};
@@ -62,7 +62,7 @@ struct Flight {
 /// app that opens 16 connections at once used to queue 16 hashes, a second of CPU on 2 cores.
 pub struct Authenticator {
     // The store; one connection, lookups are short primary-key reads.
-    store: Mutex<Store>,
+    store: Mutex<Box<dyn UserStore>>,
     // user name -> last verified password digest.
     cache: Mutex<HashMap<String, Verified>>,
     // Random per-process key for the digests, so a memory dump does not hold plain hashes.
@@ -88,7 +88,7 @@ impl fmt::Debug for Authenticator {
 
 impl Authenticator {
     /// Wraps a store.
-    pub fn new(store: Store) -> Result<Authenticator, Error> {
+    pub fn new(store: impl UserStore + 'static) -> Result<Authenticator, Error> {
         let mut key = [0u8; 32];
         OsRng.fill_bytes(&mut key);
         let mut dummy = [0u8; 16];
@@ -98,7 +98,7 @@ impl Authenticator {
             .map(|n| n.get())
             .unwrap_or(2);
         Ok(Authenticator {
-            store: Mutex::new(store),
+            store: Mutex::new(Box::new(store)),
             cache: Mutex::new(HashMap::new()),
             key,
             dummy_hash,
@@ -110,8 +110,8 @@ impl Authenticator {
     }
 
     /// Runs `f` with the store locked.
-    pub fn with_store<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
-        f(&self.store.lock())
+    pub fn with_store<T>(&self, f: impl FnOnce(&dyn UserStore) -> T) -> T {
+        f(&**self.store.lock())
     }
 
     fn digest(&self, name: &str, password: &str) -> [u8; 64] {
@@ -261,7 +261,7 @@ fn ct_eq(a: &[u8; 64], b: &[u8; 64]) -> bool {
 mod tests {
     use super::*;
     use crate::limit::rate::Bandwidth;
-    use crate::users::{temp_db, Changes};
+    use crate::users::{temp_db, Changes, Store};
 
     #[test]
     fn authenticator_caches_success_and_notices_password_change() {

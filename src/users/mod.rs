@@ -1,9 +1,10 @@
-//! The user database (SQLite) and password checks.
+//! Users: what a user is, the [`UserStore`] trait any database implements, the SQLite store
+//! (`sqlite.rs`: schema, migrations, parameterized CRUD), argon2id hashing (`password.rs`),
+//! and [`Authenticator`] (`auth.rs`), which caches successful verifications so a known
+//! password is not re-hashed on every tunnel.
 //!
-//! In scope: schema creation and migration (`PRAGMA user_version`), user CRUD with
-//! parameterized SQL only, argon2id hashing, and [`Authenticator`], which caches successful
-//! verifications so a known password is not re-hashed on every tunnel. Out of scope: buckets
-//! and live rate changes (remote.rs watches `PRAGMA data_version` and applies them).
+//! Out of scope: buckets and live rate changes (remote/registry.rs polls
+//! [`UserStore::data_version`] and applies them).
 
 mod auth;
 mod password;
@@ -115,6 +116,35 @@ impl fmt::Debug for User {
             .field("rate", &self.rate)
             .finish()
     }
+}
+
+/// What remote-proxy needs from a user database. SQLite ([`Store`]) implements it; a store
+/// shared by several remote-proxies can implement it too. Implementations hash nothing on
+/// the read path and use parameterized queries only.
+pub trait UserStore: Send {
+    /// One user, or `None`.
+    fn get(&self, name: &str) -> Result<Option<User>, Error>;
+    /// Every user, by name.
+    fn list(&self) -> Result<Vec<User>, Error>;
+    /// Adds a user whose password the caller already hashed with [`hash_password`], so the
+    /// slow hash runs without holding whatever lock guards the store.
+    ///
+    /// # Errors
+    /// `BadName`, or `Exists` when the name is taken.
+    fn add_hashed(&self, name: &str, hash: &str, bandwidth: Bandwidth) -> Result<(), Error>;
+    /// Applies `changes` to a user, all or nothing.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown user, `BadPassword` for a bad new password.
+    fn set(&self, name: &str, changes: &Changes) -> Result<(), Error>;
+    /// Deletes a user.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown user.
+    fn delete(&self, name: &str) -> Result<(), Error>;
+    /// A number that changes whenever another process commits a change: cheap to poll, so
+    /// a running server notices `user set` and `user del` without reloading every user.
+    fn data_version(&self) -> Result<i64, Error>;
 }
 
 /// Checks a user name: 1..=64 bytes of `A-Z a-z 0-9 . _ @ -`, so it fits every protocol

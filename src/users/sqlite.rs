@@ -1,7 +1,7 @@
 //! The SQLite user store: schema, migrations, parameterized CRUD.
 
 use super::password::hash_password;
-use super::{validate_name, validate_password, Changes, Error, User};
+use super::{validate_name, validate_password, Changes, Error, User, UserStore};
 use crate::limit::rate::{Bandwidth, RequestRate};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fmt;
@@ -87,30 +87,6 @@ impl Store {
         self.add_hashed(name, &hash_password(password)?, bandwidth)
     }
 
-    /// Adds a user whose password the caller already hashed with [`hash_password`], so the
-    /// slow hash can run without holding whatever lock guards this store.
-    ///
-    /// # Errors
-    /// `BadName`, or `Exists` when the name is taken.
-    pub fn add_hashed(&self, name: &str, hash: &str, bandwidth: Bandwidth) -> Result<(), Error> {
-        validate_name(name)?;
-        let now = unix_now();
-        let res = self.conn.execute(
-            "INSERT INTO users (name, password_hash, bandwidth, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?4)",
-            params![name, hash, bandwidth.to_db(), now],
-        );
-        match res {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                Err(Error::Exists(name.to_string()))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Adds a user and applies `changes` (limits) in one transaction.
     ///
     /// # Errors
@@ -124,20 +100,6 @@ impl Store {
     ) -> Result<(), Error> {
         let tx = self.conn.unchecked_transaction()?;
         self.add(name, password, bandwidth)?;
-        self.apply(name, changes)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Applies `changes` to a user, all or nothing.
-    ///
-    /// # Errors
-    /// `NotFound` for an unknown user, `BadPassword` for a bad new password.
-    pub fn set(&self, name: &str, changes: &Changes) -> Result<(), Error> {
-        let tx = self.conn.unchecked_transaction()?;
-        if self.get(name)?.is_none() {
-            return Err(Error::NotFound(name.to_string()));
-        }
         self.apply(name, changes)?;
         tx.commit()?;
         Ok(())
@@ -185,12 +147,52 @@ impl Store {
         }
         Ok(())
     }
+}
+
+impl UserStore for Store {
+    /// Adds a user whose password the caller already hashed with [`hash_password`], so the
+    /// slow hash can run without holding whatever lock guards this store.
+    ///
+    /// # Errors
+    /// `BadName`, or `Exists` when the name is taken.
+    fn add_hashed(&self, name: &str, hash: &str, bandwidth: Bandwidth) -> Result<(), Error> {
+        validate_name(name)?;
+        let now = unix_now();
+        let res = self.conn.execute(
+            "INSERT INTO users (name, password_hash, bandwidth, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+            params![name, hash, bandwidth.to_db(), now],
+        );
+        match res {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(Error::Exists(name.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Applies `changes` to a user, all or nothing.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown user, `BadPassword` for a bad new password.
+    fn set(&self, name: &str, changes: &Changes) -> Result<(), Error> {
+        let tx = self.conn.unchecked_transaction()?;
+        if self.get(name)?.is_none() {
+            return Err(Error::NotFound(name.to_string()));
+        }
+        self.apply(name, changes)?;
+        tx.commit()?;
+        Ok(())
+    }
 
     /// Deletes a user.
     ///
     /// # Errors
     /// `NotFound` for an unknown user.
-    pub fn delete(&self, name: &str) -> Result<(), Error> {
+    fn delete(&self, name: &str) -> Result<(), Error> {
         let n = self
             .conn
             .execute("DELETE FROM users WHERE name = ?1", params![name])?;
@@ -201,7 +203,7 @@ impl Store {
     }
 
     /// One user, or `None`.
-    pub fn get(&self, name: &str) -> Result<Option<User>, Error> {
+    fn get(&self, name: &str) -> Result<Option<User>, Error> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
                     rate_per_secs
@@ -211,7 +213,7 @@ impl Store {
     }
 
     /// Every user, by name.
-    pub fn list(&self) -> Result<Vec<User>, Error> {
+    fn list(&self) -> Result<Vec<User>, Error> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
                     rate_per_secs
@@ -223,7 +225,7 @@ impl Store {
 
     /// A number that changes whenever another connection commits (`PRAGMA data_version`):
     /// cheap to poll for changes made by `remote-proxy user ...`.
-    pub fn data_version(&self) -> Result<i64, Error> {
+    fn data_version(&self) -> Result<i64, Error> {
         Ok(self
             .conn
             .pragma_query_value(None, "data_version", |r| r.get(0))?)

@@ -3,7 +3,7 @@
 use crate::support::*;
 use flowgate::proto::addr::TargetAddr;
 use flowgate::proto::tunnel::Status;
-use flowgate::users::{Changes, Store};
+use flowgate::users::{Changes, Store, UserStore};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
