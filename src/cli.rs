@@ -312,10 +312,10 @@ impl LocalArgs {
             .remote
             .ok_or("--remote HOST:PORT is required (where remote-proxy listens)")?;
         let credentials = match self.user {
-            Some(user) => Some(Credentials {
+            Some(user) => Some(Credentials::new(
                 user,
-                password: local_password(self.password_stdin)?,
-            }),
+                local_password(self.password_stdin)?,
+            )?),
             None if self.password_stdin => {
                 return Err("--password-stdin needs --user".into());
             }
@@ -343,10 +343,7 @@ impl UserLimitArgs {
 impl LocalCommand {
     /// Credentials for signup.
     pub fn signup_credentials(user: &str, password_stdin: bool) -> Result<Credentials, String> {
-        Ok(Credentials {
-            user: user.to_string(),
-            password: local_password(password_stdin)?,
-        })
+        Credentials::new(user.to_string(), local_password(password_stdin)?)
     }
 }
 

@@ -114,6 +114,25 @@ pub struct Credentials {
     pub password: String,
 }
 
+impl Credentials {
+    /// Credentials the tunnel protocol can carry.
+    ///
+    /// # Errors
+    /// An empty name or password, or one over 255 bytes (the protocol's length byte).
+    pub fn new(user: String, password: String) -> Result<Credentials, String> {
+        use crate::proto::tunnel::MAX_CREDENTIAL;
+        if user.is_empty() || password.is_empty() {
+            return Err("empty user name or password".into());
+        }
+        if user.len() > MAX_CREDENTIAL || password.len() > MAX_CREDENTIAL {
+            return Err(format!(
+                "user name and password may be at most {MAX_CREDENTIAL} bytes each"
+            ));
+        }
+        Ok(Credentials { user, password })
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")

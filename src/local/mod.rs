@@ -2,8 +2,10 @@
 //! handshake, open a tunnel to remote-proxy, answer the app in its own protocol, relay.
 //! Glue only; parsing lives in socks5.rs, http_connect.rs and tunnel.rs.
 
+mod refusal;
 mod upstream;
 
+pub use refusal::Refusal;
 pub use upstream::{open_tunnel, signup, TunnelError};
 
 use crate::config::{Credentials, LocalConfig};
@@ -70,15 +72,16 @@ impl Service for Local {
         };
         match d.peek_byte() {
             Ok(Some(socks5::VERSION)) if self.socks_handshake(&mut d, id).is_some() => {
-                let _ =
-                    socks5::write_reply(&mut &stream, socks5::Reply::GeneralFailure, UNSPECIFIED);
-                log::info!("conn={id} socks5 answered busy (0x01); retry in {retry_after}s");
+                let code = socks5::Reply::for_status(Status::ServerBusy);
+                let _ = socks5::write_reply(&mut &stream, code, UNSPECIFIED);
+                log::info!("conn={id} socks5 answered busy ({code:?}); retry in {retry_after}s");
             }
             Ok(Some(b))
                 if b.is_ascii_alphabetic() && http::read_head(&mut d, &mut Vec::new()).is_ok() =>
             {
-                let _ = http::write_status(&mut &stream, 503, "server busy", retry_after);
-                log::info!("conn={id} http answered 503 busy; retry in {retry_after}s");
+                let code = http::status_for(Status::ServerBusy);
+                let _ = http::write_status(&mut &stream, code, "server busy", retry_after);
+                log::info!("conn={id} http answered {code} busy; retry in {retry_after}s");
             }
             _ => {}
         }
@@ -196,24 +199,19 @@ impl Local {
         req: socks5::Request,
         workers: &Workers,
     ) {
-        let unspecified = UNSPECIFIED;
         let ask = AppRequest {
             proto: "socks5",
             creds,
             target: req.target,
         };
-        let Some((remote, reply)) = self.tunnel(&ask, id, |status, retry, detail| {
-            let code = match status {
-                Some(st) => socks5::Reply::for_status(st),
-                None => socks5::Reply::GeneralFailure,
-            };
-            if status == Some(Status::RateLimited) {
-                log::info!("conn={id} rate limited; retry in {retry}s");
+        let (remote, reply) = match self.tunnel(&ask, id) {
+            Ok(open) => open,
+            Err(refusal) => {
+                let code = refusal.socks5_reply();
+                log::debug!("conn={id} socks5 reply {code:?}: {refusal}");
+                let _ = socks5::write_reply(&mut &stream, code, UNSPECIFIED);
+                return;
             }
-            log::debug!("conn={id} socks5 reply {code:?}: {detail}");
-            let _ = socks5::write_reply(&mut &stream, code, unspecified);
-        }) else {
-            return;
         };
         if socks5::write_reply(&mut &stream, socks5::Reply::Succeeded, reply.bound).is_err() {
             return;
@@ -273,14 +271,13 @@ impl Local {
             creds,
             target,
         };
-        let Some((remote, _reply)) = self.tunnel(&ask, id, |status, retry, detail| {
-            let code = match status {
-                Some(st) => http::status_for(st),
-                None => 502,
-            };
-            fail(code, detail, retry);
-        }) else {
-            return;
+        let remote = match self.tunnel(&ask, id) {
+            Ok((remote, _reply)) => remote,
+            Err(refusal) => {
+                let code = refusal.http_status();
+                log::debug!("conn={id} http reply {code}: {refusal}");
+                return fail(code, &refusal.to_string(), refusal.retry_after());
+            }
         };
         let sent = match &forward_head {
             None => http::write_status(&mut &stream, 200, "", 0),
@@ -295,15 +292,9 @@ impl Local {
         self.run(stream, remote, &ask, id, already_up, workers);
     }
 
-    /// Opens the tunnel for `ask`. On failure calls `refuse(status, retry_after, detail)` to
-    /// answer the app in its protocol (`status` is `None` when remote-proxy is unreachable)
-    /// and returns `None`.
-    fn tunnel(
-        &self,
-        ask: &AppRequest,
-        id: ConnId,
-        refuse: impl FnOnce(Option<Status>, u16, &str),
-    ) -> Option<(TcpStream, Reply)> {
+    /// Opens the tunnel for `ask` and logs a refusal; the caller answers the app in its
+    /// protocol from the [`Refusal`].
+    fn tunnel(&self, ask: &AppRequest, id: ConnId) -> Result<(TcpStream, Reply), Refusal> {
         let req = Request {
             command: Command::Connect,
             user: ask.creds.user.clone(),
@@ -315,30 +306,32 @@ impl Local {
         let t = &self.cfg.timeouts;
         let reply_wait = t.handshake + t.connect + self.cfg.admission.timeout;
         match open_tunnel(&self.cfg.remote, &req, t, reply_wait) {
-            Ok((remote, reply)) if reply.status == Status::Ok => Some((remote, reply)),
+            Ok((remote, reply)) if reply.status == Status::Ok => Ok((remote, reply)),
             Ok((_, reply)) => {
+                let retry = if reply.retry_after > 0 {
+                    format!("; retry in {}s", reply.retry_after)
+                } else {
+                    String::new()
+                };
                 log::info!(
-                    "conn={id} proto={} user={} target={} refused: {}",
+                    "conn={id} proto={} user={} target={} refused: {}{retry}",
                     ask.proto,
                     ask.creds.user,
                     ask.target,
                     reply.status
                 );
-                refuse(
-                    Some(reply.status),
-                    reply.retry_after,
-                    &reply.status.to_string(),
-                );
-                None
+                Err(Refusal::Remote {
+                    status: reply.status,
+                    retry_after: reply.retry_after,
+                })
+            }
+            Err(e @ TunnelError::Request(_)) => {
+                log::info!("conn={id} proto={} {e}", ask.proto);
+                Err(Refusal::Local(e))
             }
             Err(e) => {
                 log::warn!("conn={id} {e}");
-                let status = match &e {
-                    TunnelError::Remote(io) if is_timeout(io) => Some(Status::TimedOut),
-                    _ => None,
-                };
-                refuse(status, 0, &e.to_string());
-                None
+                Err(Refusal::Local(e))
             }
         }
     }
@@ -385,11 +378,4 @@ impl Local {
 fn drain_arrived(stream: &TcpStream) {
     let mut s = stream;
     let _ = s.read(&mut [0u8; 4096]);
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-    )
 }

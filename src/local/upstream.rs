@@ -16,6 +16,9 @@ pub enum TunnelError {
     Remote(io::Error),
     /// remote-proxy answered with something that is not our protocol.
     Protocol(tunnel::Error),
+    /// The request cannot be sent (credentials too long for the protocol); nothing was
+    /// sent.
+    Request(tunnel::Error),
 }
 
 impl fmt::Display for TunnelError {
@@ -23,6 +26,7 @@ impl fmt::Display for TunnelError {
         match self {
             TunnelError::Remote(e) => write!(f, "cannot reach remote-proxy: {e}"),
             TunnelError::Protocol(e) => write!(f, "bad answer from remote-proxy: {e}"),
+            TunnelError::Request(e) => write!(f, "cannot send the tunnel request: {e}"),
         }
     }
 }
@@ -35,13 +39,15 @@ impl std::error::Error for TunnelError {}
 /// awaited for `reply_wait`, not just the handshake timeout.
 ///
 /// # Errors
-/// `Remote` when remote-proxy cannot be reached or goes silent, `Protocol` for bad replies.
+/// `Request` when `req` cannot be encoded, `Remote` when remote-proxy cannot be reached or
+/// goes silent, `Protocol` for bad replies.
 pub fn open_tunnel(
     remote: &str,
     req: &Request,
     timeouts: &Timeouts,
     reply_wait: Duration,
 ) -> Result<(TcpStream, Reply), TunnelError> {
+    let bytes = tunnel::encode_request(req).map_err(TunnelError::Request)?;
     let addrs: Vec<SocketAddr> = remote
         .to_socket_addrs()
         .map_err(TunnelError::Remote)?
@@ -51,7 +57,7 @@ pub fn open_tunnel(
         match TcpStream::connect_timeout(&a, timeouts.connect) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                tunnel::write_request(&mut &s, req).map_err(TunnelError::Remote)?;
+                io::Write::write_all(&mut &s, &bytes).map_err(TunnelError::Remote)?;
                 let mut d = HandshakeReader::new(&s, reply_wait).map_err(TunnelError::Remote)?;
                 let reply = match tunnel::read_reply(&mut d) {
                     Ok(r) => r,

@@ -10,6 +10,7 @@
 
 use crate::proto::addr::{self, TargetAddr};
 use crate::proto::tunnel::Status;
+use crate::proto::{is_out_of_descriptors, is_timeout};
 use std::fmt;
 use std::io::{self, Read, Write};
 
@@ -104,13 +105,6 @@ impl Error {
             Error::Io(_) => None,
         }
     }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-    )
 }
 
 /// Parses a complete head from the start of `buf`.
@@ -319,10 +313,14 @@ pub fn status_for(status: Status) -> u16 {
     }
 }
 
-/// The status for a local failure (reaching remote-proxy), keeping the `io::ErrorKind`.
+/// The one place a local failure (reaching remote-proxy) becomes an HTTP status, keeping the
+/// `io::ErrorKind`: a timeout is 504, running out of descriptors is 503 (busy, retry), the rest
+/// 502.
 pub fn status_for_io_error(e: &io::Error) -> u16 {
     if is_timeout(e) {
         504
+    } else if is_out_of_descriptors(e) {
+        503
     } else {
         502
     }

@@ -9,3 +9,42 @@ pub mod addr;
 pub mod http;
 pub mod socks5;
 pub mod tunnel;
+
+use std::io;
+
+/// True for the errors a socket timeout produces (`SO_RCVTIMEO` gives `WouldBlock` on Linux,
+/// a connect timeout `TimedOut`): every protocol answers these as "timed out".
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+/// True when the process or the system ran out of file descriptors (`EMFILE`, `ENFILE`):
+/// a passing shortage, answered as "server busy, retry" rather than as a failure.
+pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_are_classified_by_kind_and_errno() {
+        assert!(is_timeout(&io::ErrorKind::WouldBlock.into()));
+        assert!(is_timeout(&io::ErrorKind::TimedOut.into()));
+        assert!(!is_timeout(&io::ErrorKind::ConnectionRefused.into()));
+        assert!(is_out_of_descriptors(&io::Error::from_raw_os_error(
+            nix::libc::EMFILE
+        )));
+        assert!(is_out_of_descriptors(&io::Error::from_raw_os_error(
+            nix::libc::ENFILE
+        )));
+        assert!(!is_out_of_descriptors(&io::ErrorKind::TimedOut.into()));
+    }
+}

@@ -93,11 +93,14 @@ impl Reply {
         }
     }
 
-    /// The reply for a local failure (reaching remote-proxy), keeping the `io::ErrorKind`.
+    /// The one place a local failure (reaching remote-proxy) becomes a SOCKS5 reply, keeping
+    /// the `io::ErrorKind`: a timeout is TTL expired; anything else, running out of
+    /// descriptors ("server busy") included, is a general failure, SOCKS5 having no busy code.
     pub fn for_io_error(e: &io::Error) -> Reply {
-        match e.kind() {
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Reply::TtlExpired,
-            _ => Reply::GeneralFailure,
+        if crate::proto::is_timeout(e) {
+            Reply::TtlExpired
+        } else {
+            Reply::GeneralFailure
         }
     }
 }

@@ -144,8 +144,12 @@ impl fmt::Display for Status {
 }
 
 impl Status {
-    /// The status that reports a failed target connect, keeping the `io::ErrorKind`.
+    /// The status that reports a failed target connect, keeping the `io::ErrorKind`. No
+    /// descriptor for the socket (`EMFILE`, `ENFILE`) is `ServerBusy`: it passes.
     pub fn for_connect_error(e: &io::Error) -> Status {
+        if crate::proto::is_out_of_descriptors(e) {
+            return Status::ServerBusy;
+        }
         match e.kind() {
             io::ErrorKind::ConnectionRefused => Status::TargetRefused,
             io::ErrorKind::HostUnreachable => Status::HostUnreachable,
@@ -195,6 +199,10 @@ pub enum Error {
     EmptyCredential,
     /// Credentials that are not UTF-8.
     BadCredentialEncoding,
+    /// A user name or password longer than [`MAX_CREDENTIAL`] bytes: refused by the encoder
+    /// rather than cut (a cut could split a UTF-8 character, and would check a different
+    /// password than the one the user typed).
+    CredentialTooLong,
     /// A bad target address.
     BadAddress(addr::Error),
     /// The bytes ended early, or the socket failed or timed out.
@@ -210,6 +218,10 @@ impl fmt::Display for Error {
             Error::BadStatus(s) => write!(f, "unknown tunnel status {s}"),
             Error::EmptyCredential => write!(f, "empty user name or password"),
             Error::BadCredentialEncoding => write!(f, "credentials are not UTF-8"),
+            Error::CredentialTooLong => write!(
+                f,
+                "user name or password longer than {MAX_CREDENTIAL} bytes"
+            ),
             Error::BadAddress(e) => write!(f, "bad target address: {e}"),
             Error::Io(e) => write!(f, "{e}"),
         }
@@ -246,25 +258,32 @@ impl Error {
 }
 
 /// Encodes a request (docs/protocol.md §2) into one buffer.
-pub fn encode_request(req: &Request) -> Vec<u8> {
+///
+/// # Errors
+/// `CredentialTooLong` when the user name or password does not fit its length byte.
+pub fn encode_request(req: &Request) -> Result<Vec<u8>, Error> {
     let mut out = Vec::with_capacity(8 + req.user.len() + req.password.len() + 260);
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(req.command as u8);
     for s in [&req.user, &req.password] {
-        let b = &s.as_bytes()[..s.len().min(MAX_CREDENTIAL)];
-        out.push(b.len() as u8);
-        out.extend_from_slice(b);
+        let len = u8::try_from(s.len()).map_err(|_| Error::CredentialTooLong)?;
+        out.push(len);
+        out.extend_from_slice(s.as_bytes());
     }
     if let Some(t) = &req.target {
         t.encode(&mut out);
     }
-    out
+    Ok(out)
 }
 
 /// Sends a request with one `write_all`.
-pub fn write_request<W: Write>(w: &mut W, req: &Request) -> io::Result<()> {
-    w.write_all(&encode_request(req))
+///
+/// # Errors
+/// As [`encode_request`], or `Io` when the write fails.
+pub fn write_request<W: Write>(w: &mut W, req: &Request) -> Result<(), Error> {
+    w.write_all(&encode_request(req)?)?;
+    Ok(())
 }
 
 /// Reads a request (docs/protocol.md §2).
@@ -379,7 +398,7 @@ mod tests {
     fn request_roundtrips_for_every_target_kind() {
         for t in ["10.1.2.3:80", "[2001:db8::1]:443", "example.com:8080"] {
             let req = connect(t);
-            let bytes = encode_request(&req);
+            let bytes = encode_request(&req).unwrap();
             assert_eq!(read_request(&mut &bytes[..]).unwrap(), req);
             assert_eq!(read_request(&mut OneByte(&bytes)).unwrap(), req);
         }
@@ -389,21 +408,44 @@ mod tests {
             password: "pw".into(),
             target: None,
         };
-        let bytes = encode_request(&signup);
+        let bytes = encode_request(&signup).unwrap();
         assert_eq!(read_request(&mut &bytes[..]).unwrap(), signup);
     }
 
     #[test]
     fn request_wire_layout_matches_protocol_doc() {
-        let bytes = encode_request(&connect("1.2.3.4:80"));
+        let bytes = encode_request(&connect("1.2.3.4:80")).unwrap();
         let mut expect = b"FG\x01\x01\x05alice\x06s3cret\x01".to_vec();
         expect.extend_from_slice(&[1, 2, 3, 4, 0, 80]);
         assert_eq!(bytes, expect);
     }
 
     #[test]
+    fn credentials_over_255_bytes_are_refused_not_cut() {
+        // See: issue 9, defect 3. 254 ASCII bytes and a 2-byte character: 256 bytes, and a
+        // cut at 255 would split the character.
+        let mut req = connect("1.2.3.4:80");
+        req.password = format!("{}é", "p".repeat(254));
+        assert!(matches!(
+            encode_request(&req),
+            Err(Error::CredentialTooLong)
+        ));
+        req.user = "u".repeat(256);
+        req.password = "pw".into();
+        assert!(matches!(
+            encode_request(&req),
+            Err(Error::CredentialTooLong)
+        ));
+        // 255 bytes exactly still fit, and come back whole.
+        req.user = "u".repeat(255);
+        req.password = "p".repeat(255);
+        let bytes = encode_request(&req).unwrap();
+        assert_eq!(read_request(&mut &bytes[..]).unwrap(), req);
+    }
+
+    #[test]
     fn every_strict_prefix_of_a_request_is_an_io_error() {
-        let bytes = encode_request(&connect("example.com:80"));
+        let bytes = encode_request(&connect("example.com:80")).unwrap();
         for cut in 0..bytes.len() {
             match read_request(&mut &bytes[..cut]) {
                 Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
@@ -414,7 +456,7 @@ mod tests {
 
     #[test]
     fn bad_requests_get_their_own_error() {
-        let ok = encode_request(&connect("1.2.3.4:80"));
+        let ok = encode_request(&connect("1.2.3.4:80")).unwrap();
         let with = |i: usize, b: u8| {
             let mut v = ok.clone();
             v[i] = b;

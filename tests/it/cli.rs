@@ -106,3 +106,24 @@ fn signup_creates_a_user_who_can_tunnel() {
     download_and_verify(&mut s, "o", 10_000);
     assert!(remote_user_ok(&p.db, &["user", "list"]).contains("250K/s"));
 }
+
+#[test]
+fn a_configured_password_too_long_for_the_tunnel_is_a_startup_error() {
+    let out = local_bin()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--remote",
+            "127.0.0.1:9",
+            "--user",
+            "u",
+        ])
+        .env("FLOWGATE_PASSWORD", "p".repeat(256))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at most 255 bytes"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

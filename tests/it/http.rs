@@ -123,3 +123,38 @@ fn proxy_authorization_picks_the_user() {
     assert_eq!(r.code, 407, "{}", r.head);
     assert!(r.head.contains("Proxy-Authenticate: Basic"), "{}", r.head);
 }
+
+/// Standard base64 (RFC 4648 §4) with padding, for Basic credentials.
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_password_longer_than_the_protocol_carries_is_refused_not_cut() {
+    // See: issue 9, defect 3. The stored password is the first 255 bytes of what the app
+    // sends; cutting the app's password to fit would log it in.
+    let stored: &'static str = Box::leak("p".repeat(255).into_boxed_str());
+    let p = pair(&[user("alice", stored, "unlimited")]);
+    let o = origin().to_string();
+    let exact = base64(format!("alice:{stored}").as_bytes());
+    let (_s, r) = http_connect(p.local_addr(), &o, Some(&exact));
+    assert_eq!(r.code, 200, "{}", r.head);
+    let longer = base64(format!("alice:{stored}extra").as_bytes());
+    let (_s, r) = http_connect(p.local_addr(), &o, Some(&longer));
+    assert_eq!(r.code, 407, "{}", r.head);
+    assert!(r.head.contains("Proxy-Authenticate"), "{}", r.head);
+}

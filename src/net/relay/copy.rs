@@ -4,6 +4,7 @@
 use super::{shutdown_both, Activity, Options, Stats};
 use crate::limit::bucket::SharedBucket;
 use crate::net::workers::Workers;
+use crate::proto::is_timeout;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::AtomicU64;
@@ -139,11 +140,4 @@ fn pump(
             buf.resize(buf.len() * 2, 0);
         }
     }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
