@@ -49,8 +49,8 @@ impl Bandwidth {
     pub const UNLIMITED: Bandwidth = Bandwidth(None);
 
     /// A limit of `bytes_per_sec` bytes per second (0 is treated as 1).
-    pub fn bytes_per_sec(bytes_per_sec: u64) -> Bandwidth {
-        Bandwidth(Some(bytes_per_sec.max(1)))
+    pub const fn bytes_per_sec(bytes_per_sec: u64) -> Bandwidth {
+        Bandwidth(Some(if bytes_per_sec == 0 { 1 } else { bytes_per_sec }))
     }
 
     /// Builds from the database form: `None` (NULL) means unlimited.
@@ -224,8 +224,10 @@ mod tests {
     }
 }
 
-/// A request rate as Django REST framework writes it: `N/s`, `N/m`, `N/h`, `N/d`
-/// (`sec`, `min`, `hour`, `day` and their plurals also work: only the first letter counts).
+/// A request rate as Django REST framework writes it: `N/s`, `N/m`, `N/h`, `N/d`, or with the
+/// unit spelled out (`sec`, `second`, `min`, `minute`, `hour`, `day`, and plurals). Unlike
+/// DRF, which reads only the first letter, anything else is refused: `3/month` and `3/ms`
+/// must not quietly mean 3 per minute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RequestRate {
     /// Requests allowed in each window.
@@ -254,9 +256,10 @@ impl fmt::Display for RequestRateError {
             RequestRateError::BadCount(s) => {
                 write!(f, "bad request count {s:?} (a whole number above 0)")
             }
-            RequestRateError::BadUnit(s) => {
-                write!(f, "bad request rate unit {s:?} (use s, m, h or d)")
-            }
+            RequestRateError::BadUnit(s) => write!(
+                f,
+                "bad request rate unit {s:?} (use s, m, h or d, or second, minute, hour, day)"
+            ),
         }
     }
 }
@@ -277,11 +280,11 @@ impl FromStr for RequestRate {
             .ok()
             .filter(|&c| c > 0)
             .ok_or_else(|| RequestRateError::BadCount(n.to_string()))?;
-        let secs = match unit.trim().to_ascii_lowercase().chars().next() {
-            Some('s') => 1,
-            Some('m') => 60,
-            Some('h') => 3600,
-            Some('d') => 86400,
+        let secs = match unit.trim().to_ascii_lowercase().as_str() {
+            "s" | "sec" | "secs" | "second" | "seconds" => 1,
+            "m" | "min" | "mins" | "minute" | "minutes" => 60,
+            "h" | "hr" | "hrs" | "hour" | "hours" => 3600,
+            "d" | "day" | "days" => 86400,
             _ => return Err(RequestRateError::BadUnit(unit.to_string())),
         };
         Ok(RequestRate {
@@ -347,5 +350,23 @@ mod request_rate_tests {
             "3/".parse::<RequestRate>(),
             Err(RequestRateError::BadUnit(_))
         ));
+        // See: issue 9, defect 6. Only the first letter used to count.
+        for bad in ["3/month", "3/ms", "3/mx", "3/sunday", "3/dozen", "3/hz"] {
+            assert!(
+                matches!(
+                    bad.parse::<RequestRate>(),
+                    Err(RequestRateError::BadUnit(_))
+                ),
+                "{bad} was accepted"
+            );
+        }
+        assert_eq!(
+            "3/minutes".parse::<RequestRate>().unwrap().to_string(),
+            "3/m"
+        );
+        assert_eq!(
+            "3/Seconds".parse::<RequestRate>().unwrap().to_string(),
+            "3/s"
+        );
     }
 }
