@@ -37,20 +37,24 @@ pub enum RemoteCommand {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on (loopback by default; use 0.0.0.0:PORT to serve other hosts).
-    #[arg(long, default_value = config::DEFAULT_REMOTE_LISTEN)]
+    #[arg(long, default_value_t = config::DEFAULT_REMOTE_LISTEN)]
     pub listen: SocketAddr,
     /// Let `local-proxy signup` create accounts.
     #[arg(long)]
     pub allow_signup: bool,
     /// Bandwidth of accounts created by signup.
-    #[arg(long, default_value = config::DEFAULT_SIGNUP_BANDWIDTH, value_name = "RATE")]
+    #[arg(long, default_value_t = config::DEFAULT_SIGNUP_BANDWIDTH, value_name = "RATE")]
     pub signup_bandwidth: Bandwidth,
-    /// New tunnels per client IP, as N/s, N/m, N/h or N/d (sliding window); off by default.
-    #[arg(long, value_name = "N/PERIOD", default_value = "off")]
+    /// New tunnels per client IP, as N/s, N/m, N/h or N/d (sliding window), or off.
+    #[arg(long, value_name = "N/PERIOD", default_value_t = MaybeRate(None))]
     pub rate_per_ip: MaybeRate,
     /// Failed logins per client IP before further logins are refused without checking, as
     /// N/PERIOD, or off.
-    #[arg(long, value_name = "N/PERIOD", default_value = config::DEFAULT_FAILED_LOGIN_RATE)]
+    #[arg(
+        long,
+        value_name = "N/PERIOD",
+        default_value_t = MaybeRate(Some(config::DEFAULT_FAILED_LOGIN_RATE))
+    )]
     pub failed_login_rate: MaybeRate,
     #[command(flatten)]
     pub common: CommonArgs,
@@ -60,14 +64,14 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// Longest time a client may take to send its whole handshake (e.g. 10s, 500ms).
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    pub handshake_timeout: Duration,
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_HANDSHAKE_TIMEOUT), value_name = "DURATION")]
+    pub handshake_timeout: HumanDuration,
     /// Longest wait to connect to the next hop.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    pub connect_timeout: Duration,
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_CONNECT_TIMEOUT), value_name = "DURATION")]
+    pub connect_timeout: HumanDuration,
     /// Close a tunnel after this long with no bytes either way (0 = never).
-    #[arg(long, default_value = "600s", value_parser = parse_duration, value_name = "DURATION")]
-    pub idle_timeout: Duration,
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_IDLE_TIMEOUT), value_name = "DURATION")]
+    pub idle_timeout: HumanDuration,
     /// Tunnels served at once; further connections wait, unread and in order, for a slot.
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_connections: usize,
@@ -75,16 +79,16 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = config::DEFAULT_MAX_QUEUED, value_name = "N")]
     pub max_queued: usize,
     /// Longest wait for a slot before the answer is "server busy".
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
-    pub queue_timeout: Duration,
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_QUEUE_TIMEOUT), value_name = "DURATION")]
+    pub queue_timeout: HumanDuration,
 }
 
 impl CommonArgs {
     fn timeouts(&self) -> Timeouts {
         Timeouts {
-            handshake: self.handshake_timeout,
-            connect: self.connect_timeout,
-            idle: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            handshake: self.handshake_timeout.0,
+            connect: self.connect_timeout.0,
+            idle: (!self.idle_timeout.0.is_zero()).then_some(self.idle_timeout.0),
         }
     }
 
@@ -92,7 +96,7 @@ impl CommonArgs {
         Limits {
             max_active: self.max_connections.max(1),
             max_queued: self.max_queued,
-            timeout: self.queue_timeout,
+            timeout: self.queue_timeout.0,
         }
     }
 }
@@ -121,6 +125,15 @@ impl std::str::FromStr for Cap {
                 .parse::<u32>()
                 .map(|c| Cap(Some(c)))
                 .map_err(|_| format!("bad connection cap {n:?} (a number, or none)")),
+        }
+    }
+}
+
+impl std::fmt::Display for MaybeRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(r) => write!(f, "{r}"),
+            None => f.write_str("off"),
         }
     }
 }
@@ -261,7 +274,7 @@ pub enum LocalCommand {
 #[derive(Debug, Args)]
 pub struct LocalArgs {
     /// Address apps connect to (SOCKS5 and HTTP on the same port).
-    #[arg(long, default_value = config::DEFAULT_LOCAL_LISTEN)]
+    #[arg(long, default_value_t = config::DEFAULT_LOCAL_LISTEN)]
     pub listen: SocketAddr,
     /// remote-proxy address, HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
@@ -363,21 +376,71 @@ pub fn parse_or_exit<T: Parser>(name: &str) -> T {
     }
 }
 
-/// Parses `10`, `10s`, `500ms`, `2m`, `1h` into a duration (a bare number is seconds).
+/// A duration as operators write it: `10`, `10s`, `500ms`, `2m`, `1h`, `1d` (a bare number is
+/// seconds), at most [`config::MAX_DURATION`]. Prints back in the same form, so `--help`
+/// shows each default as it would be typed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(HumanDuration)
+    }
+}
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        if ms == 0 {
+            return f.write_str("0s");
+        }
+        for (unit, per) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms % per == 0 {
+                return write!(f, "{}{unit}", ms / per);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+/// Parses `10`, `10s`, `500ms`, `2m`, `1h`, `1d` into a duration (a bare number is seconds).
+///
+/// # Errors
+/// Not a number with a known unit, or longer than [`config::MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?} (e.g. 10s, 500ms, 2m)"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("bad duration unit {unit:?} (use ms, s, m, h)")),
+    let ms_per = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("bad duration unit {unit:?} (use ms, s, m, h, d)")),
     };
+    let too_long = || {
+        format!(
+            "duration {s:?} is too long (at most {})",
+            HumanDuration(config::MAX_DURATION)
+        )
+    };
+    let n: u64 = match num.parse() {
+        Ok(n) => n,
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => return Err(too_long()),
+        Err(_) => return Err(format!("bad duration {s:?} (e.g. 10s, 500ms, 2m)")),
+    };
+    let ms = n.checked_mul(ms_per).ok_or_else(too_long)?;
+    let d = Duration::from_millis(ms);
+    if d > config::MAX_DURATION {
+        return Err(too_long());
+    }
     Ok(d)
 }
 
@@ -438,8 +501,28 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("30d"), Ok(config::MAX_DURATION));
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("5w").is_err());
+        // See: issue 9, defect 5. These overflowed (`n * 3600`) or later panicked adding the
+        // duration to the clock.
+        for huge in [
+            "31d",
+            "5124095576030431h",
+            "18446744073709551615s",
+            "99999999999999999999",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(
+                e.contains("too long") || e.contains("bad duration"),
+                "{huge}: {e}"
+            );
+        }
+        for d in ["0s", "500ms", "10s", "2m", "1h", "1d", "90s", "1500ms"] {
+            let parsed = parse_duration(d).unwrap();
+            assert_eq!(HumanDuration(parsed).to_string(), d);
+        }
     }
 
     #[test]

@@ -4,34 +4,41 @@
 
 use crate::limit::admission::Limits;
 use crate::limit::rate::{Bandwidth, RequestRate};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Default listen address of remote-proxy.
-pub const DEFAULT_REMOTE_LISTEN: &str = "127.0.0.1:7080";
+/// Default listen address of remote-proxy: loopback, so nothing is exposed until asked.
+pub const DEFAULT_REMOTE_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7080);
 /// Default listen address of local-proxy.
-pub const DEFAULT_LOCAL_LISTEN: &str = "127.0.0.1:1080";
+pub const DEFAULT_LOCAL_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1080);
 /// Default database path.
 pub const DEFAULT_DB: &str = "flowgate.db";
 /// Default bandwidth for accounts made by signup: 1 MB/s.
-pub const DEFAULT_SIGNUP_BANDWIDTH: &str = "1M";
-/// Default handshake timeout, in seconds: a client must finish its greeting within it.
-pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
-/// Default target (and remote-proxy) connect timeout, in seconds.
-pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
-/// Default idle timeout, in seconds: a tunnel with no bytes either way this long is closed.
-pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
+pub const DEFAULT_SIGNUP_BANDWIDTH: Bandwidth = Bandwidth::bytes_per_sec(1_000_000);
+/// Default handshake timeout: a client must finish its whole handshake within it.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default target (and remote-proxy) connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle timeout: a tunnel with no bytes either way this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default cap on tunnels served at once; more wait unread until one ends.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on connections waiting for a slot; more are told "busy" at once.
 pub const DEFAULT_MAX_QUEUED: usize = 1024;
-/// Default longest wait for a slot, in seconds; then "busy".
-pub const DEFAULT_QUEUE_TIMEOUT_SECS: u64 = 30;
-/// Default limit on failed logins per client IP (DRF syntax).
-pub const DEFAULT_FAILED_LOGIN_RATE: &str = "10/m";
-/// How often remote-proxy checks the database for `user set`/`user del`, in milliseconds.
-pub const DEFAULT_USER_POLL_MS: u64 = 500;
+/// Default longest wait for a slot; then "busy".
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default limit on failed logins per client IP: 10 a minute.
+pub const DEFAULT_FAILED_LOGIN_RATE: RequestRate = RequestRate {
+    count: 10,
+    per: Duration::from_secs(60),
+};
+/// How often remote-proxy checks the database for `user set`/`user del`.
+pub const DEFAULT_USER_POLL: Duration = Duration::from_millis(500);
+/// Longest duration any flag accepts: 30 days. Far beyond any sensible timeout, and far
+/// below where adding it to the clock could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86_400);
 
 /// Timeouts both proxies use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,9 +54,9 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            handshake: Duration::from_secs(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
-            connect: Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS),
-            idle: Some(Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS)),
+            handshake: DEFAULT_HANDSHAKE_TIMEOUT,
+            connect: DEFAULT_CONNECT_TIMEOUT,
+            idle: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -82,7 +89,7 @@ pub fn default_admission() -> Limits {
     Limits {
         max_active: DEFAULT_MAX_CONNECTIONS,
         max_queued: DEFAULT_MAX_QUEUED,
-        timeout: Duration::from_secs(DEFAULT_QUEUE_TIMEOUT_SECS),
+        timeout: DEFAULT_QUEUE_TIMEOUT,
     }
 }
 
@@ -90,17 +97,15 @@ impl RemoteConfig {
     /// Defaults for everything but the database path.
     pub fn new(db: PathBuf) -> RemoteConfig {
         RemoteConfig {
-            listen: parse_default(DEFAULT_REMOTE_LISTEN),
+            listen: DEFAULT_REMOTE_LISTEN,
             db,
             allow_signup: false,
-            signup_bandwidth: DEFAULT_SIGNUP_BANDWIDTH
-                .parse()
-                .unwrap_or(Bandwidth::bytes_per_sec(1_000_000)),
+            signup_bandwidth: DEFAULT_SIGNUP_BANDWIDTH,
             timeouts: Timeouts::default(),
             admission: default_admission(),
             rate_per_ip: None,
-            failed_login_rate: DEFAULT_FAILED_LOGIN_RATE.parse().ok(),
-            user_poll: Duration::from_millis(DEFAULT_USER_POLL_MS),
+            failed_login_rate: Some(DEFAULT_FAILED_LOGIN_RATE),
+            user_poll: DEFAULT_USER_POLL,
         }
     }
 }
@@ -161,7 +166,7 @@ impl LocalConfig {
     /// Defaults for everything but the remote address and credentials.
     pub fn new(remote: String, credentials: Option<Credentials>) -> LocalConfig {
         LocalConfig {
-            listen: parse_default(DEFAULT_LOCAL_LISTEN),
+            listen: DEFAULT_LOCAL_LISTEN,
             remote,
             credentials,
             timeouts: Timeouts::default(),
@@ -170,33 +175,16 @@ impl LocalConfig {
     }
 }
 
-fn parse_default(s: &str) -> SocketAddr {
-    // The defaults above are literal socket addresses; a typo there is caught by the test.
-    s.parse()
-        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn defaults_parse() {
-        assert_eq!(
-            RemoteConfig::new("x".into()).listen,
-            DEFAULT_REMOTE_LISTEN.parse().unwrap()
-        );
-        assert_eq!(
-            LocalConfig::new("r:1".into(), None).listen,
-            DEFAULT_LOCAL_LISTEN.parse().unwrap()
-        );
-        assert_eq!(
-            RemoteConfig::new("x".into()).signup_bandwidth,
-            DEFAULT_SIGNUP_BANDWIDTH.parse().unwrap()
-        );
-        assert_eq!(
-            RemoteConfig::new("x".into()).failed_login_rate,
-            Some(DEFAULT_FAILED_LOGIN_RATE.parse().unwrap())
-        );
+    fn defaults_are_what_the_readme_says() {
+        assert_eq!(DEFAULT_REMOTE_LISTEN.to_string(), "127.0.0.1:7080");
+        assert_eq!(DEFAULT_LOCAL_LISTEN.to_string(), "127.0.0.1:1080");
+        assert_eq!(DEFAULT_SIGNUP_BANDWIDTH.to_string(), "1M/s");
+        assert_eq!(DEFAULT_FAILED_LOGIN_RATE.to_string(), "10/m");
+        assert_eq!(RemoteConfig::new("x".into()).listen, DEFAULT_REMOTE_LISTEN);
     }
 }

@@ -39,10 +39,13 @@ pub struct HandshakeReader<'a> {
 impl<'a> HandshakeReader<'a> {
     /// Reads on `stream` must finish within `within` from now; sets that as the read timeout.
     pub fn new(stream: &'a TcpStream, within: Duration) -> io::Result<HandshakeReader<'a>> {
+        let until = std::time::Instant::now()
+            .checked_add(within)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "deadline out of range"))?;
         stream.set_read_timeout(Some(within.max(Duration::from_millis(1))))?;
         Ok(HandshakeReader {
             stream,
-            until: std::time::Instant::now() + within,
+            until,
             timeout: within,
             peeked: [0; PEEK_BYTES],
             len: 0,

@@ -127,3 +127,47 @@ fn a_configured_password_too_long_for_the_tunnel_is_a_startup_error() {
     assert!(err.contains("at most 255 bytes"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn help_shows_every_default_as_it_would_be_typed() {
+    let out = remote_bin().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "[default: 127.0.0.1:7080]",
+        "[default: 1M/s]",
+        "[default: 10/m]",
+        "[default: 10s]",
+        "[default: 10m]",
+        "[default: 30s]",
+        "[default: 4096]",
+    ] {
+        assert!(help.contains(want), "{want} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn out_of_range_durations_are_a_clear_cli_error() {
+    // See: issue 9, defect 5: this used to panic at the first connection.
+    for (bin, args) in [
+        (
+            remote_bin(),
+            vec!["serve", "--handshake-timeout", "1000000000h"],
+        ),
+        (
+            local_bin(),
+            vec![
+                "--remote",
+                "127.0.0.1:9",
+                "--queue-timeout",
+                "99999999999999999999ms",
+            ],
+        ),
+    ] {
+        let mut bin = bin;
+        let out = bin.args(&args).stdin(Stdio::null()).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("too long"), "{err}");
+    }
+}
