@@ -11,13 +11,13 @@ pub use upstream::{open_tunnel, signup, TunnelError};
 use crate::config::{Credentials, LocalConfig};
 use crate::net::handshake::HandshakeReader;
 use crate::net::relay;
-use crate::net::server::{ConnId, Handled, Server, Service};
+use crate::net::server::{ConnId, Handled, Server, Service, StartError};
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
 use crate::proto::http::{self, ProxyRequest};
 use crate::proto::socks5::{self, Method};
 use crate::proto::tunnel::{Command, Reply, Request, Status};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,8 +31,8 @@ pub struct Local {
 /// Binds and starts serving. The returned server stops on drop.
 ///
 /// # Errors
-/// The bind error.
-pub fn start(cfg: LocalConfig) -> io::Result<Server> {
+/// The bind error, naming the address, or a thread that could not start.
+pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
     let local = Arc::new(Local { cfg: cfg.clone() });
     let server = Server::bind(cfg.listen, "local", cfg.admission, local)?;
     log::info!(

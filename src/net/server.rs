@@ -30,6 +30,26 @@ pub type ConnId = u64;
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
+/// Why a listener could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The address could not be bound (in use, not ours, no permission).
+    Bind(SocketAddr, io::Error),
+    /// A thread the server needs could not be created; names which.
+    Spawn(&'static str, io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+            StartError::Spawn(what, e) => write!(f, "cannot start the {what} thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
 /// A running listener. Dropping it stops accepting; tunnels already open run to the end.
 pub struct Server {
     local_addr: SocketAddr,
@@ -210,15 +230,16 @@ impl Server {
     /// Binds `addr` and starts accepting. `name` prefixes thread names and log lines.
     ///
     /// # Errors
-    /// The bind error (address in use, permission denied).
+    /// `Bind` (address in use, permission denied), or `Spawn` when a thread cannot be made.
     pub fn bind(
         addr: SocketAddr,
         name: &str,
         limits: Limits,
         service: Arc<dyn Service>,
-    ) -> io::Result<Server> {
-        let listener = TcpListener::bind(addr)?;
-        let local_addr = listener.local_addr()?;
+    ) -> Result<Server, StartError> {
+        let bind_err = |e| StartError::Bind(addr, e);
+        let listener = TcpListener::bind(addr).map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
         let workers = Workers::new(name);
         let (tx, rx) = crossbeam_channel::unbounded::<Arrived>();
         let ctx = Arc::new(ServeCtx {
@@ -239,13 +260,15 @@ impl Server {
             let ctx = Arc::clone(&ctx);
             std::thread::Builder::new()
                 .name(format!("{name}-sweep"))
-                .spawn(move || ctx.sweep_loop(stop_rx))?;
+                .spawn(move || ctx.sweep_loop(stop_rx))
+                .map_err(|e| StartError::Spawn("queue sweeper", e))?;
         }
         let stop = Arc::clone(&stopping);
         let label = name.to_string();
         let accept = std::thread::Builder::new()
             .name(format!("{name}-accept"))
-            .spawn(move || accept_loop(listener, tx, ctx, stop, &label))?;
+            .spawn(move || accept_loop(listener, tx, ctx, stop, &label))
+            .map_err(|e| StartError::Spawn("accept", e))?;
         Ok(Server {
             local_addr,
             stopping,

@@ -17,14 +17,13 @@ use crate::limit::throttle::{retry_after_secs, Throttle};
 use crate::net::connect::connect_target;
 use crate::net::handshake::HandshakeReader;
 use crate::net::relay;
-use crate::net::server::{ConnId, Handled, Server, Service};
+use crate::net::server::{ConnId, Handled, Server, Service, StartError};
 use crate::net::sys::peer_alive;
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
 use crate::proto::tunnel::{self, Command, Reply, Request, Status};
 use crate::users::{self, AuthError, Authenticator, Store, User};
-use std::io;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -33,15 +32,15 @@ use std::time::{Duration, Instant};
 pub enum Error {
     /// The database could not be opened or migrated.
     Users(users::Error),
-    /// The listen address could not be bound.
-    Bind(SocketAddr, io::Error),
+    /// The listener, or a thread it needs, could not start.
+    Start(StartError),
 }
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Error::Users(e) => write!(f, "{e}"),
-            Error::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+            Error::Start(e) => write!(f, "{e}"),
         }
     }
 }
@@ -130,8 +129,8 @@ pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
-    let mut server = Server::bind(cfg.listen, "remote", cfg.admission, service)
-        .map_err(|e| Error::Bind(cfg.listen, e))?;
+    let mut server =
+        Server::bind(cfg.listen, "remote", cfg.admission, service).map_err(Error::Start)?;
     log::info!(
         "remote-proxy listening on {} db={} signup={} max-connections={} max-queued={} \
          queue-timeout={}s rate-per-ip={} failed-login-rate={}",
@@ -154,7 +153,7 @@ pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
             let every = watcher.cfg.user_poll;
             registry::watch_users(&watcher.auth, &watcher.registry, every, stop_rx)
         })
-        .map_err(|e| Error::Bind(cfg.listen, e))?;
+        .map_err(|e| Error::Start(StartError::Spawn("user watcher", e)))?;
     server.attach(Box::new(stop_tx));
     Ok(server)
 }

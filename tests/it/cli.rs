@@ -171,3 +171,28 @@ fn out_of_range_durations_are_a_clear_cli_error() {
         assert!(err.contains("too long"), "{err}");
     }
 }
+
+#[test]
+fn a_taken_listen_address_is_named_in_the_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let db = temp_dir().join("u.db");
+    for mut cmd in [
+        {
+            let mut c = local_bin();
+            c.args(["--listen", &addr, "--remote", "127.0.0.1:9", "--user", "u"])
+                .env("FLOWGATE_PASSWORD", "pw");
+            c
+        },
+        {
+            let mut c = remote_bin();
+            c.arg("--db").arg(&db).args(["serve", "--listen", &addr]);
+            c
+        },
+    ] {
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    }
+}
