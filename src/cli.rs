@@ -4,6 +4,7 @@
 use crate::config::{self, Credentials, LocalConfig, RemoteConfig, Timeouts};
 use crate::limit::admission::Limits;
 use crate::limit::rate::{Bandwidth, RequestRate};
+use crate::net::workers::PoolConfig;
 use crate::users::Changes;
 use clap::{Args, Parser, Subcommand};
 use std::io::BufRead;
@@ -78,6 +79,13 @@ pub struct CommonArgs {
     /// Connections waiting for a slot at most; one more is answered "server busy" at once.
     #[arg(long, default_value_t = config::DEFAULT_MAX_QUEUED, value_name = "N")]
     pub max_queued: usize,
+    /// Most worker threads (each tunnel needs one, two when splice is unavailable)
+    /// [default: twice --max-connections, plus 64]
+    #[arg(long, value_name = "N")]
+    pub max_workers: Option<usize>,
+    /// An idle worker thread beyond a few spares exits after this long without work.
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_WORKER_IDLE_TIMEOUT), value_name = "DURATION")]
+    pub worker_idle_timeout: HumanDuration,
     /// Longest wait for a slot before the answer is "server busy".
     #[arg(long, default_value_t = HumanDuration(config::DEFAULT_QUEUE_TIMEOUT), value_name = "DURATION")]
     pub queue_timeout: HumanDuration,
@@ -90,6 +98,23 @@ impl CommonArgs {
             connect: self.connect_timeout.0,
             idle: (!self.idle_timeout.0.is_zero()).then_some(self.idle_timeout.0),
         }
+    }
+
+    fn pool(&self) -> Result<PoolConfig, String> {
+        let max_connections = self.max_connections.max(1);
+        let max_workers = self
+            .max_workers
+            .unwrap_or_else(|| config::default_max_workers(max_connections));
+        if max_workers < max_connections {
+            return Err(format!(
+                "--max-workers {max_workers} is below --max-connections {max_connections}: \
+                 every tunnel needs a worker"
+            ));
+        }
+        Ok(PoolConfig {
+            max_workers,
+            idle_timeout: self.worker_idle_timeout.0,
+        })
     }
 
     fn admission(&self) -> Limits {
@@ -305,16 +330,20 @@ fn local_password(password_stdin: bool) -> Result<String, String> {
 
 impl ServeArgs {
     /// Builds the validated config.
-    pub fn into_config(self, db: PathBuf) -> RemoteConfig {
+    ///
+    /// # Errors
+    /// Flags that contradict each other.
+    pub fn into_config(self, db: PathBuf) -> Result<RemoteConfig, String> {
         let mut cfg = RemoteConfig::new(db);
         cfg.listen = self.listen;
         cfg.allow_signup = self.allow_signup;
         cfg.signup_bandwidth = self.signup_bandwidth;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = self.common.admission();
+        cfg.pool = self.common.pool()?;
         cfg.rate_per_ip = self.rate_per_ip.0;
         cfg.failed_login_rate = self.failed_login_rate.0;
-        cfg
+        Ok(cfg)
     }
 }
 
@@ -338,6 +367,7 @@ impl LocalArgs {
         cfg.listen = self.listen;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = self.common.admission();
+        cfg.pool = self.common.pool()?;
         Ok(cfg)
     }
 }
@@ -462,7 +492,7 @@ mod tests {
         let RemoteCommand::Serve(args) = serve.command else {
             panic!("not serve")
         };
-        let cfg = args.into_config("x.db".into());
+        let cfg = args.into_config("x.db".into()).unwrap();
         assert_eq!(cfg.rate_per_ip, None);
         assert_eq!(cfg.failed_login_rate, Some("10/m".parse().unwrap()));
         assert_eq!(cfg.admission, crate::config::default_admission());

@@ -4,6 +4,7 @@
 
 use crate::limit::admission::Limits;
 use crate::limit::rate::{Bandwidth, RequestRate};
+use crate::net::workers::PoolConfig;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,9 +37,27 @@ pub const DEFAULT_FAILED_LOGIN_RATE: RequestRate = RequestRate {
 };
 /// How often remote-proxy checks the database for `user set`/`user del`.
 pub const DEFAULT_USER_POLL: Duration = Duration::from_millis(500);
+/// Default time an idle worker beyond the spares waits for a job before it exits.
+pub const DEFAULT_WORKER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest duration any flag accepts: 30 days. Far beyond any sensible timeout, and far
 /// below where adding it to the clock could overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86_400);
+
+/// The default cap on worker threads for `max_connections` tunnels: two per tunnel (the
+/// copying relay runs its second direction on a second worker) and 64 for "busy" answers, so
+/// the cap never holds up a tunnel admission let in; it bounds threads if admission is
+/// raised far, before the kernel's thread limit does it less gracefully.
+pub fn default_max_workers(max_connections: usize) -> usize {
+    max_connections.saturating_mul(2).saturating_add(64)
+}
+
+/// The default worker pool for `max_connections` tunnels.
+pub fn default_pool(max_connections: usize) -> PoolConfig {
+    PoolConfig {
+        max_workers: default_max_workers(max_connections),
+        idle_timeout: DEFAULT_WORKER_IDLE_TIMEOUT,
+    }
+}
 
 /// Timeouts both proxies use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +95,8 @@ pub struct RemoteConfig {
     pub timeouts: Timeouts,
     /// Slots, queue bound and queue timeout.
     pub admission: Limits,
+    /// Worker threads: the cap and when idle ones exit.
+    pub pool: PoolConfig,
     /// New tunnels per client IP (`None`: no limit).
     pub rate_per_ip: Option<RequestRate>,
     /// Failed logins per client IP before further attempts are refused unchecked.
@@ -103,6 +124,7 @@ impl RemoteConfig {
             signup_bandwidth: DEFAULT_SIGNUP_BANDWIDTH,
             timeouts: Timeouts::default(),
             admission: default_admission(),
+            pool: default_pool(DEFAULT_MAX_CONNECTIONS),
             rate_per_ip: None,
             failed_login_rate: Some(DEFAULT_FAILED_LOGIN_RATE),
             user_poll: DEFAULT_USER_POLL,
@@ -160,6 +182,8 @@ pub struct LocalConfig {
     pub timeouts: Timeouts,
     /// Slots, queue bound and queue timeout.
     pub admission: Limits,
+    /// Worker threads: the cap and when idle ones exit.
+    pub pool: PoolConfig,
 }
 
 impl LocalConfig {
@@ -171,6 +195,7 @@ impl LocalConfig {
             credentials,
             timeouts: Timeouts::default(),
             admission: default_admission(),
+            pool: default_pool(DEFAULT_MAX_CONNECTIONS),
         }
     }
 }

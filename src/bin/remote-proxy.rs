@@ -20,7 +20,7 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
         RemoteCommand::Serve(args) => {
             flowgate::init_logging();
             let fd_limit = flowgate::net::sys::raise_fd_limit();
-            let server = flowgate::remote::start(args.into_config(cli.db))?;
+            let server = flowgate::remote::start(args.into_config(cli.db)?)?;
             // After the "listening on" line, which scripts read as the first line.
             if let Some(n) = fd_limit {
                 log::debug!("open-file limit {n}");

@@ -34,7 +34,7 @@ pub struct Local {
 /// The bind error, naming the address, or a thread that could not start.
 pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
     let local = Arc::new(Local { cfg: cfg.clone() });
-    let server = Server::bind(cfg.listen, "local", cfg.admission, local)?;
+    let server = Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local)?;
     log::info!(
         "local-proxy listening on {} remote={} user={}",
         server.local_addr(),

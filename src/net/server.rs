@@ -1,22 +1,19 @@
-//! Listening sockets and worker threads, shared by local-proxy, remote-proxy and the tests.
+//! Listening: bind, the accept loop, admission, handing each admitted socket to a worker,
+//! the sweeper, and shutdown. Shared by local-proxy, remote-proxy and the tests.
 //!
-//! In scope: binding, the accept loop, admission (slots and the paused queue, via
-//! admission.rs), handing each admitted socket through a crossbeam channel to a worker, the
-//! worker pool, the sweeper, and shutdown. Out of scope: what a connection says (local.rs,
-//! remote.rs implement [`Service`]).
+//! Shape: one accept thread asks [`Admission`] about each socket. An admitted socket is
+//! handed through a crossbeam channel to a worker (net/workers.rs), which owns it for its
+//! whole life: handshake, then the relay. Sockets beyond `max_active` wait in the admission
+//! queue unread, holding no thread; when a tunnel ends, its worker takes the oldest live
+//! waiter itself (no second hand-off). A sweeper thread answers waiters that time out with
+//! "busy" and drops ones whose client left. A handler that panics loses neither its slot
+//! nor the process ([`SlotGuard`]).
 //!
-//! Shape: one accept thread asks [`Admission`] about each socket. Admitted sockets go through
-//! the channel to "serve" workers, each of which owns one socket for its whole life
-//! (handshake, then one relay direction; the other direction runs as a job on the same pool).
-//! Sockets beyond `max_active` wait in the admission queue unread, holding no thread; when a
-//! tunnel ends, its worker takes the oldest live waiter itself (no hand-off). A sweeper
-//! thread answers waiters that time out with "busy" and drops ones whose client left. The
-//! pool grows on demand so a relay job never waits for a thread: a tunnel stuck half-relayed
-//! would be a deadlock.
+//! Out of scope: what a connection says (local/ and remote/ implement [`Service`]).
 
 use crate::limit::admission::{Admission, Arrival, Limits, Removed};
 use crate::net::sys::peer_alive;
-use crate::net::workers::Workers;
+use crate::net::workers::{PoolConfig, Workers};
 use std::any::Any;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -56,6 +53,8 @@ pub struct Server {
     // Set before waking the accept loop; the loop exits on the next accept it sees.
     stopping: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    // The pool this listener's connections run on; closed at shutdown so idle workers exit.
+    workers: Workers,
     // Values whose drop tells helper threads (the sweeper, the user watcher) to stop.
     guards: Vec<Box<dyn Any + Send>>,
 }
@@ -99,77 +98,86 @@ struct Arrived {
 /// closed, so a flood cannot tie up threads answering it.
 const MAX_BUSY_JOBS: usize = 64;
 
-/// State shared by the accept thread, the serve workers and the sweeper.
+/// State shared by the accept thread, the workers serving connections, and the sweeper.
 struct ServeCtx {
-    rx: crossbeam_channel::Receiver<Arrived>,
     service: Arc<dyn Service>,
     workers: Workers,
     admission: Admission<Arrived>,
     // Seconds clients turned away are told to wait.
     retry_after: u16,
-    // Serve workers waiting for a socket.
-    idle: AtomicUsize,
-    // Serve workers in existence (idle or busy); at most `max`.
-    serving: AtomicUsize,
-    max: usize,
     // "busy" answers in flight.
     busy_jobs: Arc<AtomicUsize>,
 }
 
+/// An admission slot held by the connection a worker is serving. Normally the worker hands
+/// the slot on itself ([`ServeCtx::serve`]); if the handler panics, dropping this releases
+/// the slot, so a panic never loses one, and the next waiter is served on another worker.
+struct SlotGuard<'a> {
+    ctx: &'a Arc<ServeCtx>,
+    id: ConnId,
+    armed: bool,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        log::warn!(
+            "conn={} handler panicked; its slot is released and serving goes on",
+            self.id
+        );
+        if let Some(next) = self.ctx.release_slot() {
+            self.ctx.dispatch(next);
+        }
+    }
+}
+
 impl ServeCtx {
-    /// Adds a serve worker unless the cap is reached.
-    fn add_worker(self: &Arc<Self>) {
-        let added = self
-            .serving
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .is_ok();
-        if added {
-            let ctx = Arc::clone(self);
-            self.workers.spawn(move || ctx.serve_loop());
+    /// Serves an admitted connection on a worker.
+    fn dispatch(self: &Arc<Self>, arrived: Arrived) {
+        let ctx = Arc::clone(self);
+        self.workers.spawn(move || ctx.serve(arrived));
+    }
+
+    /// Serves `arrived`, then whoever waited for its slot, on this worker, until the queue
+    /// has nobody left for the slot.
+    fn serve(self: &Arc<Self>, mut arrived: Arrived) {
+        loop {
+            let mut slot = SlotGuard {
+                ctx: self,
+                id: arrived.id,
+                armed: true,
+            };
+            let mut next = self
+                .service
+                .handle(arrived.stream, arrived.id, &self.workers);
+            while let Handled::ResumeOnSlot(f) = next {
+                next = f(&self.workers);
+            }
+            slot.armed = false;
+            match self.release_slot() {
+                Some(a) => arrived = a,
+                None => return,
+            }
         }
     }
 
-    fn serve_loop(self: Arc<Self>) {
-        loop {
-            self.idle.fetch_add(1, Ordering::AcqRel);
-            let next = self.rx.recv();
-            let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
-            let Ok(mut arrived) = next else {
-                self.serving.fetch_sub(1, Ordering::AcqRel);
-                return; // channel closed: the server is shutting down
-            };
-            // Keep one spare worker waiting, so the next socket does not wait for this one.
-            if idle_now == 0 {
-                self.add_worker();
-            }
-            // Serve on this slot until the queue has nobody left for it.
-            loop {
-                let mut next = self
-                    .service
-                    .handle(arrived.stream, arrived.id, &self.workers);
-                while let Handled::ResumeOnSlot(f) = next {
-                    next = f(&self.workers);
-                }
-                let mut removed = Removed::default();
-                let following = self
-                    .admission
-                    .finish(&mut |a: &Arrived| peer_alive(&a.stream), &mut removed);
-                self.turn_away(removed);
-                match following {
-                    Some(a) => {
-                        log::debug!(
-                            "conn={} dequeued after {}ms",
-                            a.id,
-                            a.at.elapsed().as_millis()
-                        );
-                        arrived = a;
-                    }
-                    None => break,
-                }
-            }
+    /// Frees a slot, or passes it to the oldest live waiter, returned to be served next.
+    fn release_slot(&self) -> Option<Arrived> {
+        let mut removed = Removed::default();
+        let following = self
+            .admission
+            .finish(&mut |a: &Arrived| peer_alive(&a.stream), &mut removed);
+        self.turn_away(removed);
+        if let Some(a) = &following {
+            log::debug!(
+                "conn={} dequeued after {}ms",
+                a.id,
+                a.at.elapsed().as_millis()
+            );
         }
+        following
     }
 
     /// Answers expired waiters "busy" and drops departed ones.
@@ -222,6 +230,7 @@ impl ServeCtx {
                 .sweep(&mut |a: &Arrived| peer_alive(&a.stream));
             self.turn_away(removed);
             self.service.sweep(&self.workers);
+            self.workers.tidy();
         }
     }
 }
@@ -235,25 +244,20 @@ impl Server {
         addr: SocketAddr,
         name: &str,
         limits: Limits,
+        pool: PoolConfig,
         service: Arc<dyn Service>,
     ) -> Result<Server, StartError> {
         let bind_err = |e| StartError::Bind(addr, e);
         let listener = TcpListener::bind(addr).map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
-        let workers = Workers::new(name);
-        let (tx, rx) = crossbeam_channel::unbounded::<Arrived>();
+        let workers = Workers::new(name, pool);
         let ctx = Arc::new(ServeCtx {
-            rx,
             service,
             workers: workers.clone(),
             admission: Admission::new(limits),
             retry_after: crate::limit::throttle::retry_after_secs(limits.timeout),
-            idle: AtomicUsize::new(0),
-            serving: AtomicUsize::new(0),
-            max: limits.max_active.max(1),
             busy_jobs: Arc::new(AtomicUsize::new(0)),
         });
-        ctx.add_worker();
         let stopping = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         {
@@ -267,12 +271,13 @@ impl Server {
         let label = name.to_string();
         let accept = std::thread::Builder::new()
             .name(format!("{name}-accept"))
-            .spawn(move || accept_loop(listener, tx, ctx, stop, &label))
+            .spawn(move || accept_loop(listener, ctx, stop, &label))
             .map_err(|e| StartError::Spawn("accept", e))?;
         Ok(Server {
             local_addr,
             stopping,
             accept: Some(accept),
+            workers,
             guards: vec![Box::new(stop_tx)],
         })
     }
@@ -315,6 +320,7 @@ impl Server {
             let _ = t.join();
         }
         self.guards.clear();
+        self.workers.close();
         log::info!("stopped listening on {}", self.local_addr);
     }
 }
@@ -325,14 +331,43 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    tx: crossbeam_channel::Sender<Arrived>,
-    ctx: Arc<ServeCtx>,
-    stopping: Arc<AtomicBool>,
-    name: &str,
-) {
+/// Lets a repeating event through to the log at most once per interval, counting the rest,
+/// so a run of failures (accept with no descriptors left) is one line a second, not one per
+/// retry.
+#[derive(Debug)]
+struct EveryInterval {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    // Events since the last one let through, that one included.
+    count: u64,
+}
+
+impl EveryInterval {
+    fn new(every: Duration) -> Self {
+        EveryInterval {
+            every,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Counts an event at `now`; `Some(events since the last line)` when it should be logged.
+    fn tick(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.count += 1;
+        let due = self
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.every);
+        if !due {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+fn accept_loop(listener: TcpListener, ctx: Arc<ServeCtx>, stopping: Arc<AtomicBool>, name: &str) {
     let mut consecutive_errors = 0u32;
+    let mut accept_log = EveryInterval::new(Duration::from_secs(1));
     loop {
         match listener.accept() {
             Ok((stream, _peer)) => {
@@ -346,11 +381,7 @@ fn accept_loop(
                     at: std::time::Instant::now(),
                 };
                 match ctx.admission.arrive(arrived) {
-                    Arrival::Admitted(a) => {
-                        if tx.send(a).is_err() {
-                            break;
-                        }
-                    }
+                    Arrival::Admitted(a) => ctx.dispatch(a),
                     Arrival::Queued => log::debug!(
                         "{name}: connection queued (active={} queued={})",
                         ctx.admission.active(),
@@ -366,17 +397,99 @@ fn accept_loop(
                 if stopping.load(Ordering::SeqCst) {
                     break;
                 }
-                // EMFILE and friends are transient: back off instead of spinning or dying.
+                // EMFILE and friends pass as tunnels end: back off instead of spinning or
+                // dying. Nothing signals when a descriptor frees, so this waits by sleeping,
+                // briefly, to accept again soon after one does.
                 consecutive_errors += 1;
-                if consecutive_errors == 1 || consecutive_errors % 100 == 0 {
-                    log::error!("{name}: accept failed: {e}");
+                if let Some(failures) = accept_log.tick(std::time::Instant::now()) {
+                    log::error!("{name}: accept failed: {e} ({failures} times in the last second)");
                 }
                 std::thread::sleep(Duration::from_millis(
-                    (10 * consecutive_errors as u64).min(1000),
+                    (10 * consecutive_errors as u64).min(100),
                 ));
             }
         }
     }
     // Whoever still waits for a slot is closed: the server is going away.
     drop(ctx.admission.drain());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Reads one byte; panics on `p`, answers `ok` to anything else.
+    struct Panicky;
+
+    impl Service for Panicky {
+        fn handle(&self, stream: TcpStream, _id: ConnId, _workers: &Workers) -> Handled {
+            let mut b = [0u8; 1];
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            if (&stream).read_exact(&mut b).is_ok() {
+                assert_ne!(b[0], b'p', "told to panic");
+                let _ = (&stream).write_all(b"ok");
+            }
+            Handled::SlotFree
+        }
+
+        fn busy(&self, stream: TcpStream, _id: ConnId, _retry_after: u16) {
+            let _ = (&stream).write_all(b"busy");
+        }
+    }
+
+    #[test]
+    fn a_run_of_accept_failures_is_logged_once_a_second() {
+        let t0 = std::time::Instant::now();
+        let ms = Duration::from_millis;
+        let mut every = EveryInterval::new(Duration::from_secs(1));
+        assert_eq!(every.tick(t0), Some(1));
+        // A retry every 10 ms for a second: silent, counted.
+        for i in 1..100 {
+            assert_eq!(every.tick(t0 + ms(10 * i)), None, "at {}ms", 10 * i);
+        }
+        assert_eq!(every.tick(t0 + ms(1000)), Some(100));
+        assert_eq!(every.tick(t0 + ms(1500)), None);
+        assert_eq!(every.tick(t0 + ms(2600)), Some(2));
+    }
+
+    fn client(addr: SocketAddr) -> TcpStream {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    #[test]
+    fn a_panicking_handler_releases_its_slot_to_the_next_waiter() {
+        // See: issue 9, defect 9. One slot: the second client waits behind the first, whose
+        // handler panics. Before the fix the slot was lost and the second got "busy".
+        let limits = Limits {
+            max_active: 1,
+            max_queued: 8,
+            timeout: Duration::from_secs(3),
+        };
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            "test",
+            limits,
+            crate::config::default_pool(1),
+            Arc::new(Panicky),
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let mut first = client(addr);
+        std::thread::sleep(Duration::from_millis(100)); // first holds the slot
+        let mut second = client(addr);
+        second.write_all(b"x").unwrap();
+        first.write_all(b"p").unwrap();
+        let mut got = Vec::new();
+        let _ = second.read_to_end(&mut got);
+        assert_eq!(got, b"ok", "{:?}", String::from_utf8_lossy(&got));
+        // And the slot is free for the next one.
+        let mut third = client(addr);
+        third.write_all(b"y").unwrap();
+        let mut got = Vec::new();
+        let _ = third.read_to_end(&mut got);
+        assert_eq!(got, b"ok");
+    }
 }

@@ -56,6 +56,26 @@ struct AuthorizedTunnel {
     target: TargetAddr,
 }
 
+/// A tunnel's place under its user's connection cap. If the tunnel panics, dropping this
+/// gives the place back, so the user is not left one tunnel short for ever; a waiter that
+/// would have followed on this slot is told "busy" (the slot itself is released by the
+/// server's guard) rather than run outside admission.
+struct UserPlace<'a> {
+    remote: &'a Remote,
+    user: &'a str,
+    armed: bool,
+}
+
+impl Drop for UserPlace<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(next) = self.remote.leave_gate(self.user) {
+                self.remote.busy_pending(next);
+            }
+        }
+    }
+}
+
 /// Shared state of one remote-proxy.
 pub struct Remote {
     cfg: RemoteConfig,
@@ -129,8 +149,8 @@ pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
-    let mut server =
-        Server::bind(cfg.listen, "remote", cfg.admission, service).map_err(Error::Start)?;
+    let mut server = Server::bind(cfg.listen, "remote", cfg.admission, cfg.pool, service)
+        .map_err(Error::Start)?;
     log::info!(
         "remote-proxy listening on {} db={} signup={} max-connections={} max-queued={} \
          queue-timeout={}s rate-per-ip={} failed-login-rate={}",
@@ -336,14 +356,14 @@ impl Remote {
     /// place to the user's next waiting tunnel, if any.
     fn run(&self, p: AuthorizedTunnel, workers: &Workers) -> Handled {
         let name = p.user.name.clone();
+        let mut place = UserPlace {
+            remote: self,
+            user: &name,
+            armed: true,
+        };
         self.tunnel(p, workers);
-        let mut removed = Removed::default();
-        let next = self.gate.exit(
-            &name,
-            &mut |w: &AuthorizedTunnel| peer_alive(&w.stream),
-            &mut removed,
-        );
-        self.turn_away(removed);
+        place.armed = false;
+        let next = self.leave_gate(&name);
         match (next, self.me.upgrade()) {
             (Some(p), Some(me)) => {
                 log::debug!("conn={} user={name} resumed", p.id);
@@ -400,6 +420,18 @@ impl Remote {
             started.elapsed().as_secs_f64(),
             if stats.idle_closed { " idle" } else { "" }
         );
+    }
+
+    /// One of `user`'s tunnels ended: its place passes to the user's next live waiter.
+    fn leave_gate(&self, user: &str) -> Option<AuthorizedTunnel> {
+        let mut removed = Removed::default();
+        let next = self.gate.exit(
+            user,
+            &mut |w: &AuthorizedTunnel| peer_alive(&w.stream),
+            &mut removed,
+        );
+        self.turn_away(removed);
+        next
     }
 
     fn busy_pending(&self, p: AuthorizedTunnel) {

@@ -17,39 +17,8 @@ fn curl(args: &[&str]) -> (String, String) {
 
 #[test]
 fn curl_through_the_real_binaries() {
-    let dir = temp_dir();
-    let db = dir.join("u.db");
-    let st = remote_bin()
-        .arg("--db")
-        .arg(&db)
-        .args([
-            "user",
-            "add",
-            "alice",
-            "--bandwidth",
-            "unlimited",
-            "--password",
-            "pw",
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let mut rcmd = remote_bin();
-    rcmd.arg("--db")
-        .arg(&db)
-        .args(["serve", "--listen", "127.0.0.1:0"]);
-    let (_remote, raddr) = spawn_listening(rcmd);
-    let mut lcmd = local_bin();
-    lcmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--remote",
-        &raddr.to_string(),
-        "--user",
-        "alice",
-    ])
-    .env("FLOWGATE_PASSWORD", "pw");
-    let (_local, laddr) = spawn_listening(lcmd);
+    let p = binary_pair(&[]);
+    let laddr = p.local_addr;
     let o = origin();
     let n = 3_000_000u64;
     let want = format!("{n} {:016x}", crate::support::origin::pattern_hash(n));

@@ -7,5 +7,6 @@ mod curl;
 mod errors;
 mod http;
 mod rate;
+mod resources;
 mod socks5;
 mod support;

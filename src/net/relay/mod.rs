@@ -143,7 +143,14 @@ mod tests {
 
     #[test]
     fn copying_relay_carries_both_ways_with_half_close() {
-        carries_both_ways_with_half_close(|c, t, o| relay_threaded(c, t, o, &Workers::new("test")));
+        carries_both_ways_with_half_close(|c, t, o| {
+            relay_threaded(
+                c,
+                t,
+                o,
+                &Workers::new("test", crate::config::default_pool(4)),
+            )
+        });
     }
 
     #[test]
@@ -201,7 +208,12 @@ mod tests {
             idle_timeout: Some(Duration::from_millis(300)),
         };
         let t = Instant::now();
-        let stats = relay(client, target, &opts, &Workers::new("test"));
+        let stats = relay(
+            client,
+            target,
+            &opts,
+            &Workers::new("test", crate::config::default_pool(4)),
+        );
         assert!(stats.idle_closed);
         assert!(
             t.elapsed() < Duration::from_secs(3),

@@ -459,3 +459,110 @@ pub fn hold_target(accepted: std::sync::Arc<AtomicUsize>) -> SocketAddr {
     });
     a
 }
+
+/// Both real binaries, remote-proxy with user `alice`/`pw` (unlimited), local-proxy using
+/// that account, each started with `extra` flags. Killed when dropped.
+pub struct BinaryPair {
+    pub remote: ChildGuard,
+    pub remote_addr: SocketAddr,
+    pub local: ChildGuard,
+    pub local_addr: SocketAddr,
+    pub db: PathBuf,
+}
+
+pub fn binary_pair(extra: &[&str]) -> BinaryPair {
+    let db = temp_dir().join("u.db");
+    remote_user_ok(
+        &db,
+        &[
+            "user",
+            "add",
+            "alice",
+            "--bandwidth",
+            "unlimited",
+            "--password",
+            "pw",
+        ],
+    );
+    let mut rcmd = remote_bin();
+    rcmd.arg("--db")
+        .arg(&db)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra);
+    let (remote, remote_addr) = spawn_listening(rcmd);
+    let mut lcmd = local_bin();
+    lcmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--remote",
+        &remote_addr.to_string(),
+    ])
+    .args(["--user", "alice"])
+    .args(extra)
+    .env("FLOWGATE_PASSWORD", "pw");
+    let (local, local_addr) = spawn_listening(lcmd);
+    BinaryPair {
+        remote,
+        remote_addr,
+        local,
+        local_addr,
+        db,
+    }
+}
+
+/// Threads of process `pid` now (from /proc/PID/status).
+pub fn thread_count(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Threads: line")
+}
+
+/// Open descriptors of process `pid` that are pipes.
+pub fn pipe_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().starts_with("pipe:"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// Waits until `cond` holds, checking every 50 ms for at most `within`; true if it did.
+pub fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A raw TCP target that answers each chunk it reads with `reply`, and holds the connection
+/// open until the client closes it.
+pub fn reply_target(reply: &'static [u8]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {
+                    if c.write_all(reply).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    a
+}

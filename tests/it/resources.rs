@@ -1,0 +1,47 @@
+//! What idle and finished tunnels cost the real binaries: threads and pipes.
+
+use crate::support::*;
+use std::time::Duration;
+
+/// Idle workers beyond the spares exit after this; short, so the test is quick.
+const IDLE: &str = "1s";
+/// Slack over the baseline once idle workers have gone: the spare workers and a thread
+/// that may be between jobs.
+const SLACK: usize = flowgate::net::workers::SPARE_WORKERS + 2;
+
+#[test]
+fn threads_return_to_the_baseline_after_300_idle_tunnels_close() {
+    flowgate::net::sys::raise_fd_limit();
+    let p = binary_pair(&["--worker-idle-timeout", IDLE]);
+    let pids = [p.remote.0.id(), p.local.0.id()];
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let target = hold_target(accepted);
+    // One tunnel first, so both processes have made their first worker and helper threads.
+    drop(socks_connect(p.local_addr, Dest::Ip(target), None).unwrap());
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = pids.map(thread_count);
+    let tunnels: Vec<_> = (0..300)
+        .map(|_| socks_connect(p.local_addr, Dest::Ip(target), None).unwrap())
+        .collect();
+    // A tunnel holds a worker for its life (idle or not), in each proxy.
+    for pid in pids {
+        assert!(
+            thread_count(pid) >= 300,
+            "pid {pid}: {} threads with 300 tunnels open",
+            thread_count(pid)
+        );
+    }
+    drop(tunnels);
+    // Within the idle timeout (plus a second for the tunnels to wind down) they are gone.
+    for (pid, base) in pids.iter().zip(before) {
+        assert!(
+            eventually(Duration::from_millis(2500), || thread_count(*pid)
+                <= base + SLACK),
+            "pid {pid}: {} threads, baseline {base}",
+            thread_count(*pid)
+        );
+    }
+    // The pair still works after shrinking.
+    let mut s = socks_connect(p.local_addr, Dest::Ip(origin()), None).unwrap();
+    download_and_verify(&mut s, "o", 100_000);
+}
