@@ -1,6 +1,7 @@
 //! What idle and finished tunnels cost the real binaries: threads and pipes.
 
 use crate::support::*;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 /// Idle workers beyond the spares exit after this; short, so the test is quick.
@@ -44,4 +45,34 @@ fn threads_return_to_the_baseline_after_300_idle_tunnels_close() {
     // The pair still works after shrinking.
     let mut s = socks_connect(p.local_addr, Dest::Ip(origin()), None).unwrap();
     download_and_verify(&mut s, "o", 100_000);
+}
+
+#[test]
+fn an_idle_tunnel_holds_no_pipe() {
+    // See: issue 9, defect 11. Every tunnel carries a request and its response, then idles,
+    // as browsers hold keep-alive connections. A direction used to keep its pipe for the
+    // rest of the tunnel: two pipes, four descriptors per idle tunnel in each proxy.
+    flowgate::net::sys::raise_fd_limit();
+    let p = binary_pair(&[]);
+    let pids = [p.remote.0.id(), p.local.0.id()];
+    let target = reply_target(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let n = 300;
+    let mut tunnels = Vec::new();
+    for _ in 0..n {
+        let mut s = socks_connect(p.local_addr, Dest::Ip(target), None).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut got = [0u8; 40];
+        s.read_exact(&mut got).unwrap();
+        assert!(got.ends_with(b"ok"));
+        tunnels.push(s);
+    }
+    // Spare pipes kept for the next tunnels are fine; pipes per idle tunnel are not.
+    for pid in pids {
+        let pipes = pipe_count(pid);
+        assert!(
+            pipes <= flowgate::net::relay::MAX_SPARE_PIPE_FDS,
+            "pid {pid}: {pipes} pipe descriptors with {n} idle tunnels"
+        );
+    }
+    drop(tunnels);
 }

@@ -11,6 +11,7 @@
 //! fallback runs one direction on the caller's thread and the other on a pool job.
 
 mod copy;
+mod pipes;
 mod splice;
 
 use crate::limit::bucket::SharedBucket;
@@ -22,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use copy::relay_threaded;
 pub use copy::{INITIAL_BUFFER, MAX_BUFFER};
+pub use pipes::{MAX_PIPE, MAX_SPARE_PIPE_FDS};
 use splice::relay_spliced;
-pub use splice::MAX_PIPE;
 
 /// What a finished relay did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,13 +1,14 @@
 //! The splicing relay: both directions of a tunnel on one thread, poll(2) plus splice(2)
-//! through a pipe, and the pool of spare pipes.
+//! through a pipe taken from the pool (pipes.rs) for each chunk.
 
+use super::pipes::{self, Pipe, MAX_PIPE};
 use super::{shutdown_both, Activity, Options, Stats};
 use crate::limit::bucket::SharedBucket;
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use nix::fcntl::{splice, SpliceFFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,8 +17,10 @@ use std::time::{Duration, Instant};
 struct Dir<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
-    // The pipe (read end, write end, capacity), made when the first byte arrives.
+    // The pipe holding this direction's chunk in flight; `None` while nothing is in flight.
     pipe: Option<Pipe>,
+    // A chunk once filled a pipe: take grown pipes from the pool.
+    bulk: bool,
     // Bytes in the pipe, paid for, not yet written to `dst`.
     pending: usize,
     // `src` reached EOF.
@@ -48,29 +51,14 @@ impl Dir<'_> {
         self.pending > 0
     }
 
-    /// A splice filled the pipe: this direction carries bulk, so give it [`MAX_PIPE`] at
-    /// once (growing in steps was measured slower: on loopback a socket seldom holds a whole
-    /// 256 KiB at once, so the next step came late or never). Starting at the kernel's
-    /// default keeps small and rate-limited tunnels cheap; unprivileged users share a budget
-    /// of pipe pages (fs.pipe-user-pages-soft).
-    fn grow_pipe(&mut self) {
-        if let Some((r, _, size)) = self.pipe.as_mut() {
-            *size = match fcntl(&*r, FcntlArg::F_SETPIPE_SZ(MAX_PIPE as i32)) {
-                Ok(got) => got as usize,
-                // Refused (the pipe-page budget is spent): stop asking. The larger figure is
-                // only a cap on each splice, which moves what the pipe holds.
-                Err(_) => MAX_PIPE,
-            };
-        }
-    }
-
-    /// Writes what the pipe holds; passes the FIN on once drained after EOF.
+    /// Writes what the pipe holds; once it is empty, gives the pipe back to the pool and,
+    /// after EOF, passes the FIN on.
     fn flush(&mut self) -> Step {
-        let Some((pr, _, _)) = self.pipe.as_ref() else {
-            return Step::Wait;
-        };
         while self.pending > 0 {
-            match splice(pr, None, self.dst, None, self.pending, flags()) {
+            let Some(pipe) = self.pipe.as_ref() else {
+                return Step::Failed; // cannot happen: bytes are pending only in a pipe
+            };
+            match splice(&pipe.read, None, self.dst, None, self.pending, flags()) {
                 Ok(0) => return Step::Failed,
                 Ok(k) => self.pending -= k,
                 Err(Errno::EINTR) => {}
@@ -80,6 +68,9 @@ impl Dir<'_> {
                     return Step::Failed;
                 }
             }
+        }
+        if let Some(empty) = self.pipe.take() {
+            pipes::give_back(empty);
         }
         if self.eof && !self.done {
             let _ = self.dst.shutdown(Shutdown::Write);
@@ -96,7 +87,7 @@ impl Dir<'_> {
         nothing_moved: bool,
     ) -> Step {
         if self.pipe.is_none() {
-            match take_pipe() {
+            match pipes::take(self.bulk) {
                 Ok(p) => self.pipe = Some(p),
                 Err(e) if nothing_moved => {
                     log::debug!("cannot make a relay pipe ({e}); copying instead");
@@ -108,18 +99,20 @@ impl Dir<'_> {
                 }
             }
         }
-        let Some((_, pw, size)) = self.pipe.as_ref() else {
+        let Some(pipe) = self.pipe.as_mut() else {
             return Step::Failed;
         };
-        let limit = bucket.map_or(*size, |b| b.chunk_limit(*size));
-        match splice(self.src, None, pw, None, limit, flags()) {
+        let size = pipe.capacity;
+        let limit = bucket.map_or(size, |b| b.chunk_limit(size));
+        match splice(self.src, None, &pipe.write, None, limit, flags()) {
             Ok(0) => {
                 self.eof = true;
                 self.flush()
             }
             Ok(n) => {
-                if n == *size && *size < MAX_PIPE {
-                    self.grow_pipe();
+                if n == size && size < MAX_PIPE {
+                    pipe.grow();
+                    self.bulk = true;
                 }
                 if let Some(b) = bucket {
                     b.acquire(n as u64);
@@ -133,7 +126,13 @@ impl Dir<'_> {
                 }
             }
             Err(Errno::EINTR) => Step::Progress,
-            Err(Errno::EAGAIN) => Step::Wait,
+            Err(Errno::EAGAIN) => {
+                // Nothing to read after all: the pipe is still empty, so it goes back.
+                if let Some(empty) = self.pipe.take() {
+                    pipes::give_back(empty);
+                }
+                Step::Wait
+            }
             Err(Errno::EINVAL) if nothing_moved => Step::Unsupported,
             Err(e) => {
                 log::trace!("relay splice in failed: {e}");
@@ -143,40 +142,13 @@ impl Dir<'_> {
     }
 }
 
-/// Empty pipes kept for the next tunnels, at most this many. Making a pipe is `pipe2` plus
-/// `F_SETPIPE_SZ`, and dropping it two `close`s: per direction per tunnel that was a sixth of
-/// the system calls a small request cost each proxy. An empty pipe holds no data pages (they
-/// are freed as they are read), so a spare costs two descriptors and its slot array.
-const SPARE_PIPES: usize = 64;
-
-type Pipe = (OwnedFd, OwnedFd, usize);
-
-static SPARES: parking_lot::Mutex<Vec<Pipe>> = parking_lot::const_mutex(Vec::new());
-
-/// Capacity of a new pipe: the kernel's default, 16 pages.
-const DEFAULT_PIPE: usize = 64 * 1024;
-
-/// A spare pipe, or a new one of the default size.
-fn take_pipe() -> nix::Result<Pipe> {
-    if let Some(p) = SPARES.lock().pop() {
-        return Ok(p);
-    }
-    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    Ok((r, w, DEFAULT_PIPE))
-}
-
 impl Drop for Dir<'_> {
     fn drop(&mut self) {
         // Only a pipe known to be empty may serve another tunnel: one with bytes left in it
         // (a failed write) would hand them to the wrong connection.
         if let Some(p) = self.pipe.take() {
-            // Grown pipes are closed: they belonged to bulk tunnels, which are few and long,
-            // and a spare would hold pipe pages of the user's budget.
-            if self.pending == 0 && p.2 <= DEFAULT_PIPE {
-                let mut spares = SPARES.lock();
-                if spares.len() < SPARE_PIPES {
-                    spares.push(p);
-                }
+            if self.pending == 0 {
+                pipes::give_back(p);
             }
         }
     }
@@ -190,8 +162,9 @@ fn flags() -> SpliceFFlags {
 /// Both directions on this thread: poll(2) on the two sockets, splice(2) socket → pipe →
 /// socket, no copy through user space and no second thread.
 ///
-/// Each direction takes a pipe (64 KiB; 1 MiB once a splice fills it) when its first byte
-/// arrives, so an idle tunnel holds one thread and two sockets, nothing else. Metering is as
+/// Each direction takes a pipe from the pool for each chunk (64 KiB; 1 MiB once a splice
+/// fills one) and gives it back once the chunk is written, so an idle tunnel holds one thread
+/// and two sockets, nothing else. Metering is as
 /// in the copying relay: move at most the fair share into the pipe, pay for what arrived,
 /// then write it. While a direction waits for tokens the other waits too; both draw on the
 /// same budget anyway.
@@ -214,6 +187,7 @@ pub(super) fn relay_spliced(
         src,
         dst,
         pipe: None,
+        bulk: false,
         pending: 0,
         eof: false,
         done: false,
@@ -320,7 +294,3 @@ pub(super) fn relay_spliced(
         idle_closed,
     })
 }
-
-/// Largest pipe a splicing direction grows to, in bytes: the default fs.pipe-max-size. Measured
-/// against 256 KiB: CPU per GiB relayed 0.44 -> 0.30 s in each proxy, one stream +20%.
-pub const MAX_PIPE: usize = 1024 * 1024;
