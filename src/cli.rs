@@ -535,7 +535,7 @@ mod tests {
         assert_eq!(parse_duration("30d"), Ok(config::MAX_DURATION));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5w").is_err());
-        // See: issue 9, defect 5. These overflowed (`n * 3600`) or later panicked adding the
+        // Regression: these overflowed (`n * 3600`) or later panicked adding the
         // duration to the clock.
         for huge in [
             "31d",

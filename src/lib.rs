@@ -1,22 +1,25 @@
 //! flowgate: a two-hop TCP proxy with per-user bandwidth control.
 //!
-//! A connection's path through the modules, app to target:
+//! A byte's path from app to target, by folder:
 //!
-//! 1. `server` accepts it on local-proxy's port and hands it to a worker.
-//! 2. `local` peeks the first byte: `socks5` (RFC 1928/1929) or `http_connect` (CONNECT and
-//!    absolute-form requests) reads the app's handshake into an `addr::TargetAddr`.
-//! 3. `local` opens a connection to remote-proxy and sends a `tunnel` request (credentials +
-//!    target, docs/protocol.md).
-//! 4. On remote-proxy, `server` accepts, `remote` reads the request, `users` checks the
-//!    password (argon2id, cached), and `remote` connects to the target.
-//! 5. The `tunnel` reply travels back; `local` answers the app in its own protocol.
-//! 6. `relay` pumps bytes both ways on both hops; on remote-proxy each chunk is paid for
-//!    from the user's `bucket`, shared by all of that user's connections.
+//! 1. `net::server` (net/server.rs) accepts the app's connection on local-proxy's port;
+//!    `limit::admission` gives it a slot or queues it unread; `net::workers` runs it.
+//! 2. `local` (local/mod.rs) peeks the first byte and runs the app's handshake with
+//!    `proto::socks5` or `proto::http`, read under one deadline by `net::handshake`.
+//! 3. `local::upstream` connects to remote-proxy and sends a `proto::tunnel` request
+//!    (credentials and target, docs/protocol.md).
+//! 4. On remote-proxy, `net::server` accepts again, `remote` (remote/mod.rs) reads the
+//!    request, applies `limit::throttle`, checks the password with `users` (argon2id, cached),
+//!    and `net::connect` opens the connection to the target.
+//! 5. The tunnel reply travels back; `local::refusal` turns a refusal into the app's own
+//!    protocol, or the app is told "connected".
+//! 6. `net::relay` moves the bytes both ways on both hops (splice through pipes from a
+//!    shared pool); on remote-proxy every chunk is paid for from the user's
+//!    `limit::bucket`, held in `remote::Registry` and shared by all of that user's tunnels.
 //!
-//! Around that: `admission` (slots, the paused FIFO queue, per-user caps) and `throttle`
-//! (request rates) decide who is served; `rate` (bandwidth and request-rate values), `clock`
-//! (injectable time), `config` and `cli` (settings and flags), `origin` (a test and demo HTTP
-//! origin).
+//! `proto` and `limit` never touch a socket: they are bytes and bookkeeping, tested without
+//! the network. `config` holds validated settings and every default; `cli` turns flags into
+//! them.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -5,7 +5,7 @@
 //! In scope: who goes next and who is turned away, as pure bookkeeping over an item type `T`
 //! (a socket in production, a number in tests) with time from a [`Clock`]. Out of scope:
 //! sockets: the caller says whether an item's client is still there (`is_alive`), and answers
-//! the ones turned away in their own protocol (server.rs, remote.rs).
+//! the ones turned away in their own protocol (net/server.rs, remote/).
 
 use crate::limit::clock::{Clock, SystemClock};
 use parking_lot::Mutex;

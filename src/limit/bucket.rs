@@ -1,6 +1,6 @@
 //! Per-user token bucket: the pure core and the shared, blocking wrapper.
 //!
-//! In scope: how many bytes a user may forward and when. Out of scope: sockets (relay.rs
+//! In scope: how many bytes a user may forward and when. Out of scope: sockets (net/relay/
 //! reads, asks this module, then writes). One [`SharedBucket`] serves every connection of a
 //! user, both directions counted together.
 //!
@@ -25,8 +25,7 @@ pub const MIN_CHUNK: u64 = 64;
 /// Largest grant one relay takes per turn, in bytes. Grants go one per turn in FIFO order,
 /// and a relay asks for what its socket holds up to its share, so a connection whose
 /// receive window is small (TCP autotuning grows windows only for fast readers) got smaller
-/// grants than its siblings, and less bandwidth: Jain 0.95 at 100 MB/s over 64 connections.
-/// Every connection holds at least this much when it is backlogged. A user with a single
+/// grants than its siblings, and less bandwidth (docs/benchmarks.md). Every connection holds at least this much when it is backlogged. A user with a single
 /// tunnel is not capped.
 pub const MAX_TURN: u64 = 32 * 1024;
 /// How much of the rate the bucket may hold: 100 ms worth.
@@ -153,8 +152,8 @@ struct State {
 pub struct SharedBucket {
     state: Mutex<State>,
     // One condvar per ticket slot (ticket % WAKE_SLOTS): a grant wakes only the next ticket's
-    // holder instead of every waiter; with 64 connections waiting, notify_all on one condvar
-    // meant 64 wake-ups per grant and capped a 1 GB/s user at a quarter of its rate.
+    // holder instead of every waiter; notify_all on one condvar woke every waiting
+    // connection per grant, which held fast users well below their rate.
     conds: Box<[Condvar]>,
     clock: Arc<dyn Clock>,
 }

@@ -1,6 +1,6 @@
 //! Bandwidth values as operators write them (`500K`, `2MiB/s`, `unlimited`).
 //!
-//! In scope: parsing and printing. Out of scope: enforcing a rate (see `bucket.rs`).
+//! In scope: parsing and printing. Out of scope: enforcing a rate (see bucket.rs).
 //! Decimal units (`K`, `M`, `G`, optionally followed by `B`) multiply by 1000, binary units
 //! (`KiB`, `MiB`, `GiB`) by 1024, an optional `/s` suffix is accepted, and the suffixes are
 //! case-insensitive. A bare number is bytes per second.
@@ -350,7 +350,7 @@ mod request_rate_tests {
             "3/".parse::<RequestRate>(),
             Err(RequestRateError::BadUnit(_))
         ));
-        // See: issue 9, defect 6. Only the first letter used to count.
+        // Regression: only the first letter used to count.
         for bad in ["3/month", "3/ms", "3/mx", "3/sunday", "3/dozen", "3/hz"] {
             assert!(
                 matches!(

@@ -7,7 +7,7 @@
 //! it admits the 4th after 20 s), which is not what operators mean by "3 per minute". The log
 //! keeps at most N instants per key, and keys whose newest request is older than the window
 //! are forgotten, so memory is bounded by the keys active in the last window.
-//! Out of scope: what a key is (remote.rs uses client IPs and user names).
+//! Out of scope: what a key is (remote/ uses client IPs and user names).
 
 use crate::limit::clock::{Clock, SystemClock};
 use crate::limit::rate::RequestRate;

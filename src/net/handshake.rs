@@ -15,7 +15,7 @@ const REARM_SLACK: Duration = Duration::from_millis(20);
 /// A socket whose handshake reads must all finish by one deadline, read with few system calls.
 ///
 /// A per-read timeout alone lets a client that sends a byte every few seconds hold a worker
-/// for hours (slowloris); this caps the whole handshake (to within [`REARM_SLACK`]).
+/// for hours (slowloris); this caps the whole handshake (to within `REARM_SLACK`).
 ///
 /// Parsers read field by field; each field used to be a `recv`. Instead this peeks at
 /// whatever has arrived (`MSG_PEEK`), serves the parser from that copy, and removes from the

@@ -7,7 +7,7 @@
 //! queue unread, holding no thread; when a tunnel ends, its worker takes the oldest live
 //! waiter itself (no second hand-off). A sweeper thread answers waiters that time out with
 //! "busy" and drops ones whose client left. A handler that panics loses neither its slot
-//! nor the process ([`SlotGuard`]).
+//! nor the process (`SlotGuard`).
 //!
 //! Out of scope: what a connection says (local/ and remote/ implement [`Service`]).
 
@@ -83,7 +83,7 @@ pub trait Service: Send + Sync + 'static {
     /// Tells a connection that was not admitted "server busy, retry after N seconds" in its
     /// own protocol, then closes it. Runs on a short pool job; must bound its reads.
     fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16);
-    /// Called by the sweeper a few times a second (remote.rs expires parked tunnels here).
+    /// Called by the sweeper a few times a second (remote/ expires parked tunnels here).
     fn sweep(&self, _workers: &Workers) {}
 }
 
@@ -461,8 +461,8 @@ mod tests {
 
     #[test]
     fn a_panicking_handler_releases_its_slot_to_the_next_waiter() {
-        // See: issue 9, defect 9. One slot: the second client waits behind the first, whose
-        // handler panics. Before the fix the slot was lost and the second got "busy".
+        // Regression: a panic used to lose its slot for ever. One slot: the second client
+        // waits behind the first, whose handler panics; it must be served, not told "busy".
         let limits = Limits {
             max_active: 1,
             max_queued: 8,
@@ -472,7 +472,10 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             "test",
             limits,
-            crate::config::default_pool(1),
+            crate::net::workers::PoolConfig {
+                max_workers: 8,
+                idle_timeout: Duration::from_secs(10),
+            },
             Arc::new(Panicky),
         )
         .unwrap();

@@ -2,7 +2,7 @@
 //! password sub-negotiation).
 //!
 //! In scope: message encoding and decoding, and choosing reply codes ([`Reply::for_status`],
-//! [`Reply::for_io_error`]). Out of scope: sockets and what to do with a request (local.rs).
+//! [`Reply::for_io_error`]). Out of scope: sockets and what to do with a request (local/).
 //! Only CONNECT is carried; BIND and UDP ASSOCIATE get [`Reply::CommandNotSupported`].
 
 use crate::proto::addr::{self, TargetAddr};

@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn credentials_over_255_bytes_are_refused_not_cut() {
-        // See: issue 9, defect 3. 254 ASCII bytes and a 2-byte character: 256 bytes, and a
+        // Regression: these were cut to 255 bytes. 254 ASCII bytes and a 2-byte character: 256 bytes, and a
         // cut at 255 would split the character.
         let mut req = connect("1.2.3.4:80");
         req.password = format!("{}é", "p".repeat(254));

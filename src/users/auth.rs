@@ -356,7 +356,7 @@ mod tests {
 
     #[test]
     fn a_login_that_missed_the_cache_as_a_flight_landed_does_not_hash_again() {
-        // See: issue 9, defect 2. The race, replayed in order: this login looked at the cache
+        // Regression: a second argon2 check ran here. The race, replayed in order: this login looked at the cache
         // before the first check finished, and asks for a flight after it landed.
         let db = temp_db();
         let s = Store::open(&db).unwrap();

@@ -64,7 +64,7 @@ impl Store {
             )?;
         }
         if version < 2 {
-            // v2: per-user admission limits (issue 3). NULL means "no limit".
+            // v2: per-user admission limits. NULL means "no limit".
             self.conn.execute_batch(
                 "BEGIN;
                  ALTER TABLE users ADD COLUMN max_connections INTEGER;

@@ -147,7 +147,7 @@ fn help_shows_every_default_as_it_would_be_typed() {
 
 #[test]
 fn out_of_range_durations_are_a_clear_cli_error() {
-    // See: issue 9, defect 5: this used to panic at the first connection.
+    // Regression: this used to panic at the first connection.
     for (bin, args) in [
         (
             remote_bin(),

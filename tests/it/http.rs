@@ -145,7 +145,7 @@ fn base64(bytes: &[u8]) -> String {
 
 #[test]
 fn a_password_longer_than_the_protocol_carries_is_refused_not_cut() {
-    // See: issue 9, defect 3. The stored password is the first 255 bytes of what the app
+    // Regression: the password used to be cut to fit. The stored password is the first 255 bytes of what the app
     // sends; cutting the app's password to fit would log it in.
     let stored: &'static str = Box::leak("p".repeat(255).into_boxed_str());
     let p = pair(&[user("alice", stored, "unlimited")]);

@@ -49,7 +49,7 @@ fn threads_return_to_the_baseline_after_300_idle_tunnels_close() {
 
 #[test]
 fn an_idle_tunnel_holds_no_pipe() {
-    // See: issue 9, defect 11. Every tunnel carries a request and its response, then idles,
+    // Regression: idle tunnels kept their pipes. Every tunnel carries a request and its response, then idles,
     // as browsers hold keep-alive connections. A direction used to keep its pipe for the
     // rest of the tunnel: two pipes, four descriptors per idle tunnel in each proxy.
     flowgate::net::sys::raise_fd_limit();

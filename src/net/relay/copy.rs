@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// First read buffer of a direction, in bytes; small so idle tunnels stay cheap.
 pub const INITIAL_BUFFER: usize = 16 * 1024;
-/// Largest read buffer, in bytes: PERF-NOTES measured 256 KiB as the knee for bulk copies.
+/// Largest read buffer, in bytes: the knee for bulk copies (docs/benchmarks.md).
 pub const MAX_BUFFER: usize = 256 * 1024;
 
 enum End {

@@ -1,8 +1,8 @@
 //! Moving bytes both ways between two connected sockets until both are done.
 //!
 //! In scope: the two-direction pump, passing half-closes on, charging a user's bucket, the
-//! idle timeout, and byte counts. Out of scope: handshakes (socks5.rs, http_connect.rs,
-//! tunnel.rs) and which bucket applies (remote.rs).
+//! idle timeout, and byte counts. Out of scope: handshakes (proto/, net/handshake.rs)
+//! and which bucket applies (remote/).
 //!
 //! Each direction is a loop: read a chunk, wait for the bucket to allow those bytes, write.
 //! Reading first and paying after means a relay never holds tokens while its socket is idle;
@@ -71,7 +71,7 @@ impl Activity {
 /// direction keeps flowing. An error in either direction (a reset, a failed write) shuts
 /// both sockets down so the other direction ends too.
 ///
-/// Normally both directions run on the calling thread with splice(2) ([`relay_spliced`]);
+/// Normally both directions run on the calling thread with splice(2) (`relay_spliced`);
 /// where the kernel cannot splice these sockets, each direction copies on its own thread.
 pub fn relay(client: TcpStream, target: TcpStream, opts: &Options, workers: &Workers) -> Stats {
     match relay_spliced(&client, &target, opts) {
@@ -149,7 +149,13 @@ mod tests {
                 c,
                 t,
                 o,
-                &Workers::new("test", crate::config::default_pool(4)),
+                &Workers::new(
+                    "test",
+                    crate::net::workers::PoolConfig {
+                        max_workers: 8,
+                        idle_timeout: Duration::from_secs(10),
+                    },
+                ),
             )
         });
     }
@@ -213,7 +219,13 @@ mod tests {
             client,
             target,
             &opts,
-            &Workers::new("test", crate::config::default_pool(4)),
+            &Workers::new(
+                "test",
+                crate::net::workers::PoolConfig {
+                    max_workers: 8,
+                    idle_timeout: Duration::from_secs(10),
+                },
+            ),
         );
         assert!(stats.idle_closed);
         assert!(

@@ -17,8 +17,7 @@ pub const DEFAULT_PIPE: usize = 64 * 1024;
 pub const MAX_PIPE: usize = 1024 * 1024;
 
 /// Empty default-size pipes kept for the next chunks. Making a pipe is `pipe2`, and dropping
-/// it two `close`s: per direction per tunnel that was a sixth of the system calls a small
-/// request cost each proxy. An empty pipe holds no data pages (they are freed as they are
+/// it two `close`s: per direction per chunk, a large share of what a small request costs. An empty pipe holds no data pages (they are freed as they are
 /// read), so a spare costs two descriptors and its slot array.
 const SPARE_DEFAULT: usize = 64;
 

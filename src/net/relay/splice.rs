@@ -155,7 +155,7 @@ impl Drop for Dir<'_> {
 }
 
 fn flags() -> SpliceFFlags {
-    // No SPLICE_F_MORE: it corks the last chunk for 200 ms (PERF-NOTES).
+    // No SPLICE_F_MORE: with it the kernel corks a tunnel's last chunk for 200 ms.
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
 
