@@ -60,7 +60,28 @@ impl<T> Removed<T> {
     }
 }
 
-/// Takes expired and departed items off the front... and anywhere else in `queue`.
+/// Sorts a waiter out: a client that left goes to `gone`, one that waited `timeout` or more
+/// to `expired`; a waiter still good comes back.
+fn keep_if_waiting<T>(
+    item: T,
+    since: Instant,
+    now: Instant,
+    timeout: Duration,
+    is_alive: &mut dyn FnMut(&T) -> bool,
+    out: &mut Removed<T>,
+) -> Option<T> {
+    if !is_alive(&item) {
+        out.gone.push(item);
+        None
+    } else if now.saturating_duration_since(since) >= timeout {
+        out.expired.push(item);
+        None
+    } else {
+        Some(item)
+    }
+}
+
+/// Takes expired and departed items out of `queue`, wherever they are.
 fn sweep_queue<T>(
     queue: &mut VecDeque<(T, Instant)>,
     now: Instant,
@@ -70,11 +91,7 @@ fn sweep_queue<T>(
 ) {
     let mut kept = VecDeque::with_capacity(queue.len());
     for (item, since) in queue.drain(..) {
-        if !is_alive(&item) {
-            out.gone.push(item);
-        } else if now.saturating_duration_since(since) >= timeout {
-            out.expired.push(item);
-        } else {
+        if let Some(item) = keep_if_waiting(item, since, now, timeout, is_alive, out) {
             kept.push_back((item, since));
         }
     }
@@ -90,11 +107,7 @@ fn pop_live<T>(
     out: &mut Removed<T>,
 ) -> Option<T> {
     while let Some((item, since)) = queue.pop_front() {
-        if !is_alive(&item) {
-            out.gone.push(item);
-        } else if now.saturating_duration_since(since) >= timeout {
-            out.expired.push(item);
-        } else {
+        if let Some(item) = keep_if_waiting(item, since, now, timeout, is_alive, out) {
             return Some(item);
         }
     }
@@ -399,11 +412,16 @@ mod tests {
         assert_eq!(a.arrive(1), Arrival::Admitted(1));
         assert_eq!(a.arrive(2), Arrival::Queued);
         assert_eq!(a.arrive(3), Arrival::Queued);
+        assert_eq!(a.arrive(4), Arrival::Queued);
+        assert_eq!(a.arrive(5), Arrival::Queued);
         let mut r = Removed::default();
         assert_eq!(a.finish(&mut |&i| i != 2, &mut r), Some(3));
         assert_eq!(r.gone, vec![2]);
-        let swept = a.sweep(&mut |_| false);
-        assert!(swept.is_empty());
+        // The sweeper finds a departed waiter anywhere in the queue, and keeps the rest.
+        let swept = a.sweep(&mut |&i| i != 5);
+        assert_eq!((swept.gone, swept.expired), (vec![5], vec![]));
+        assert_eq!(a.queued(), 1);
+        assert_eq!(a.finish(&mut alive, &mut r), Some(4));
     }
 
     #[test]

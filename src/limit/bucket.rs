@@ -396,9 +396,23 @@ mod tests {
     #[test]
     fn shared_bucket_grants_immediately_when_tokens_are_there() {
         let clock = Arc::new(ManualClock::new());
-        let b = SharedBucket::with_clock(Bandwidth::bytes_per_sec(10_000), clock);
-        b.acquire(1_000); // must not block: the bucket starts full
-        assert_eq!(b.rate(), Bandwidth::bytes_per_sec(10_000));
+        let b = Arc::new(SharedBucket::with_clock(
+            Bandwidth::bytes_per_sec(10_000),
+            clock.clone(),
+        ));
+        // The manual clock never moves, so a bucket that made this wait would wait for ever:
+        // run it on a thread and give up after a deadline instead of hanging the suite.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b2 = Arc::clone(&b);
+        std::thread::spawn(move || {
+            b2.acquire(1_000); // the bucket starts full: 1,000 of its 1,000 bytes
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "acquire blocked on a full bucket. Now: {:?}",
+            clock.now()
+        );
     }
 
     #[test]

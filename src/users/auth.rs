@@ -1,7 +1,7 @@
 //! Checking credentials: argon2 behind a cache of verified passwords and single flight.
 
 use super::password::hash_password;
-use super::password::verify_password_with;
+use super::password::{ct_eq, verify_password_with};
 use super::{Error, User, UserStore};
 use argon2::password_hash::rand_core::OsRng;
 use argon2::Block;
@@ -265,11 +265,6 @@ impl Authenticator {
     pub fn retain_cached(&self, present: &dyn Fn(&str) -> bool) {
         self.cache.lock().retain(|name, _| present(name));
     }
-}
-
-/// Compares two digests in time independent of where they differ.
-fn ct_eq(a: &[u8; 64], b: &[u8; 64]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

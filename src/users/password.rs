@@ -67,13 +67,26 @@ pub fn verify_password_with(password: &str, phc: &str, memory: &mut Vec<Block>) 
     {
         return false;
     }
-    let exp = expected.as_bytes();
-    out.len() == exp.len() && out.iter().zip(exp).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    ct_eq(&out, expected.as_bytes())
+}
+
+/// Compares two byte strings in time independent of where they differ (the lengths, which
+/// are not secret here, may show).
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn constant_time_compare_agrees_with_eq() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+        assert!(ct_eq(b"", b""));
+    }
 
     #[test]
     fn reusable_memory_check_agrees_with_the_reference() {
