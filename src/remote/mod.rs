@@ -135,8 +135,17 @@ impl Service for RemoteService {
 /// Opens the database, binds, and starts serving. The returned server stops on drop.
 ///
 /// # Errors
-/// `Users` when the database cannot be opened, `Bind` when the address is taken.
+/// `Users` when the database cannot be opened, `Start` when the address is taken.
 pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
+    start_with_state(cfg).map(|(server, _)| server)
+}
+
+/// As [`start`], also returning the proxy's shared state, for callers that read its
+/// counters (the tests).
+///
+/// # Errors
+/// As [`start`].
+pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Error> {
     let store = Store::open(&cfg.db).map_err(Error::Users)?;
     let auth = Authenticator::new(store).map_err(Error::Users)?;
     let remote = Arc::new_cyclic(|me| Remote {
@@ -175,7 +184,7 @@ pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
         })
         .map_err(|e| Error::Start(StartError::Spawn("user watcher", e)))?;
     server.attach(Box::new(stop_tx));
-    Ok(server)
+    Ok((server, remote))
 }
 
 fn reply(stream: &TcpStream, status: Status) {
@@ -197,6 +206,12 @@ fn reply_wait(stream: &TcpStream, status: Status, wait: Duration) {
 }
 
 impl Remote {
+    /// argon2 checks run so far: a login answered from the verification cache, or refused
+    /// by the failed-login throttle, runs none.
+    pub fn argon2_checks(&self) -> u64 {
+        self.auth.argon2_checks()
+    }
+
     fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled {
         let peer_addr = stream.peer_addr().ok();
         let peer = peer_addr.map_or_else(|| "?".into(), |a| a.to_string());

@@ -196,3 +196,63 @@ fn a_taken_listen_address_is_named_in_the_error() {
         assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
     }
 }
+
+/// The first line a binary writes to stderr, read with a deadline.
+fn first_stderr_line(mut cmd: std::process::Command) -> (ChildGuard, String) {
+    use std::io::BufRead;
+    cmd.stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .stdin(Stdio::null())
+        .env("RUST_LOG", "info");
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stderr).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let guard = ChildGuard(child);
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("no first line");
+    (guard, line)
+}
+
+#[test]
+fn the_first_log_line_names_the_bound_address() {
+    // Scripts start the binaries on port 0 and read the address from this line.
+    let db = temp_dir().join("u.db");
+    let mut remote = remote_bin();
+    remote
+        .arg("--db")
+        .arg(&db)
+        .args(["serve", "--listen", "127.0.0.1:0"]);
+    let (_r, line) = first_stderr_line(remote);
+    let addr = line
+        .split("remote-proxy listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("first line: {line}"));
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    assert_ne!(addr.port(), 0);
+    // It is the real address: something accepts there.
+    drop(connect(addr));
+    let mut local = local_bin();
+    local
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--remote",
+            &addr.to_string(),
+            "--user",
+            "u",
+        ])
+        .env("FLOWGATE_PASSWORD", "pw");
+    let (_l, line) = first_stderr_line(local);
+    assert!(
+        line.contains("local-proxy listening on 127.0.0.1:"),
+        "{line}"
+    );
+    assert!(!line.contains(":0 "), "{line}");
+}

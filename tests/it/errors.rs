@@ -51,9 +51,7 @@ fn malformed_tunnel_input_gets_the_malformed_reply_and_a_close() {
         s.write_all(garbage).unwrap();
         let reply = tunnel::read_reply(&mut s).unwrap();
         assert_eq!(reply.status, want, "for {garbage:?}");
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest);
-        assert!(rest.is_empty(), "bytes after the error reply");
+        assert_closed_quietly(&mut s, Duration::from_secs(3));
     }
     // The server still works afterwards.
     let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
@@ -74,15 +72,8 @@ fn a_silent_client_is_closed_after_the_handshake_timeout() {
     ] {
         let mut s = connect(addr);
         s.write_all(partial).unwrap();
-        let t = Instant::now();
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest);
-        assert!(rest.is_empty(), "unexpected reply {rest:?}");
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "took {:?}",
-            t.elapsed()
-        );
+        // The handshake timeout is 500 ms: closed well within 3 s, with no reply.
+        assert_closed_quietly(&mut s, Duration::from_secs(3));
     }
     // A half-sent HTTP head gets 408 Request Timeout, then a close.
     let mut s = connect(p.local_addr());
@@ -209,10 +200,8 @@ fn unknown_first_bytes_are_closed_without_a_reply() {
     let p = pair(&[user("alice", "pw", "unlimited")]);
     let mut s = connect(p.local_addr());
     s.write_all(&[0x16, 0x03, 0x01, 0, 0]).unwrap(); // a TLS ClientHello, not a proxy request
-    let mut buf = Vec::new();
-    // Closed with nothing sent back (a FIN, or a reset if our bytes were still unread).
-    let _ = s.read_to_end(&mut buf);
-    assert!(buf.is_empty());
+                                                     // Closed at once with nothing sent back (a FIN, or a reset if our bytes were unread).
+    assert_closed_quietly(&mut s, Duration::from_secs(3));
     // SOCKS4 gets a SOCKS4 rejection rather than silence.
     let mut s = connect(p.local_addr());
     s.write_all(&[4, 1, 0, 80, 127, 0, 0, 1, 0]).unwrap();

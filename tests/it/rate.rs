@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 const WARM_UP: Duration = Duration::from_millis(1000);
 const WINDOW: Duration = Duration::from_millis(2500);
 
-/// Counts bytes arriving on `streams` until dropped.
+/// Counts bytes arriving on `streams`, in total and per stream, until dropped.
 struct Readers {
     counter: Arc<AtomicU64>,
+    each: Vec<Arc<AtomicU64>>,
     stop: Arc<AtomicBool>,
     streams: Vec<TcpStream>,
 }
@@ -23,25 +24,49 @@ impl Readers {
     fn start(streams: Vec<TcpStream>) -> Readers {
         let counter = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let mut each = Vec::new();
         for s in &streams {
             let mut s = s.try_clone().unwrap();
+            let mine = Arc::new(AtomicU64::new(0));
+            each.push(mine.clone());
             let (counter, stop) = (counter.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 64 * 1024];
                 while !stop.load(Ordering::Relaxed) {
                     match s.read(&mut buf) {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => counter.fetch_add(n as u64, Ordering::Relaxed),
+                        Ok(n) => {
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                            mine.fetch_add(n as u64, Ordering::Relaxed);
+                        }
                     };
                 }
             });
         }
         Readers {
             counter,
+            each,
             stop,
             streams,
         }
     }
+
+    fn snapshot(&self) -> Vec<u64> {
+        self.each
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// Jain's fairness index of `xs`: 1.0 when all are equal, 1/n when one takes everything.
+fn jain(xs: &[f64]) -> f64 {
+    let sum: f64 = xs.iter().sum();
+    let squares: f64 = xs.iter().map(|x| x * x).sum();
+    if squares == 0.0 {
+        return 0.0;
+    }
+    sum * sum / (xs.len() as f64 * squares)
 }
 
 impl Drop for Readers {
@@ -104,8 +129,19 @@ fn four_connections_share_one_budget() {
         source_target(),
         4,
     ));
-    let got = measure(&r.counter, WARM_UP, WINDOW);
+    std::thread::sleep(WARM_UP);
+    let before = r.snapshot();
+    let got = measure(&r.counter, Duration::ZERO, WINDOW);
+    let shares: Vec<f64> = r
+        .snapshot()
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a - b) as f64)
+        .collect();
     assert_within_5pct(got, 2_000_000.0, "4 connections together");
+    // And no connection is starved to make up the sum.
+    let fairness = jain(&shares);
+    assert!(fairness >= 0.9, "Jain {fairness:.3} over {shares:?}");
 }
 
 #[test]

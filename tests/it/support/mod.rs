@@ -77,6 +77,7 @@ pub fn user(name: &'static str, password: &'static str, bandwidth: &str) -> User
 /// remote-proxy and local-proxy in this process, on ephemeral ports.
 pub struct Pair {
     pub remote: Server,
+    pub state: std::sync::Arc<flowgate::remote::Remote>,
     pub local: Server,
     pub db: PathBuf,
 }
@@ -111,7 +112,7 @@ pub fn pair_with(
     rc.listen = "127.0.0.1:0".parse().unwrap();
     rc.user_poll = Duration::from_millis(200);
     remote_cfg(&mut rc);
-    let remote = flowgate::remote::start(rc).unwrap();
+    let (remote, state) = flowgate::remote::start_with_state(rc).unwrap();
     let creds = users.first().map(|u| Credentials {
         user: u.name.to_string(),
         password: u.password.to_string(),
@@ -121,7 +122,12 @@ pub fn pair_with(
     lc.timeouts = Timeouts::default();
     local_cfg(&mut lc);
     let local = flowgate::local::start(lc).unwrap();
-    Pair { remote, local, db }
+    Pair {
+        remote,
+        state,
+        local,
+        db,
+    }
 }
 
 pub fn connect(addr: SocketAddr) -> TcpStream {
@@ -565,4 +571,19 @@ pub fn reply_target(reply: &'static [u8]) -> SocketAddr {
         }
     });
     a
+}
+
+/// Asserts the server closes `s` (a FIN or a reset) within `within` without sending another
+/// byte. A read that times out fails: a server that never closes must not pass.
+pub fn assert_closed_quietly(s: &mut TcpStream, within: Duration) {
+    s.set_read_timeout(Some(within)).unwrap();
+    let t = std::time::Instant::now();
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed within {within:?} ({e}); got {rest:?}"),
+    }
+    assert!(rest.is_empty(), "bytes before the close: {rest:?}");
+    assert!(t.elapsed() < within, "closed after {:?}", t.elapsed());
 }
