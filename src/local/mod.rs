@@ -47,6 +47,16 @@ pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
     Ok(server)
 }
 
+/// An app's handshake, read: what to serve next.
+enum Handshake {
+    /// SOCKS5 greeting, authentication and CONNECT request done; the reply is still owed.
+    Socks(Credentials, socks5::Request),
+    /// An HTTP head (or why it could not be read), and the bytes read with it.
+    Http(Result<(usize, http::Head), http::Error>, Vec<u8>),
+    /// Answered already (refused, or not a protocol we speak), or the app left.
+    Done,
+}
+
 /// The address sent in SOCKS5 replies that carry none.
 const UNSPECIFIED: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
@@ -92,40 +102,51 @@ impl Service for Local {
 impl Local {
     fn serve(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
         let _ = stream.set_nodelay(true);
-        let Ok(mut d) = HandshakeReader::new(&stream, self.cfg.timeouts.handshake) else {
-            return;
+        match self.read_handshake(&stream, id) {
+            Handshake::Socks(creds, req) => self.socks(stream, id, creds, req, workers),
+            Handshake::Http(read, buf) => self.http(stream, id, read, buf, workers),
+            Handshake::Done => {}
+        }
+    }
+
+    /// Tells SOCKS5 from HTTP by the first byte and reads that handshake under the deadline;
+    /// answers and logs what cannot go on. Not inlined: the reader's peek buffer lives in
+    /// this frame, which is gone before the relay runs, so a tunnel's thread touches one
+    /// stack page fewer for its whole life (docs/benchmarks.md).
+    #[inline(never)]
+    fn read_handshake(&self, stream: &TcpStream, id: ConnId) -> Handshake {
+        let Ok(mut d) = HandshakeReader::new(stream, self.cfg.timeouts.handshake) else {
+            return Handshake::Done;
         };
         let first = match d.peek_byte() {
             Ok(Some(b)) => b,
-            Ok(None) => return,
+            Ok(None) => return Handshake::Done,
             Err(e) => {
                 log::debug!("conn={id} no greeting: {e}");
-                return;
+                return Handshake::Done;
             }
         };
         match first {
-            socks5::VERSION => {
-                let Some((creds, req)) = self.socks_handshake(&mut d, id) else {
-                    return;
-                };
-                drop(d);
-                self.socks(stream, id, creds, req, workers);
-            }
+            socks5::VERSION => match self.socks_handshake(&mut d, id) {
+                Some((creds, req)) => Handshake::Socks(creds, req),
+                None => Handshake::Done,
+            },
             b'A'..=b'Z' | b'a'..=b'z' => {
                 let mut buf = Vec::with_capacity(1024);
                 let read = http::read_head(&mut d, &mut buf);
-                drop(d);
-                self.http(stream, id, read, buf, workers);
+                Handshake::Http(read, buf)
             }
             0x04 => {
                 log::info!("conn={id} SOCKS4 is not supported; use SOCKS5");
                 // SOCKS4 "request rejected" (0x5B), so SOCKS4 clients print a real error.
-                let _ = (&stream).write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]);
+                let _ = (&mut &*stream).write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]);
+                Handshake::Done
             }
             other => {
                 log::info!("conn={id} unknown protocol (first byte {other:#04x})");
                 drop(d);
-                drain_arrived(&stream);
+                drain_arrived(stream);
+                Handshake::Done
             }
         }
     }
