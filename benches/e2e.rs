@@ -93,6 +93,10 @@ fn spawn(mut cmd: Command) -> Proc {
     }
 }
 
+/// Workers stay for the whole run: per-thread context-switch counts vanish with a thread
+/// that exits, so the setup figures need the threads that did the work still there.
+const WORKER_ARGS: [&str; 2] = ["--worker-idle-timeout", "1h"];
+
 struct Setup {
     remote: Proc,
     local: Proc,
@@ -108,17 +112,20 @@ impl Setup {
         let db = dir.join("bench.db");
         let s = |name: &str| opts.bin.join(name);
         let mut r = Command::new(s("remote-proxy"));
-        r.arg("--db").arg(&db).args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--max-connections",
-            "20000",
-            "--max-queued",
-            "20000",
-            "--failed-login-rate",
-            "off",
-        ]);
+        r.arg("--db")
+            .arg(&db)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-connections",
+                "20000",
+                "--max-queued",
+                "20000",
+                "--failed-login-rate",
+                "off",
+            ])
+            .args(WORKER_ARGS);
         let remote = spawn(r);
         let mut l = Command::new(s("local-proxy"));
         l.args([
@@ -127,7 +134,8 @@ impl Setup {
             "--remote",
             &remote.addr.to_string(),
         ])
-        .args(["--max-connections", "20000", "--max-queued", "20000"]);
+        .args(["--max-connections", "20000", "--max-queued", "20000"])
+        .args(WORKER_ARGS);
         let local = spawn(l);
         let setup = Setup {
             remote,
@@ -223,47 +231,70 @@ impl Reference {
     }
 }
 
+/// Reads a /proc file. A figure computed from a file that could not be read would be a
+/// made-up 0, so failing is the honest answer; the panic unwinds through `main`, and the
+/// proxies it started are killed as their handles drop.
+fn proc_read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+}
+
+/// Field `i` of a whitespace-separated line, as a number, or a panic naming the source.
+fn proc_field<T: std::str::FromStr>(fields: &[&str], i: usize, what: &str) -> T {
+    fields
+        .get(i)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse field {i} of {what}"))
+}
+
 /// /proc/PID/stat utime+stime in seconds.
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let path = format!("/proc/{pid}/stat");
+    let stat = proc_read(&path);
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, a)| a)
+        .unwrap_or_else(|| panic!("cannot parse {path}"));
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let ticks: f64 = proc_field::<f64>(&f, 11, &path) + proc_field::<f64>(&f, 12, &path);
     ticks / 100.0
 }
 
 /// (busy, total) jiffies of the whole machine from /proc/stat: a run that leaves the cores
 /// idle is waiting on something (wake-ups, windows), not out of CPU.
 fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat
+    let stat = proc_read("/proc/stat");
+    let f: Vec<&str> = stat
         .lines()
         .next()
         .unwrap_or("")
         .split_whitespace()
         .skip(1)
-        .filter_map(|x| x.parse().ok())
+        .collect();
+    let v: Vec<u64> = (0..f.len())
+        .map(|i| proc_field(&f, i, "/proc/stat"))
         .collect();
     let total: u64 = v.iter().sum();
     // idle and iowait
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let idle: u64 = proc_field::<u64>(&f, 3, "/proc/stat") + proc_field::<u64>(&f, 4, "/proc/stat");
     (total - idle, total)
 }
 
-/// Context switches of all of a process's threads so far (threads that exited are not
-/// counted; the proxies keep their workers).
+/// Context switches of all of a process's threads so far. Threads that exited are not
+/// counted, so the proxies run with a long --worker-idle-timeout (see `Setup::start`).
+/// A thread that exits while being read is skipped; its count would be gone anyway.
 fn ctx_switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot read {dir}: {e}"));
     tasks
         .flatten()
-        .map(|t| {
-            let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|s| {
             s.lines()
                 .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    proc_field::<u64>(&f, 1, "a task's ctxt_switches")
+                })
                 .sum::<u64>()
         })
         .sum()
@@ -271,15 +302,39 @@ fn ctx_switches(pid: u32) -> u64 {
 
 /// (resident KiB, threads) from /proc/PID/status.
 fn rss_threads(pid: u32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let path = format!("/proc/{pid}/status");
+    let s = proc_read(&path);
     let get = |k: &str| {
-        s.lines()
+        let line = s
+            .lines()
             .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("no {k} in {path}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        proc_field::<u64>(&f, 1, &path)
     };
     (get("VmRSS:"), get("Threads:"))
+}
+
+/// Open pipe descriptors of process `pid`.
+fn pipe_fds(pid: u32) -> usize {
+    let dir = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {dir}: {e}"))
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+        })
+        .count()
+}
+
+/// This process's soft open-file limit (the proxies raise theirs to the same hard limit).
+fn fd_limit() -> String {
+    proc_read("/proc/self/limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or("?")
+        .to_string()
 }
 
 /// Where a client connects: straight to the origin, or through local-proxy as a user.
@@ -827,46 +882,72 @@ fn setup_rate(
 
 fn scale(opts: &Opts, st: &Setup, rep: &mut Report) {
     let n = if opts.quick { 500 } else { 5000 };
-    // A target that accepts and keeps sockets without a thread per connection.
+    // A target that answers one request on each connection and then keeps it open, as a
+    // keep-alive web server does, without a thread per connection: the client below opens
+    // tunnels one at a time, so the accept thread can serve each in turn. A tunnel that
+    // carried bytes is what holds pipes and buffers; one that never moved a byte would not
+    // show them.
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: scale\r\n\r\n";
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let target = l.local_addr().unwrap();
     let held = Arc::new(Mutex::new(Vec::new()));
     {
         let held = held.clone();
         std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
+            for mut s in l.incoming().flatten() {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut req = vec![0u8; REQUEST.len()];
+                if s.read_exact(&mut req).is_ok() {
+                    let _ = s.write_all(RESPONSE);
+                }
                 held.lock().unwrap().push(s);
             }
         });
     }
+    let via = Via::Proxy(st.local.addr, "unlimited".into());
+    // One tunnel first: the user's first login allocates argon2's working memory (19 MiB,
+    // once per process), which is not a per-tunnel cost.
+    drop(open(&via, target));
     std::thread::sleep(Duration::from_millis(300));
     let before = (rss_threads(st.local.pid()), rss_threads(st.remote.pid()));
-    let via = Via::Proxy(st.local.addr, "unlimited".into());
     let mut open_ok = vec![];
     let mut failed = 0;
+    let exchange = |s: &mut TcpStream| -> std::io::Result<()> {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(REQUEST)?;
+        let mut resp = vec![0u8; RESPONSE.len()];
+        s.read_exact(&mut resp)?;
+        if resp != RESPONSE {
+            return Err(std::io::Error::other("wrong response"));
+        }
+        Ok(())
+    };
     for _ in 0..n {
-        match open(&via, target) {
+        match open(&via, target).and_then(|mut s| exchange(&mut s).map(|()| s)) {
             Ok(s) => open_ok.push(s),
             Err(_) => failed += 1,
         }
     }
     std::thread::sleep(Duration::from_secs(1));
     let after = (rss_threads(st.local.pid()), rss_threads(st.remote.pid()));
+    let pipes = (pipe_fds(st.local.pid()), pipe_fds(st.remote.pid()));
     let ok = open_ok.len();
     let per = |b: (u64, u64), a: (u64, u64)| a.0.saturating_sub(b.0) as f64 / ok.max(1) as f64;
-    let _ = writeln!(rep.md, "\n## 5. Scale: {n} concurrent idle tunnels\n\n{ok} opened, {failed} failed.\n\n| process | RSS before KiB | RSS with tunnels KiB | threads | KiB per tunnel |\n|---|---|---|---|---|");
-    for (name, b, a) in [
-        ("local-proxy", before.0, after.0),
-        ("remote-proxy", before.1, after.1),
+    let _ = writeln!(rep.md, "\n## 5. Scale: {n} concurrent idle tunnels, each after one request and response\n\n{ok} opened, {failed} failed (open-file limit {}).\n\n| process | RSS before KiB | RSS with tunnels KiB | threads | pipe fds | KiB per tunnel |\n|---|---|---|---|---|---|", fd_limit());
+    for (name, b, a, p) in [
+        ("local-proxy", before.0, after.0, pipes.0),
+        ("remote-proxy", before.1, after.1, pipes.1),
     ] {
         let _ = writeln!(
             rep.md,
-            "| {name} | {} | {} | {} | {:.1} |",
+            "| {name} | {} | {} | {} | {p} | {:.1} |",
             b.0,
             a.0,
             a.1,
             per(b, a)
         );
+        rep.num(&format!("scale.{name}.pipe_fds"), p as f64);
         rep.num(&format!("scale.{name}.kib_per_tunnel"), per(b, a));
         rep.num(&format!("scale.{name}.threads"), a.1 as f64);
         rep.num(&format!("scale.{name}.rss_kib"), a.0 as f64);
