@@ -17,7 +17,7 @@ use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
 use crate::proto::http::{self, ProxyRequest};
 use crate::proto::socks5::{self, Method};
-use crate::proto::tunnel::{Command, Reply, Request, Status};
+use crate::proto::tunnel::{Command, Reply, Request, Status, TunnelId};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Local {
     cfg: LocalConfig,
+    // Random high half of this process's tunnel ids; the low half is the connection id, so
+    // ids from different local-proxies do not collide in a remote-proxy's log.
+    tunnel_prefix: u32,
 }
 
 /// Binds and starts serving. The returned server stops on drop.
@@ -34,7 +37,10 @@ pub struct Local {
 /// # Errors
 /// The bind error, naming the address, or a thread that could not start.
 pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
-    let local = Arc::new(Local { cfg: cfg.clone() });
+    let local = Arc::new(Local {
+        cfg: cfg.clone(),
+        tunnel_prefix: upstream::random_u32(),
+    });
     let server = Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local)?;
     log::info!(
         "local-proxy listening on {} remote={} user={}",
@@ -66,6 +72,10 @@ struct AppRequest {
     proto: &'static str,
     creds: Credentials,
     target: TargetAddr,
+    // The app's address, for the log.
+    app: String,
+    // Sent to remote-proxy, which logs it too.
+    tunnel: TunnelId,
 }
 
 impl Service for Local {
@@ -151,6 +161,11 @@ impl Local {
         }
     }
 
+    /// The id of connection `id`'s tunnel, unique across local-proxies with high odds.
+    fn tunnel_id(&self, id: ConnId) -> TunnelId {
+        TunnelId(u64::from(self.tunnel_prefix) << 32 | (id & 0xffff_ffff))
+    }
+
     fn default_creds(&self) -> Option<Credentials> {
         self.cfg.credentials.clone()
     }
@@ -225,6 +240,8 @@ impl Local {
             proto: "socks5",
             creds,
             target: req.target,
+            app: peer_of(&stream),
+            tunnel: self.tunnel_id(id),
         };
         let (remote, reply) = match self.tunnel(&ask, id) {
             Ok(open) => open,
@@ -292,6 +309,8 @@ impl Local {
             proto,
             creds,
             target,
+            app: peer_of(&stream),
+            tunnel: self.tunnel_id(id),
         };
         let remote = match self.tunnel(&ask, id) {
             Ok((remote, _reply)) => remote,
@@ -319,6 +338,7 @@ impl Local {
     fn tunnel(&self, ask: &AppRequest, id: ConnId) -> Result<(TcpStream, Reply), Refusal> {
         let req = Request {
             command: Command::Connect,
+            tunnel_id: Some(ask.tunnel),
             user: ask.creds.user.clone(),
             password: ask.creds.password.clone(),
             target: Some(ask.target.clone()),
@@ -336,8 +356,10 @@ impl Local {
                     String::new()
                 };
                 log::info!(
-                    "conn={id} proto={} user={} target={} refused: {}{retry}",
+                    "conn={id} tunnel={} proto={} app={} user={} target={} refused: {}{retry}",
+                    ask.tunnel,
                     ask.proto,
+                    ask.app,
                     ask.creds.user,
                     ask.target,
                     reply.status
@@ -348,11 +370,11 @@ impl Local {
                 })
             }
             Err(e @ TunnelError::Request(_)) => {
-                log::info!("conn={id} proto={} {e}", ask.proto);
+                log::info!("conn={id} tunnel={} proto={} {e}", ask.tunnel, ask.proto);
                 Err(Refusal::Local(e))
             }
             Err(e) => {
-                log::warn!("conn={id} {e}");
+                log::warn!("conn={id} tunnel={} {e}", ask.tunnel);
                 Err(Refusal::Local(e))
             }
         }
@@ -369,8 +391,10 @@ impl Local {
         workers: &Workers,
     ) {
         log::info!(
-            "conn={id} open proto={} user={} target={}",
+            "conn={id} tunnel={} open proto={} app={} user={} target={}",
+            ask.tunnel,
             ask.proto,
+            ask.app,
             ask.creds.user,
             ask.target
         );
@@ -381,7 +405,8 @@ impl Local {
         };
         let stats = relay::relay(app, remote, &opts, workers);
         log::info!(
-            "conn={id} close user={} target={} up={} down={} dur={:.3}s",
+            "conn={id} tunnel={} close user={} target={} up={} down={} dur={:.3}s",
+            ask.tunnel,
             ask.creds.user,
             ask.target,
             stats.up + already_up,
@@ -396,6 +421,13 @@ impl Local {
 /// Not inlined: its buffer would otherwise sit in `serve`'s frame, which stays live for the
 /// whole tunnel, and a frame over a page is probed page by page: a resident page more per
 /// idle tunnel (docs/benchmarks.md).
+/// A socket's peer address for the log, or `?`.
+fn peer_of(stream: &TcpStream) -> String {
+    stream
+        .peer_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string())
+}
+
 #[inline(never)]
 fn drain_arrived(stream: &TcpStream) {
     let mut s = stream;

@@ -3,7 +3,7 @@
 
 use crate::config::{Credentials, Timeouts};
 use crate::net::handshake::HandshakeReader;
-use crate::proto::tunnel::{self, Command, Reply, Request, Status};
+use crate::proto::tunnel::{self, Command, Reply, Request, Status, TunnelId};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -84,9 +84,16 @@ pub fn signup(
 ) -> Result<Status, TunnelError> {
     let req = Request {
         command: Command::Signup,
+        tunnel_id: Some(TunnelId(u64::from(random_u32()))),
         user: creds.user.clone(),
         password: creds.password.clone(),
         target: None,
     };
     open_tunnel(remote, &req, timeouts, timeouts.handshake).map(|(_, reply)| reply.status)
+}
+
+/// A random number from the OS, for tunnel ids (not a secret: ids only tell log lines apart).
+pub(super) fn random_u32() -> u32 {
+    use rand_core::RngCore;
+    rand_core::OsRng.next_u32()
 }

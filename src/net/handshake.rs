@@ -4,7 +4,7 @@ use std::io;
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// Bytes looked at per `peek`: a whole tunnel request (at most 775 bytes), SOCKS5 message or
+/// Bytes looked at per `peek`: a whole tunnel request (at most 783 bytes), SOCKS5 message or
 /// typical HTTP head arrives in one.
 const PEEK_BYTES: usize = 1024;
 

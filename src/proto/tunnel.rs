@@ -1,4 +1,5 @@
-//! The local-proxy → remote-proxy wire protocol, version 1 (docs/protocol.md).
+//! The local-proxy → remote-proxy wire protocol, version 2 (docs/protocol.md); version 1
+//! requests are still read, so remote-proxies can be upgraded before their local-proxies.
 //!
 //! In scope: encoding and decoding the request and the reply, and the [`Status`] codes.
 //! Out of scope: sockets, authentication, relaying. After an `Ok` reply to `Connect`, both
@@ -12,7 +13,20 @@ use std::net::{Ipv4Addr, SocketAddr};
 /// First two bytes of every request: tells a stray HTTP or SOCKS client from local-proxy.
 pub const MAGIC: [u8; 2] = *b"FG";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// The previous version, still accepted: it lacks the tunnel id.
+pub const VERSION_1: u8 = 1;
+
+/// A tunnel's id, chosen by local-proxy and logged by both proxies, so one grep finds both
+/// ends of a tunnel (docs/protocol.md §2). Printed as 16 hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TunnelId(pub u64);
+
+impl fmt::Display for TunnelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
 /// Longest user name and password on the wire, in bytes.
 pub const MAX_CREDENTIAL: usize = 255;
 
@@ -41,6 +55,8 @@ impl TryFrom<u8> for Command {
 pub struct Request {
     /// What to do.
     pub command: Command,
+    /// The tunnel's id; `None` in a version 1 request, which carries none.
+    pub tunnel_id: Option<TunnelId>,
     /// Account name.
     pub user: String,
     /// Account password, in clear on the wire (run the tunnel over a trusted path or TLS).
@@ -49,10 +65,22 @@ pub struct Request {
     pub target: Option<TargetAddr>,
 }
 
+impl Request {
+    /// The version this request is written in: 2 with a tunnel id, 1 without.
+    pub fn version(&self) -> u8 {
+        if self.tunnel_id.is_some() {
+            VERSION
+        } else {
+            VERSION_1
+        }
+    }
+}
+
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Request")
             .field("command", &self.command)
+            .field("tunnel_id", &self.tunnel_id)
             .field("user", &self.user)
             .field("password", &"<redacted>")
             .field("target", &self.target)
@@ -264,8 +292,11 @@ impl Error {
 pub fn encode_request(req: &Request) -> Result<Vec<u8>, Error> {
     let mut out = Vec::with_capacity(8 + req.user.len() + req.password.len() + 260);
     out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
+    out.push(req.version());
     out.push(req.command as u8);
+    if let Some(id) = req.tunnel_id {
+        out.extend_from_slice(&id.0.to_be_bytes());
+    }
     for s in [&req.user, &req.password] {
         let len = u8::try_from(s.len()).map_err(|_| Error::CredentialTooLong)?;
         out.push(len);
@@ -299,11 +330,19 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
         return Err(Error::BadMagic);
     }
     r.read_exact(&mut head[2..3])?;
-    if head[2] != VERSION {
-        return Err(Error::UnsupportedVersion(head[2]));
+    let version = head[2];
+    if version != VERSION && version != VERSION_1 {
+        return Err(Error::UnsupportedVersion(version));
     }
     r.read_exact(&mut head[3..4])?;
     let command = Command::try_from(head[3])?;
+    let tunnel_id = if version == VERSION {
+        let mut id = [0u8; 8];
+        r.read_exact(&mut id)?;
+        Some(TunnelId(u64::from_be_bytes(id)))
+    } else {
+        None
+    };
     let user = read_credential(r)?;
     let password = read_credential(r)?;
     let target = match command {
@@ -312,6 +351,7 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
     };
     Ok(Request {
         command,
+        tunnel_id,
         user,
         password,
         target,
@@ -329,19 +369,25 @@ fn read_credential<R: Read>(r: &mut R) -> Result<String, Error> {
     String::from_utf8(buf).map_err(|_| Error::BadCredentialEncoding)
 }
 
-/// Encodes a reply (docs/protocol.md §4) into one buffer.
-pub fn encode_reply(reply: &Reply) -> Vec<u8> {
+/// Encodes a reply (docs/protocol.md §4) into one buffer, in `version`: the request's, so a
+/// version 1 local-proxy can read it.
+pub fn encode_reply(reply: &Reply, version: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(24);
-    out.push(VERSION);
+    out.push(version);
     out.push(reply.status as u8);
     out.extend_from_slice(&reply.retry_after.to_be_bytes());
     TargetAddr::Ip(reply.bound).encode(&mut out);
     out
 }
 
-/// Sends a reply with one `write_all`.
+/// Sends a reply in this build's version with one `write_all`.
 pub fn write_reply<W: Write>(w: &mut W, reply: &Reply) -> io::Result<()> {
-    w.write_all(&encode_reply(reply))
+    w.write_all(&encode_reply(reply, VERSION))
+}
+
+/// Sends a reply in `version` (the request's, [`Request::version`]) with one `write_all`.
+pub fn write_reply_to<W: Write>(w: &mut W, version: u8, reply: &Reply) -> io::Result<()> {
+    w.write_all(&encode_reply(reply, version))
 }
 
 /// Reads a reply (docs/protocol.md §4).
@@ -352,7 +398,7 @@ pub fn write_reply<W: Write>(w: &mut W, reply: &Reply) -> io::Result<()> {
 pub fn read_reply<R: Read>(r: &mut R) -> Result<Reply, Error> {
     let mut head = [0u8; 4];
     r.read_exact(&mut head)?;
-    if head[0] != VERSION {
+    if head[0] != VERSION && head[0] != VERSION_1 {
         return Err(Error::UnsupportedVersion(head[0]));
     }
     let status = Status::try_from(head[1])?;
@@ -375,6 +421,7 @@ mod tests {
     fn connect(target: &str) -> Request {
         Request {
             command: Command::Connect,
+            tunnel_id: Some(TunnelId(0x0102_0304_0506_0708)),
             user: "alice".into(),
             password: "s3cret".into(),
             target: Some(TargetAddr::parse_authority(target, None).unwrap()),
@@ -404,6 +451,7 @@ mod tests {
         }
         let signup = Request {
             command: Command::Signup,
+            tunnel_id: None,
             user: "bob".into(),
             password: "pw".into(),
             target: None,
@@ -415,9 +463,23 @@ mod tests {
     #[test]
     fn request_wire_layout_matches_protocol_doc() {
         let bytes = encode_request(&connect("1.2.3.4:80")).unwrap();
-        let mut expect = b"FG\x01\x01\x05alice\x06s3cret\x01".to_vec();
+        let mut expect = b"FG\x02\x01\x01\x02\x03\x04\x05\x06\x07\x08".to_vec();
+        expect.extend_from_slice(b"\x05alice\x06s3cret\x01");
         expect.extend_from_slice(&[1, 2, 3, 4, 0, 80]);
         assert_eq!(bytes, expect);
+    }
+
+    #[test]
+    fn a_version_1_request_is_read_and_answered_in_version_1() {
+        let mut v1 = b"FG\x01\x01\x05alice\x06s3cret\x01".to_vec();
+        v1.extend_from_slice(&[1, 2, 3, 4, 0, 80]);
+        let req = read_request(&mut &v1[..]).unwrap();
+        assert_eq!(req.tunnel_id, None);
+        assert_eq!(req.version(), VERSION_1);
+        assert_eq!(encode_request(&req).unwrap(), v1);
+        let mut out = Vec::new();
+        write_reply_to(&mut out, req.version(), &Reply::status(Status::Ok)).unwrap();
+        assert_eq!(out[0], VERSION_1);
     }
 
     #[test]
@@ -465,8 +527,9 @@ mod tests {
         assert!(matches!(with(0, b'G'), Err(Error::BadMagic)));
         assert!(matches!(with(2, 9), Err(Error::UnsupportedVersion(9))));
         assert!(matches!(with(3, 7), Err(Error::BadCommand(7))));
-        assert!(matches!(with(4, 0), Err(Error::EmptyCredential)));
-        assert!(matches!(with(5, 0xff), Err(Error::BadCredentialEncoding)));
+        // After the 8-byte tunnel id: the user name's length, then its first byte.
+        assert!(matches!(with(12, 0), Err(Error::EmptyCredential)));
+        assert!(matches!(with(13, 0xff), Err(Error::BadCredentialEncoding)));
         let atyp = ok.len() - 7;
         assert!(matches!(
             with(atyp, 9),
@@ -505,14 +568,14 @@ mod tests {
             retry_after: 17,
             bound: "[::1]:5555".parse().unwrap(),
         };
-        let bytes = encode_reply(&r);
+        let bytes = encode_reply(&r, VERSION);
         assert_eq!(read_reply(&mut &bytes[..]).unwrap(), r);
         assert_eq!(read_reply(&mut OneByte(&bytes)).unwrap(), r);
         for cut in 0..bytes.len() {
             assert!(read_reply(&mut &bytes[..cut]).is_err());
         }
-        let plain = encode_reply(&Reply::status(Status::Ok));
-        assert_eq!(plain, vec![1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        let plain = encode_reply(&Reply::status(Status::Ok), VERSION);
+        assert_eq!(plain, vec![2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
     }
 
     #[test]

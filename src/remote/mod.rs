@@ -21,7 +21,7 @@ use crate::net::server::{ConnId, Handled, Server, Service, StartError};
 use crate::net::sys::peer_alive;
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
-use crate::proto::tunnel::{self, Command, Reply, Request, Status};
+use crate::proto::tunnel::{self, Command, Reply, Request, Status, TunnelId};
 use crate::users::{self, AuthError, Authenticator, Store, User};
 use std::net::{IpAddr, TcpStream};
 use std::sync::{Arc, Weak};
@@ -50,7 +50,7 @@ impl std::error::Error for Error {}
 /// An authenticated tunnel waiting for one of its user's other tunnels to end.
 struct AuthorizedTunnel {
     stream: TcpStream,
-    id: ConnId,
+    tag: Tag,
     peer: String,
     user: User,
     target: TargetAddr,
@@ -113,13 +113,15 @@ impl Service for RemoteService {
         let Ok(mut deadline) = HandshakeReader::new(&stream, wait) else {
             return;
         };
-        if tunnel::read_request(&mut deadline).is_ok() {
+        if let Ok(req) = tunnel::read_request(&mut deadline) {
+            drop(deadline);
             let reply = Reply {
                 retry_after,
                 ..Reply::status(Status::ServerBusy)
             };
-            let _ = tunnel::write_reply(&mut &stream, &reply);
-            log::debug!("conn={id} answered server busy");
+            let tag = Tag::of(id, &req);
+            send(&stream, tag, &reply);
+            log::debug!("{tag} answered server busy");
         }
     }
 
@@ -187,22 +189,60 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
     Ok((server, remote))
 }
 
-fn reply(stream: &TcpStream, status: Status) {
+/// Who a reply and a log line are about: the connection, the tunnel id local-proxy gave it
+/// (which local-proxy logs too), and the protocol version to answer in.
+#[derive(Clone, Copy, Debug)]
+struct Tag {
+    conn: ConnId,
+    tunnel: Option<TunnelId>,
+    version: u8,
+}
+
+impl Tag {
+    fn of(conn: ConnId, req: &Request) -> Tag {
+        Tag {
+            conn,
+            tunnel: req.tunnel_id,
+            version: req.version(),
+        }
+    }
+}
+
+impl std::fmt::Display for Tag {
+    /// `conn=5 tunnel=9f3a1c0b00000011`, the key=value form of every log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.tunnel {
+            Some(t) => write!(f, "conn={} tunnel={t}", self.conn),
+            None => write!(f, "conn={}", self.conn),
+        }
+    }
+}
+
+/// Answers a request that could not be read: in this build's version.
+fn reply_unread(stream: &TcpStream, status: Status) {
     let _ = tunnel::write_reply(&mut &*stream, &Reply::status(status));
 }
 
-/// Answers "rate limited" with the wait, and logs which limit and when to retry.
-fn rate_limited(stream: &TcpStream, id: ConnId, why: &str, wait: Duration) {
-    log::info!("conn={id} {why}; retry in {}s", retry_after_secs(wait));
-    reply_wait(stream, Status::RateLimited, wait);
+fn reply(stream: &TcpStream, tag: Tag, status: Status) {
+    send(stream, tag, &Reply::status(status));
 }
 
-fn reply_wait(stream: &TcpStream, status: Status, wait: Duration) {
+fn send(stream: &TcpStream, tag: Tag, r: &Reply) {
+    let _ = tunnel::write_reply_to(&mut &*stream, tag.version, r);
+}
+
+/// Answers "rate limited" with the wait, and logs which limit and when to retry.
+fn rate_limited(stream: &TcpStream, tag: Tag, why: &str, wait: Duration) {
+    log::info!("{tag} {why}; retry in {}s", retry_after_secs(wait));
+    reply_wait(stream, tag, Status::RateLimited, wait);
+}
+
+fn reply_wait(stream: &TcpStream, tag: Tag, status: Status, wait: Duration) {
     let r = Reply {
         retry_after: retry_after_secs(wait),
         ..Reply::status(status)
     };
-    let _ = tunnel::write_reply(&mut &*stream, &r);
+    send(stream, tag, &r);
 }
 
 impl Remote {
@@ -219,20 +259,21 @@ impl Remote {
         let Some(req) = self.read_request(&stream, id, &peer) else {
             return Handled::SlotFree;
         };
+        let tag = Tag::of(id, &req);
         let ip = peer_addr.map(|a| a.ip());
         if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
             if let Err(wait) = t.check(&ip) {
                 let why = format!("peer={peer} rate limited (per IP)");
-                rate_limited(&stream, id, &why, wait);
+                rate_limited(&stream, tag, &why, wait);
                 return Handled::SlotFree;
             }
         }
         match req.command {
             Command::Signup => {
-                self.signup(&stream, id, &peer, &req);
+                self.signup(&stream, tag, &peer, &req);
                 Handled::SlotFree
             }
-            Command::Connect => self.connect(stream, id, peer, ip, req, workers),
+            Command::Connect => self.connect(stream, tag, peer, ip, req, workers),
         }
     }
 
@@ -257,7 +298,7 @@ impl Remote {
                 match e.reply_status() {
                     Some(status) => {
                         log::info!("conn={id} peer={peer} rejected: {e}");
-                        reply(stream, status);
+                        reply_unread(stream, status);
                     }
                     None => log::debug!("conn={id} peer={peer} handshake ended: {e}"),
                 }
@@ -266,10 +307,10 @@ impl Remote {
         }
     }
 
-    fn signup(&self, stream: &TcpStream, id: ConnId, peer: &str, req: &Request) {
+    fn signup(&self, stream: &TcpStream, tag: Tag, peer: &str, req: &Request) {
         if !self.cfg.allow_signup {
-            log::info!("conn={id} peer={peer} signup refused: disabled");
-            return reply(stream, Status::SignupDisabled);
+            log::info!("{tag} peer={peer} signup refused: disabled");
+            return reply(stream, tag, Status::SignupDisabled);
         }
         // Hash before taking the store lock: argon2 takes tens of milliseconds, and every
         // tunnel's authentication needs that lock.
@@ -283,42 +324,39 @@ impl Remote {
         let status = match res {
             Ok(()) => {
                 log::info!(
-                    "conn={id} peer={peer} signup user={} bandwidth={}",
+                    "{tag} peer={peer} signup user={} bandwidth={}",
                     req.user,
                     self.cfg.signup_bandwidth
                 );
                 Status::Ok
             }
             Err(users::Error::Exists(_)) => {
-                log::info!(
-                    "conn={id} peer={peer} signup refused: user={} exists",
-                    req.user
-                );
+                log::info!("{tag} peer={peer} signup refused: user={} exists", req.user);
                 Status::UserExists
             }
             Err(e @ (users::Error::BadName(_) | users::Error::BadPassword(_))) => {
-                log::info!("conn={id} peer={peer} signup refused: {e}");
+                log::info!("{tag} peer={peer} signup refused: {e}");
                 Status::NotAllowed
             }
             Err(e) => {
-                log::error!("conn={id} signup failed: {e}");
+                log::error!("{tag} signup failed: {e}");
                 Status::GeneralFailure
             }
         };
-        reply(stream, status);
+        reply(stream, tag, status);
     }
 
     fn connect(
         &self,
         stream: TcpStream,
-        id: ConnId,
+        tag: Tag,
         peer: String,
         ip: Option<IpAddr>,
         req: Request,
         workers: &Workers,
     ) -> Handled {
         let Some(target) = req.target else {
-            reply(&stream, Status::Malformed);
+            reply(&stream, tag, Status::Malformed);
             return Handled::SlotFree;
         };
         // Too many failed logins from this address: refuse before spending a hash on it.
@@ -328,7 +366,7 @@ impl Remote {
                     "peer={peer} user={} login throttled after failures",
                     req.user
                 );
-                rate_limited(&stream, id, &why, wait);
+                rate_limited(&stream, tag, &why, wait);
                 return Handled::SlotFree;
             }
         }
@@ -338,27 +376,27 @@ impl Remote {
                 if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
                     t.record(ip);
                 }
-                log::info!("conn={id} peer={peer} user={} auth failed", req.user);
-                reply(&stream, Status::BadCredentials);
+                log::info!("{tag} peer={peer} user={} auth failed", req.user);
+                reply(&stream, tag, Status::BadCredentials);
                 return Handled::SlotFree;
             }
             Err(AuthError::Store(e)) => {
-                log::error!("conn={id} user database failed: {e}");
-                reply(&stream, Status::GeneralFailure);
+                log::error!("{tag} user database failed: {e}");
+                reply(&stream, tag, Status::GeneralFailure);
                 return Handled::SlotFree;
             }
         };
         if let Some(rate) = user.rate {
             if let Err(wait) = self.registry.check_rate(&user.name, rate) {
                 let why = format!("user={} rate limited ({rate})", user.name);
-                rate_limited(&stream, id, &why, wait);
+                rate_limited(&stream, tag, &why, wait);
                 return Handled::SlotFree;
             }
         }
         let cap = user.max_connections.map(|c| c as usize);
         let pending = AuthorizedTunnel {
             stream,
-            id,
+            tag,
             peer,
             user,
             target,
@@ -367,11 +405,11 @@ impl Remote {
         match self.gate.enter(&name, cap, pending) {
             Enter::Go(p) => self.run(p, workers),
             Enter::Parked => {
-                log::debug!("conn={id} user={name} at its connection cap; waiting");
+                log::debug!("{tag} user={name} at its connection cap; waiting");
                 Handled::SlotFree
             }
             Enter::Full(p) => {
-                log::info!("conn={id} user={name} server busy: too many tunnels waiting");
+                log::info!("{tag} user={name} server busy: too many tunnels waiting");
                 self.busy_pending(p);
                 Handled::SlotFree
             }
@@ -392,7 +430,7 @@ impl Remote {
         let next = self.leave_gate(&name);
         match (next, self.me.upgrade()) {
             (Some(p), Some(me)) => {
-                log::debug!("conn={} user={name} resumed", p.id);
+                log::debug!("{} user={name} resumed", p.tag);
                 Handled::ResumeOnSlot(Box::new(move |w: &Workers| me.run(p, w)))
             }
             _ => Handled::SlotFree,
@@ -402,7 +440,7 @@ impl Remote {
     fn tunnel(&self, p: AuthorizedTunnel, workers: &Workers) {
         let AuthorizedTunnel {
             stream,
-            id,
+            tag,
             peer,
             user,
             target,
@@ -413,10 +451,10 @@ impl Remote {
             Err(e) => {
                 let status = Status::for_connect_error(&e);
                 log::info!(
-                    "conn={id} user={} target={target} failed: {status} ({e})",
+                    "{tag} user={} target={target} failed: {status} ({e})",
                     user.name
                 );
-                return reply(&stream, status);
+                return reply(&stream, tag, status);
             }
         };
         let _ = upstream.set_nodelay(true);
@@ -424,14 +462,11 @@ impl Remote {
         if let Ok(a) = upstream.local_addr() {
             ok.bound = a;
         }
-        if let Err(e) = tunnel::write_reply(&mut &stream, &ok) {
-            log::debug!("conn={id} client left before the reply: {e}");
+        if let Err(e) = tunnel::write_reply_to(&mut &stream, tag.version, &ok) {
+            log::debug!("{tag} client left before the reply: {e}");
             return;
         }
-        log::info!(
-            "conn={id} open user={} target={target} peer={peer}",
-            user.name
-        );
+        log::info!("{tag} open user={} target={target} peer={peer}", user.name);
         let started = Instant::now();
         let opts = relay::Options {
             bucket: Some(bucket),
@@ -439,7 +474,7 @@ impl Remote {
         };
         let stats = relay::relay(stream, upstream, &opts, workers);
         log::info!(
-            "conn={id} close user={} target={target} up={} down={} dur={:.3}s{}",
+            "{tag} close user={} target={target} up={} down={} dur={:.3}s{}",
             user.name,
             stats.up,
             stats.down,
@@ -462,17 +497,22 @@ impl Remote {
 
     fn busy_pending(&self, p: AuthorizedTunnel) {
         let _ = p.stream.set_write_timeout(Some(Duration::from_secs(2)));
-        reply_wait(&p.stream, Status::ServerBusy, self.cfg.admission.timeout);
+        reply_wait(
+            &p.stream,
+            p.tag,
+            Status::ServerBusy,
+            self.cfg.admission.timeout,
+        );
     }
 
     fn turn_away(&self, removed: Removed<AuthorizedTunnel>) {
         for p in removed.gone {
-            log::debug!("conn={} user={} left while waiting", p.id, p.user.name);
+            log::debug!("{} user={} left while waiting", p.tag, p.user.name);
         }
         for p in removed.expired {
             log::info!(
-                "conn={} user={} server busy: waited too long for the user's cap",
-                p.id,
+                "{} user={} server busy: waited too long for the user's cap",
+                p.tag,
                 p.user.name
             );
             self.busy_pending(p);

@@ -128,6 +128,7 @@ fn a_client_that_leaves_the_queue_is_never_served() {
     {
         let mut s = connect(p.remote_addr());
         let req = flowgate::proto::tunnel::Request {
+            tunnel_id: Some(flowgate::proto::tunnel::TunnelId(7)),
             command: flowgate::proto::tunnel::Command::Connect,
             user: "alice".into(),
             password: "pw".into(),

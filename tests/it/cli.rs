@@ -3,6 +3,7 @@
 use crate::support::*;
 use std::io::Write;
 use std::process::Stdio;
+use std::time::Duration;
 
 #[test]
 fn user_management_round_trip() {
@@ -212,7 +213,7 @@ fn first_stderr_line(mut cmd: std::process::Command) -> (ChildGuard, String) {
         let _ = std::io::BufReader::new(stderr).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let guard = ChildGuard(child);
+    let guard = ChildGuard(child, Default::default());
     let line = rx
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("no first line");
@@ -255,4 +256,41 @@ fn the_first_log_line_names_the_bound_address() {
         "{line}"
     );
     assert!(!line.contains(":0 "), "{line}");
+}
+
+#[test]
+fn one_grep_finds_both_ends_of_a_tunnel() {
+    let p = binary_pair(&[]);
+    let mut s = socks_connect(p.local_addr, Dest::Ip(origin()), None).unwrap();
+    let app = s.local_addr().unwrap();
+    download_and_verify(&mut s, "o", 1000);
+    drop(s);
+    // local-proxy's open line names the app and the tunnel id.
+    let mut open = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        open = p.local.log_lines(&format!("app={app} "));
+        !open.is_empty()
+    }));
+    let tunnel = open[0]
+        .split("tunnel=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no tunnel id in {open:?}"))
+        .to_string();
+    let key = format!("tunnel={tunnel} ");
+    // remote-proxy logs the same id on its open and close lines.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let lines = p.remote.log_lines(&key);
+            lines.iter().any(|l| l.contains(" open "))
+                && lines.iter().any(|l| l.contains(" close "))
+        }),
+        "remote-proxy lines for {key}: {:?}",
+        p.remote.log_lines("tunnel=")
+    );
+    assert!(p
+        .local
+        .log_lines(&key)
+        .iter()
+        .any(|l| l.contains(" close ")));
 }

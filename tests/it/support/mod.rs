@@ -314,8 +314,21 @@ pub fn upload_and_verify(s: &mut TcpStream, host: &str, n: u64) {
     );
 }
 
-/// A child process killed on drop.
-pub struct ChildGuard(pub Child);
+/// A child process killed on drop, with the stderr lines it wrote so far (when read by
+/// [`spawn_listening`]).
+pub struct ChildGuard(pub Child, pub std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ChildGuard {
+    /// The log lines so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let lines = self.1.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -332,10 +345,13 @@ pub fn spawn_listening(mut cmd: Command) -> (ChildGuard, SocketAddr) {
     let mut child = cmd.spawn().expect("spawn binary");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = log.clone();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            keep.lock().unwrap().push(line.clone());
             if !sent {
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
@@ -345,7 +361,7 @@ pub fn spawn_listening(mut cmd: Command) -> (ChildGuard, SocketAddr) {
             }
         }
     });
-    let guard = ChildGuard(child);
+    let guard = ChildGuard(child, log);
     let addr = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("binary did not report its address");
@@ -430,6 +446,7 @@ pub fn tunnel_reply(
     use flowgate::proto::tunnel;
     let mut s = connect(remote);
     let req = tunnel::Request {
+        tunnel_id: Some(tunnel::TunnelId(1)),
         command: tunnel::Command::Connect,
         user: user.into(),
         password: pw.into(),
