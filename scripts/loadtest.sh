@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Load test: USERS users x CONNS parallel curl --socks5-hostname downloads each, for
-# SECONDS seconds, from a local origin through one local-proxy/remote-proxy pair; prints each
-# user's achieved rate beside its configured rate.
-#   USERS=4 CONNS=4 RATE=1M SECONDS_=10 scripts/loadtest.sh
+# DURATION seconds, from a local origin through one local-proxy/remote-proxy pair; prints each
+# user's achieved rate beside its configured rate (RATE=unlimited prints the rate reached).
+#   USERS=4 CONNS=4 RATE=1M DURATION=10 scripts/loadtest.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 USERS=${USERS:-4}
 CONNS=${CONNS:-4}
 RATE=${RATE:-1M}
-DURATION=${SECONDS_:-10}
+DURATION=${DURATION:-10}
 command -v curl >/dev/null || { echo "loadtest needs curl (apt-get install curl)"; exit 1; }
 
 build_release
@@ -39,7 +39,12 @@ import sys, re, os
 work, users, conns, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 m = re.fullmatch(r'(?i)\s*([\d.]+)\s*(k|m|g|kib|mib|gib|kb|mb|gb|b)?\s*(/s)?\s*', rate)
 mult = {None:1,'b':1,'k':1e3,'kb':1e3,'m':1e6,'mb':1e6,'g':1e9,'gb':1e9,'kib':1024,'mib':1024**2,'gib':1024**3}
-want = float(m.group(1)) * mult[(m.group(2) or '').lower() or None] if m else float('nan')
+if rate.strip().lower() == 'unlimited':
+    want = None
+elif m:
+    want = float(m.group(1)) * mult[(m.group(2) or '').lower() or None]
+else:
+    sys.exit(f"loadtest: cannot read RATE={rate!r} (use e.g. 500K, 2MiB, unlimited)")
 print(f"{'user':<8} {'configured B/s':>15} {'achieved B/s':>14} {'error':>8}")
 for u in range(1, users + 1):
     total, secs = 0, 0.0
@@ -48,5 +53,8 @@ for u in range(1, users + 1):
         size, t = open(f).read().split()
         total += int(float(size)); secs = max(secs, float(t))
     got = total / secs if secs else 0
-    print(f"user{u:<4} {want:>15.0f} {got:>14.0f} {100*(got-want)/want:>+7.1f}%")
+    if want is None:
+        print(f"user{u:<4} {'unlimited':>15} {got:>14.0f} {'-':>8}")
+    else:
+        print(f"user{u:<4} {want:>15.0f} {got:>14.0f} {100*(got-want)/want:>+7.1f}%")
 PY

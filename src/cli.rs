@@ -474,6 +474,52 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// What `user set` changed, for its one line of output: `bandwidth 300K/s, password`.
+pub fn describe_changes(c: &Changes) -> String {
+    let mut parts = Vec::new();
+    if let Some(bw) = c.bandwidth {
+        parts.push(format!("bandwidth {bw}"));
+    }
+    if c.password.is_some() {
+        parts.push("password".to_string());
+    }
+    if let Some(cap) = c.max_connections {
+        parts.push(format!(
+            "max-connections {}",
+            cap.map_or("none".into(), |n| n.to_string())
+        ));
+    }
+    if let Some(rate) = c.rate {
+        parts.push(format!(
+            "rate {}",
+            rate.map_or("none".into(), |r| r.to_string())
+        ));
+    }
+    parts.join(", ")
+}
+
+/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` in UTC (the civil-from-days
+/// algorithm from Howard Hinnant's date library; no time-zone database needed).
+pub fn utc_timestamp(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,6 +570,28 @@ mod tests {
             "u"
         ])
         .is_ok());
+    }
+
+    #[test]
+    fn timestamps_print_as_utc_dates() {
+        assert_eq!(utc_timestamp(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_timestamp(1_796_154_067), "2026-12-01 19:41:07");
+        assert_eq!(utc_timestamp(-1), "1969-12-31 23:59:59");
+    }
+
+    #[test]
+    fn user_set_says_what_changed() {
+        let c = Changes {
+            bandwidth: Some("300K".parse().unwrap()),
+            password: Some("x".into()),
+            max_connections: Some(None),
+            rate: Some(Some("5/m".parse().unwrap())),
+        };
+        assert_eq!(
+            describe_changes(&c),
+            "bandwidth 300K/s, password, max-connections none, rate 5/m"
+        );
     }
 
     #[test]

@@ -70,7 +70,10 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
                 );
             }
             Store::open(db)?.set(&name, &changes)?;
-            println!("updated user {name}");
+            println!(
+                "updated user {name}: {}",
+                flowgate::cli::describe_changes(&changes)
+            );
         }
         UserCommand::Del { name } => {
             Store::open(db)?.delete(&name)?;
@@ -78,13 +81,18 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
         }
         UserCommand::List => {
             let users = Store::open(db)?.list()?;
-            println!("{:<24} {:>14}  created", "NAME", "BANDWIDTH");
+            println!(
+                "{:<24} {:>14} {:>9} {:>9}  CREATED (UTC)",
+                "NAME", "BANDWIDTH", "MAX-CONN", "RATE"
+            );
             for u in users {
                 println!(
-                    "{:<24} {:>14}  {}",
+                    "{:<24} {:>14} {:>9} {:>9}  {}",
                     u.name,
                     u.bandwidth.to_string(),
-                    u.created_at
+                    u.max_connections.map_or("-".into(), |c| c.to_string()),
+                    u.rate.map_or("-".into(), |r| r.to_string()),
+                    flowgate::cli::utc_timestamp(u.created_at)
                 );
             }
         }

@@ -175,6 +175,16 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         cfg.failed_login_rate
             .map_or("off".into(), |r| r.to_string()),
     );
+    match remote.auth.with_store(|s| s.list()) {
+        Ok(users) if users.is_empty() => log::warn!(
+            "database {} has no users: every tunnel will be refused (add one with \
+             `remote-proxy --db {} user add NAME --bandwidth RATE`)",
+            cfg.db.display(),
+            cfg.db.display()
+        ),
+        Ok(users) => log::info!("database {} has {} users", cfg.db.display(), users.len()),
+        Err(e) => log::warn!("cannot list users in {}: {e}", cfg.db.display()),
+    }
     // Dropping the sender (at shutdown) ends the watcher.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let watcher = Arc::clone(&remote);

@@ -25,9 +25,25 @@ fn user_management_round_trip() {
     assert!(child.wait().unwrap().success());
     let (ok, out, _) = remote_user(&db, &["user", "list"]);
     assert!(ok);
+    assert!(out.starts_with("NAME "), "{out}");
+    assert!(
+        out.lines().next().unwrap().ends_with("CREATED (UTC)"),
+        "{out}"
+    );
+    // Created today, as a date, not an epoch number.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let year = format!(" {}-", &flowgate::cli::utc_timestamp(now)[..4]);
+    assert!(out.lines().nth(1).unwrap().contains(&year), "{out}");
     assert!(out.contains("alice") && out.contains("2MiB/s"), "{out}");
     assert!(out.contains("bob") && out.contains("500K/s"), "{out}");
-    assert!(remote_user(&db, &["user", "set", "bob", "--bandwidth", "unlimited"]).0);
+    let set = remote_user_ok(&db, &words("user set bob --bandwidth unlimited --rate 5/m"));
+    assert_eq!(
+        set.trim(),
+        "updated user bob: bandwidth unlimited, rate 5/m"
+    );
     assert!(remote_user(&db, &["user", "list"]).1.contains("unlimited"));
     assert!(remote_user(&db, &["user", "del", "bob"]).0);
     assert!(!remote_user(&db, &["user", "list"]).1.contains("bob"));
@@ -41,17 +57,27 @@ fn bad_user_commands_fail_with_one_line_and_leave_the_db_alone() {
     let db = temp_dir().join("u.db");
     remote_user_ok(&db, &words("user add alice --bandwidth 1M --password pw"));
     let before = remote_user_ok(&db, &["user", "list"]);
-    for cmd in [
-        "user add bob --bandwidth fast --password x",
-        "user add alice --bandwidth 1M --password x",
-        "user set nobody --bandwidth 1M",
-        "user del nobody",
-        "user add bad!name --bandwidth 1M --password x",
-        "user set alice --bandwidth 0",
-        "user set alice",
+    // Exit 2: the command line itself is wrong (clap rejects a value). Exit 1: the command
+    // is well formed but cannot be done.
+    for (cmd, code) in [
+        ("user add bob --bandwidth fast --password x", 2),
+        ("user add alice --bandwidth 1M --password x", 1),
+        ("user set nobody --bandwidth 1M", 1),
+        ("user del nobody", 1),
+        ("user add bad!name --bandwidth 1M --password x", 1),
+        ("user set alice --bandwidth 0", 2),
+        ("user set alice --rate 3/month", 2),
+        ("user set alice", 1),
     ] {
-        let (ok, _, err) = remote_user(&db, &words(cmd));
-        assert!(!ok, "{cmd} should fail");
+        let out = remote_bin()
+            .arg("--db")
+            .arg(&db)
+            .args(words(cmd))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(err.trim().lines().count(), 1, "{cmd}: {err}");
         assert!(!err.contains("panicked"), "{cmd}: {err}");
         assert_eq!(
