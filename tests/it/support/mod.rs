@@ -469,14 +469,24 @@ pub fn tunnel_status(
 /// A raw TCP target that holds each connection open until the client closes its side, and
 /// counts the connections it accepted.
 pub fn hold_target(accepted: std::sync::Arc<AtomicUsize>) -> SocketAddr {
+    hold_target_counting(accepted, Default::default())
+}
+
+/// As [`hold_target`], also counting the connections whose client closed (`closed`).
+pub fn hold_target_counting(
+    accepted: std::sync::Arc<AtomicUsize>,
+    closed: std::sync::Arc<AtomicUsize>,
+) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let a = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for mut c in l.incoming().flatten() {
             accepted.fetch_add(1, Ordering::SeqCst);
+            let closed = closed.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                closed.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
