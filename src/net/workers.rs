@@ -133,7 +133,22 @@ impl Workers {
         let mut pool = self.inner.pool.lock();
         let size = self.inner.alive.load(Ordering::Acquire).max(1);
         if size > pool.max_count() {
-            pool.set_num_threads(size);
+            // threadpool panics when the OS refuses a thread (RLIMIT_NPROC, threads-max);
+            // that must not take the caller (the accept loop) down with it.
+            let grown = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.set_num_threads(size)
+            }));
+            if grown.is_err() {
+                drop(pool);
+                self.inner.alive.fetch_sub(1, Ordering::AcqRel);
+                log::warn!(
+                    "cannot start a worker thread ({} running); the job waits for one to \
+                     finish (raise the process limit or lower --max-workers)",
+                    self.alive()
+                );
+                self.inner.state.lock().backlog.push_back(job);
+                return;
+            }
         }
         pool.execute(move || worker_loop(inner, job));
     }
