@@ -130,16 +130,8 @@ impl io::Write for HandshakeReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::tests::pair;
     use std::io::{Read, Write};
-    use std::net::TcpListener;
-
-    /// A connected client socket and the server side of it.
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        (c, s)
-    }
 
     #[test]
     fn a_deadline_caps_a_trickling_handshake() {

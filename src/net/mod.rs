@@ -12,3 +12,16 @@ pub mod relay;
 pub mod server;
 pub mod sys;
 pub mod workers;
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    /// A connected client socket and the server side of it, on loopback.
+    pub fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+}

@@ -38,17 +38,9 @@ pub fn raise_fd_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::tests::pair;
     use std::io::Write;
-    use std::net::TcpListener;
     use std::time::Duration;
-
-    /// A connected client socket and the server side of it.
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        (c, s)
-    }
 
     #[test]
     fn peer_alive_sees_a_fin_even_behind_unread_bytes() {
