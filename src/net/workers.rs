@@ -176,10 +176,11 @@ impl Workers {
     /// Ends threads the pool lost track of. A worker that retires while another is being
     /// added can, rarely, leave a thread waiting inside threadpool with no job; a no-op job
     /// (sent only when none is already queued) lets it run, see the pool over size, and end.
-    /// Called a few times a second by the server's sweeper.
+    /// Called a few times a second by the server's sweeper. With no worker alive the one
+    /// thread threadpool keeps would run every no-op, so none is sent then.
     pub fn tidy(&self) {
         let pool = self.inner.pool.lock();
-        if pool.queued_count() == 0 {
+        if pool.queued_count() == 0 && self.alive() > 0 {
             pool.execute(|| {});
         }
     }
