@@ -137,6 +137,24 @@ pub struct UserLimitArgs {
     pub rate: Option<MaybeRate>,
 }
 
+/// A remote-proxy address as given to `--remote`: `HOST:PORT`, `IPv4:PORT` or `[IPv6]:PORT`,
+/// checked at start so a typo is a CLI error instead of a failure at the first tunnel. Kept
+/// as text: a host name is resolved when connecting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteAddr(pub String);
+
+impl std::str::FromStr for RemoteAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        crate::proto::addr::TargetAddr::parse_authority(s, None)
+            .map(|_| RemoteAddr(s.to_string()))
+            .map_err(|e| {
+                format!("bad remote-proxy address {s:?} ({e}): give HOST:PORT with a port 1-65535")
+            })
+    }
+}
+
 /// A connection cap: a positive number, or `none` (also `off`, `0`) for no cap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cap(pub Option<u32>);
@@ -285,7 +303,7 @@ pub enum LocalCommand {
     Signup {
         /// remote-proxy address, HOST:PORT.
         #[arg(long, value_name = "HOST:PORT")]
-        remote: String,
+        remote: RemoteAddr,
         /// The new account's name.
         #[arg(long)]
         user: String,
@@ -303,7 +321,7 @@ pub struct LocalArgs {
     pub listen: SocketAddr,
     /// remote-proxy address, HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
-    pub remote: Option<String>,
+    pub remote: Option<RemoteAddr>,
     /// Account used when an app sends no credentials. Password from --password-stdin,
     /// FLOWGATE_PASSWORD, or a prompt. Without it, apps must send credentials.
     #[arg(long)]
@@ -352,7 +370,8 @@ impl LocalArgs {
     pub fn into_config(self) -> Result<LocalConfig, String> {
         let remote = self
             .remote
-            .ok_or("--remote HOST:PORT is required (where remote-proxy listens)")?;
+            .ok_or("--remote HOST:PORT is required (where remote-proxy listens)")?
+            .0;
         let credentials = match self.user {
             Some(user) => Some(Credentials::new(
                 user,
@@ -592,6 +611,28 @@ mod tests {
             describe_changes(&c),
             "bandwidth 300K/s, password, max-connections none, rate 5/m"
         );
+    }
+
+    #[test]
+    fn remote_addresses_are_checked_at_start() {
+        for ok in [
+            "127.0.0.1:7080",
+            "[::1]:7080",
+            "proxy.example:7080",
+            "localhost:1",
+        ] {
+            assert!(ok.parse::<RemoteAddr>().is_ok(), "{ok}");
+        }
+        for bad in [
+            "localhost",
+            "127.0.0.1:99999",
+            "127.0.0.1:0",
+            ":7080",
+            "[::1]",
+            "a b:1",
+        ] {
+            assert!(bad.parse::<RemoteAddr>().is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
             user,
             password_stdin,
         }) => {
+            let remote = remote.0;
             flowgate::users::validate_name(&user)?;
             let creds = LocalCommand::signup_credentials(&user, password_stdin)?;
             let timeouts = flowgate::config::Timeouts::default();

@@ -320,3 +320,19 @@ fn one_grep_finds_both_ends_of_a_tunnel() {
         .iter()
         .any(|l| l.contains(" close ")));
 }
+
+#[test]
+fn a_malformed_remote_is_refused_at_start() {
+    for bad in ["localhost", "127.0.0.1:99999", "127.0.0.1:0"] {
+        let out = local_bin()
+            .args(["--listen", "127.0.0.1:0", "--remote", bad, "--user", "u"])
+            .env("FLOWGATE_PASSWORD", "pw")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("HOST:PORT"), "{bad}: {err}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("listening on"));
+    }
+}
