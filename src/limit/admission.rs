@@ -197,6 +197,22 @@ impl<T> Admission<T> {
         out
     }
 
+    /// Takes out every waiter `pred` says is done with (answered without a slot).
+    pub fn take_where(&self, pred: &mut dyn FnMut(&T) -> bool) -> Vec<T> {
+        let mut st = self.inner.lock();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(st.queue.len());
+        for (item, since) in st.queue.drain(..) {
+            if pred(&item) {
+                taken.push(item);
+            } else {
+                kept.push_back((item, since));
+            }
+        }
+        st.queue = kept;
+        taken
+    }
+
     /// When the oldest waiter expires, if anyone waits.
     pub fn next_deadline(&self) -> Option<Instant> {
         let st = self.inner.lock();
@@ -422,6 +438,20 @@ mod tests {
         assert_eq!((swept.gone, swept.expired), (vec![5], vec![]));
         assert_eq!(a.queued(), 1);
         assert_eq!(a.finish(&mut alive, &mut r), Some(4));
+    }
+
+    #[test]
+    fn waiters_answered_without_a_slot_leave_the_queue_in_place() {
+        let a = Admission::new(limits(1, 10, 30));
+        assert_eq!(a.arrive(1), Arrival::Admitted(1));
+        for i in 2..=5 {
+            assert_eq!(a.arrive(i), Arrival::Queued);
+        }
+        assert_eq!(a.take_where(&mut |&i| i % 2 == 1), vec![3, 5]);
+        let mut r = Removed::default();
+        assert_eq!(a.finish(&mut alive, &mut r), Some(2));
+        assert_eq!(a.finish(&mut alive, &mut r), Some(4));
+        assert_eq!(a.queued(), 0);
     }
 
     #[test]

@@ -85,6 +85,16 @@ pub trait Service: Send + Sync + 'static {
     fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16);
     /// Called by the sweeper a few times a second (remote/ expires parked tunnels here).
     fn sweep(&self, _workers: &Workers) {}
+    /// Asked by the sweeper about each connection waiting for a slot: true when it is one
+    /// the service answers without a slot (remote-proxy's health probes, so a busy remote is
+    /// not taken for a dead one). Runs under the queue's lock: must only look, not read or
+    /// write ([`crate::net::sys::peek_now`]).
+    fn answers_unadmitted(&self, _stream: &TcpStream) -> bool {
+        false
+    }
+    /// Answers a connection [`answers_unadmitted`](Self::answers_unadmitted) picked, on the
+    /// sweeper thread: it must be quick (its bytes have all arrived).
+    fn answer_unadmitted(&self, _stream: TcpStream, _id: ConnId) {}
 }
 
 /// An accepted connection on its way to a slot.
@@ -229,6 +239,13 @@ impl ServeCtx {
                 .admission
                 .sweep(&mut |a: &Arrived| peer_alive(&a.stream));
             self.turn_away(removed);
+            let answered = self
+                .admission
+                .take_where(&mut |a: &Arrived| self.service.answers_unadmitted(&a.stream));
+            for a in answered {
+                log::debug!("conn={} answered while queued", a.id);
+                self.service.answer_unadmitted(a.stream, a.id);
+            }
             self.service.sweep(&self.workers);
             self.workers.tidy();
         }

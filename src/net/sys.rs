@@ -22,6 +22,22 @@ pub fn peer_alive(stream: &TcpStream) -> bool {
     }
 }
 
+/// Copies what has arrived on `stream` into `buf` without taking it and without waiting
+/// (`recv` with `MSG_PEEK | MSG_DONTWAIT`): `WouldBlock` when nothing has.
+///
+/// # Errors
+/// As `recv`.
+pub fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    recv(
+        stream.as_raw_fd(),
+        buf,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// Raises this process's soft open-file limit to its hard limit and returns the new soft
 /// limit. Each busy tunnel holds two sockets and up to four pipe ends, so the common default
 /// of 1024 would cap a proxy near 170 busy tunnels; servers raise it themselves (nginx's

@@ -308,7 +308,7 @@ pub fn status_for(status: Status) -> u16 {
         | Status::Malformed
         | Status::UnsupportedVersion
         | Status::GeneralFailure => 502,
-        Status::ServerBusy => 503,
+        Status::ServerBusy | Status::Draining => 503,
         Status::TimedOut => 504,
     }
 }

@@ -85,6 +85,7 @@ impl Reply {
             Status::NetworkUnreachable => Reply::NetworkUnreachable,
             Status::TimedOut => Reply::TtlExpired,
             Status::ServerBusy
+            | Status::Draining
             | Status::Malformed
             | Status::UnsupportedVersion
             | Status::SignupDisabled

@@ -27,6 +27,8 @@ impl fmt::Display for TunnelId {
         write!(f, "{:016x}", self.0)
     }
 }
+/// Length of a health probe on the wire, in bytes (MAGIC, VER, CMD, TUNNEL_ID).
+pub const HEALTH_PROBE_LEN: usize = 12;
 /// Longest user name and password on the wire, in bytes.
 pub const MAX_CREDENTIAL: usize = 255;
 
@@ -37,6 +39,9 @@ pub enum Command {
     Connect = 1,
     /// Create the named account with the given password (only with `--allow-signup`).
     Signup = 2,
+    /// Is this remote-proxy serving? No credentials and no target follow; answered without
+    /// authentication and without an admission slot (docs/protocol.md §2.1). Version 2 only.
+    Health = 3,
 }
 
 impl TryFrom<u8> for Command {
@@ -45,6 +50,7 @@ impl TryFrom<u8> for Command {
         match b {
             1 => Ok(Command::Connect),
             2 => Ok(Command::Signup),
+            3 => Ok(Command::Health),
             other => Err(Error::BadCommand(other)),
         }
     }
@@ -66,6 +72,17 @@ pub struct Request {
 }
 
 impl Request {
+    /// A health probe (§2.1): no credentials, no target.
+    pub fn health(tunnel_id: Option<TunnelId>) -> Request {
+        Request {
+            command: Command::Health,
+            tunnel_id: tunnel_id.or(Some(TunnelId(0))),
+            user: String::new(),
+            password: String::new(),
+            target: None,
+        }
+    }
+
     /// The version this request is written in: 2 with a tunnel id, 1 without.
     pub fn version(&self) -> u8 {
         if self.tunnel_id.is_some() {
@@ -121,6 +138,9 @@ pub enum Status {
     UserExists = 0x0d,
     /// Anything else that went wrong on the remote side.
     GeneralFailure = 0x0e,
+    /// The answer to a health probe from a remote-proxy that is shutting down: it takes no
+    /// new tunnels.
+    Draining = 0x0f,
 }
 
 impl TryFrom<u8> for Status {
@@ -143,6 +163,7 @@ impl TryFrom<u8> for Status {
             0x0c => SignupDisabled,
             0x0d => UserExists,
             0x0e => GeneralFailure,
+            0x0f => Draining,
             other => return Err(Error::BadStatus(other)),
         })
     }
@@ -166,6 +187,7 @@ impl fmt::Display for Status {
             Status::SignupDisabled => "signup is disabled on this server",
             Status::UserExists => "user already exists",
             Status::GeneralFailure => "general failure",
+            Status::Draining => "draining (shutting down)",
         };
         f.write_str(s)
     }
@@ -297,6 +319,9 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>, Error> {
     if let Some(id) = req.tunnel_id {
         out.extend_from_slice(&id.0.to_be_bytes());
     }
+    if req.command == Command::Health {
+        return Ok(out); // no credentials, no target
+    }
     for s in [&req.user, &req.password] {
         let len = u8::try_from(s.len()).map_err(|_| Error::CredentialTooLong)?;
         out.push(len);
@@ -343,11 +368,17 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
     } else {
         None
     };
+    if command == Command::Health {
+        if tunnel_id.is_none() {
+            return Err(Error::BadCommand(Command::Health as u8)); // version 2 only
+        }
+        return Ok(Request::health(tunnel_id));
+    }
     let user = read_credential(r)?;
     let password = read_credential(r)?;
     let target = match command {
         Command::Connect => Some(TargetAddr::decode(r, false)?),
-        Command::Signup => None,
+        Command::Signup | Command::Health => None,
     };
     Ok(Request {
         command,
@@ -506,6 +537,25 @@ mod tests {
     }
 
     #[test]
+    fn a_health_probe_is_twelve_bytes_and_roundtrips() {
+        let probe = Request::health(Some(TunnelId(9)));
+        let bytes = encode_request(&probe).unwrap();
+        assert_eq!(bytes, b"FG\x02\x03\x00\x00\x00\x00\x00\x00\x00\x09");
+        assert_eq!(read_request(&mut &bytes[..]).unwrap(), probe);
+        for cut in 0..bytes.len() {
+            assert!(matches!(
+                read_request(&mut &bytes[..cut]),
+                Err(Error::Io(_))
+            ));
+        }
+        // Version 1 has no health command.
+        assert!(matches!(
+            read_request(&mut &b"FG\x01\x03"[..]),
+            Err(Error::BadCommand(3))
+        ));
+    }
+
+    #[test]
     fn every_strict_prefix_of_a_request_is_an_io_error() {
         let bytes = encode_request(&connect("example.com:80")).unwrap();
         for cut in 0..bytes.len() {
@@ -580,12 +630,12 @@ mod tests {
 
     #[test]
     fn every_status_byte_roundtrips() {
-        for b in 0u8..=0x0e {
+        for b in 0u8..=0x0f {
             let s = Status::try_from(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.to_string().is_empty());
         }
-        assert!(Status::try_from(0x0f).is_err());
+        assert!(Status::try_from(0x10).is_err());
     }
 
     #[test]

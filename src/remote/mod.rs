@@ -18,7 +18,7 @@ use crate::net::connect::connect_target;
 use crate::net::handshake::HandshakeReader;
 use crate::net::relay;
 use crate::net::server::{ConnId, Handled, Server, Service, StartError};
-use crate::net::sys::peer_alive;
+use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
 use crate::proto::tunnel::{self, Command, Reply, Request, Status, TunnelId};
@@ -115,13 +115,36 @@ impl Service for RemoteService {
         };
         if let Ok(req) = tunnel::read_request(&mut deadline) {
             drop(deadline);
+            let tag = Tag::of(id, &req);
+            if req.command == Command::Health {
+                // A busy remote is not a dead one: probes get their answer, not "busy".
+                return self.0.answer_health(&stream, tag);
+            }
             let reply = Reply {
                 retry_after,
                 ..Reply::status(Status::ServerBusy)
             };
-            let tag = Tag::of(id, &req);
             send(&stream, tag, &reply);
             log::debug!("{tag} answered server busy");
+        }
+    }
+
+    fn answers_unadmitted(&self, stream: &TcpStream) -> bool {
+        let mut head = [0u8; tunnel::HEALTH_PROBE_LEN];
+        if !matches!(peek_now(stream, &mut head), Ok(n) if n == head.len()) {
+            return false;
+        }
+        matches!(tunnel::read_request(&mut &head[..]), Ok(req) if req.command == Command::Health)
+    }
+
+    fn answer_unadmitted(&self, stream: TcpStream, id: ConnId) {
+        let mut head = [0u8; tunnel::HEALTH_PROBE_LEN];
+        // The probe is all there (the sweeper peeked it): take it, so the close is a FIN.
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+        if std::io::Read::read_exact(&mut &stream, &mut head).is_ok() {
+            if let Ok(req) = tunnel::read_request(&mut &head[..]) {
+                self.0.answer_health(&stream, Tag::of(id, &req));
+            }
         }
     }
 
@@ -270,6 +293,11 @@ impl Remote {
             return Handled::SlotFree;
         };
         let tag = Tag::of(id, &req);
+        if req.command == Command::Health {
+            // Before every throttle: a probe counts against no address's or user's limits.
+            self.answer_health(&stream, tag);
+            return Handled::SlotFree;
+        }
         let ip = peer_addr.map(|a| a.ip());
         if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
             if let Err(wait) = t.check(&ip) {
@@ -284,7 +312,14 @@ impl Remote {
                 Handled::SlotFree
             }
             Command::Connect => self.connect(stream, tag, peer, ip, req, workers),
+            Command::Health => Handled::SlotFree, // answered above
         }
+    }
+
+    /// Answers a health probe: `ok`, or `draining` while shutting down.
+    fn answer_health(&self, stream: &TcpStream, tag: Tag) {
+        log::debug!("{tag} health probe");
+        reply(stream, tag, Status::Ok);
     }
 
     /// Reads the tunnel request under the handshake deadline; a bad one is answered and

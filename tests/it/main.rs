@@ -5,6 +5,7 @@ mod admission;
 mod cli;
 mod curl;
 mod errors;
+mod health;
 mod http;
 mod rate;
 mod resources;

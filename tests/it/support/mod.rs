@@ -614,3 +614,20 @@ pub fn assert_closed_quietly(s: &mut TcpStream, within: Duration) {
     assert!(rest.is_empty(), "bytes before the close: {rest:?}");
     assert!(t.elapsed() < within, "closed after {:?}", t.elapsed());
 }
+
+/// Sends a health probe straight to remote-proxy; the reply status, or the read error.
+pub fn health_probe(remote: SocketAddr) -> std::io::Result<flowgate::proto::tunnel::Status> {
+    use flowgate::proto::tunnel;
+    let mut s = connect(remote);
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    tunnel::write_request(&mut s, &tunnel::Request::health(None)).map_err(|e| match e {
+        tunnel::Error::Io(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    })?;
+    tunnel::read_reply(&mut s)
+        .map(|r| r.status)
+        .map_err(|e| match e {
+            tunnel::Error::Io(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })
+}

@@ -1,0 +1,70 @@
+//! remote-proxy's health probes: answered without credentials, slots or throttles.
+
+use crate::support::*;
+use flowgate::proto::tunnel::Status;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[test]
+fn a_remote_whose_slots_are_all_busy_still_answers_probes() {
+    // One slot, held by a tunnel; the probe waits in the queue and the sweeper answers it.
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| {
+            r.admission.max_active = 1;
+            r.admission.max_queued = 8;
+        },
+        |_| {},
+    );
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let _busy = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    let t = Instant::now();
+    assert_eq!(health_probe(p.remote_addr()).unwrap(), Status::Ok);
+    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    // A real tunnel in the same position is still held for the slot, not answered.
+    let mut queued = connect(p.remote_addr());
+    queued.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    flowgate::proto::tunnel::write_request(
+        &mut queued,
+        &flowgate::proto::tunnel::Request {
+            command: flowgate::proto::tunnel::Command::Connect,
+            tunnel_id: None,
+            user: "alice".into(),
+            password: "pw".into(),
+            target: Some(flowgate::proto::addr::TargetAddr::Ip(hold)),
+        },
+    )
+    .unwrap();
+    assert!(flowgate::proto::tunnel::read_reply(&mut queued).is_err());
+}
+
+#[test]
+fn a_remote_with_a_full_queue_still_answers_probes() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| {
+            r.admission.max_active = 1;
+            r.admission.max_queued = 0;
+        },
+        |_| {},
+    );
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let _busy = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    assert_eq!(health_probe(p.remote_addr()).unwrap(), Status::Ok);
+}
+
+#[test]
+fn probes_count_against_no_throttle() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| r.rate_per_ip = Some("1/m".parse().unwrap()),
+        |_| {},
+    );
+    for _ in 0..5 {
+        assert_eq!(health_probe(p.remote_addr()).unwrap(), Status::Ok);
+    }
+    // The address's one tunnel a minute is still there.
+    let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
+    download_and_verify(&mut s, "o", 1000);
+}
