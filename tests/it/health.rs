@@ -21,10 +21,16 @@ fn a_remote_whose_slots_are_all_busy_still_answers_probes() {
     let _busy = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
     let t = Instant::now();
     assert_eq!(health_probe(p.remote_addr()).unwrap(), Status::Ok);
-    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
     // A real tunnel in the same position is still held for the slot, not answered.
     let mut queued = connect(p.remote_addr());
-    queued.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    queued
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     flowgate::proto::tunnel::write_request(
         &mut queued,
         &flowgate::proto::tunnel::Request {
