@@ -319,9 +319,26 @@ pub struct LocalArgs {
     /// Address apps connect to (SOCKS5 and HTTP on the same port).
     #[arg(long, default_value_t = config::DEFAULT_LOCAL_LISTEN)]
     pub listen: SocketAddr,
-    /// remote-proxy address, HOST:PORT.
+    /// remote-proxy address, HOST:PORT; give it several times for several remote-proxies.
     #[arg(long, value_name = "HOST:PORT")]
-    pub remote: Option<RemoteAddr>,
+    pub remote: Vec<RemoteAddr>,
+    /// How new tunnels are spread over several remotes: sticky keeps each user on one
+    /// remote (their bandwidth budget stays whole); least-connections and round-robin split
+    /// a user's budget over the remotes.
+    #[arg(long, value_enum, default_value_t = config::Balance::default())]
+    pub balance: config::Balance,
+    /// Time between health probes of each remote.
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_HEALTH_INTERVAL), value_name = "DURATION")]
+    pub health_interval: HumanDuration,
+    /// Longest wait for a health probe's answer.
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_HEALTH_TIMEOUT), value_name = "DURATION")]
+    pub health_timeout: HumanDuration,
+    /// Good probes in a row that bring a down remote back.
+    #[arg(long, default_value_t = config::DEFAULT_RISE, value_name = "N")]
+    pub health_rise: u32,
+    /// Failed probes in a row that take a remote down (one failed tunnel does it at once).
+    #[arg(long, default_value_t = config::DEFAULT_FALL, value_name = "N")]
+    pub health_fall: u32,
     /// Account used when an app sends no credentials. Password from --password-stdin,
     /// FLOWGATE_PASSWORD, or a prompt. Without it, apps must send credentials.
     #[arg(long)]
@@ -368,10 +385,10 @@ impl ServeArgs {
 impl LocalArgs {
     /// Builds the validated config, reading the password if `--user` is set.
     pub fn into_config(self) -> Result<LocalConfig, String> {
-        let remote = self
-            .remote
-            .ok_or("--remote HOST:PORT is required (where remote-proxy listens)")?
-            .0;
+        if self.remote.is_empty() {
+            return Err("--remote HOST:PORT is required (where remote-proxy listens)".into());
+        }
+        let remotes: Vec<String> = self.remote.into_iter().map(|r| r.0).collect();
         let credentials = match self.user {
             Some(user) => Some(Credentials::new(
                 user,
@@ -382,7 +399,12 @@ impl LocalArgs {
             }
             None => None,
         };
-        let mut cfg = LocalConfig::new(remote, credentials);
+        let mut cfg = LocalConfig::new(remotes, credentials);
+        cfg.upstreams.balance = self.balance;
+        cfg.upstreams.health_interval = self.health_interval.0.max(Duration::from_millis(100));
+        cfg.upstreams.health_timeout = self.health_timeout.0.max(Duration::from_millis(10));
+        cfg.upstreams.rise = self.health_rise.max(1);
+        cfg.upstreams.fall = self.health_fall.max(1);
         cfg.listen = self.listen;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = self.common.admission();

@@ -39,6 +39,14 @@ pub const DEFAULT_FAILED_LOGIN_RATE: RequestRate = RequestRate {
 pub const DEFAULT_USER_POLL: Duration = Duration::from_millis(500);
 /// Default time an idle worker beyond the spares waits for a job before it exits.
 pub const DEFAULT_WORKER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time between health probes of each remote-proxy.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default longest wait for a health probe's answer.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default good probes in a row that bring a down remote back (HAProxy's `rise`).
+pub const DEFAULT_RISE: u32 = 2;
+/// Default failed probes in a row that take a remote down (HAProxy's `fall`).
+pub const DEFAULT_FALL: u32 = 3;
 /// Longest duration any flag accepts: 30 days. Far beyond any sensible timeout, and far
 /// below where adding it to the clock could overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86_400);
@@ -56,6 +64,61 @@ pub fn default_pool(max_connections: usize) -> PoolConfig {
     PoolConfig {
         max_workers: default_max_workers(max_connections),
         idle_timeout: DEFAULT_WORKER_IDLE_TIMEOUT,
+    }
+}
+
+/// How new tunnels are spread over the remotes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Balance {
+    /// Each user keeps to one remote (rendezvous hashing of the user name): the user's
+    /// budget stays whole.
+    #[default]
+    Sticky,
+    /// The remote with the fewest open tunnels from this local-proxy: a user's budget is
+    /// split, so a user can reach n times the rate over n remotes.
+    LeastConnections,
+    /// Each remote in turn: splits a user's budget like least-connections.
+    RoundRobin,
+}
+
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Balance::Sticky => "sticky",
+            Balance::LeastConnections => "least-connections",
+            Balance::RoundRobin => "round-robin",
+        })
+    }
+}
+
+/// How local-proxy uses its remote-proxies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstreams {
+    /// The remote-proxies, `HOST:PORT` each, as given (the order matters to no policy).
+    pub remotes: Vec<String>,
+    /// How new tunnels are spread over them.
+    pub balance: Balance,
+    /// Time between health probes of each remote (a little jitter is added).
+    pub health_interval: Duration,
+    /// Longest wait for a probe's answer.
+    pub health_timeout: Duration,
+    /// Good probes in a row that bring a down remote back.
+    pub rise: u32,
+    /// Failed probes in a row that take an up remote down.
+    pub fall: u32,
+}
+
+impl Upstreams {
+    /// Defaults for everything but the remotes.
+    pub fn new(remotes: Vec<String>) -> Upstreams {
+        Upstreams {
+            remotes,
+            balance: Balance::default(),
+            health_interval: DEFAULT_HEALTH_INTERVAL,
+            health_timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+        }
     }
 }
 
@@ -174,8 +237,8 @@ impl std::fmt::Debug for Credentials {
 pub struct LocalConfig {
     /// Where apps connect (SOCKS5 and HTTP on one port).
     pub listen: SocketAddr,
-    /// remote-proxy's address, `HOST:PORT`, resolved at each connect.
-    pub remote: String,
+    /// The remote-proxies and how they are used.
+    pub upstreams: Upstreams,
     /// The account used when an app sends no credentials; `None` requires app credentials.
     pub credentials: Option<Credentials>,
     /// Timeouts.
@@ -187,11 +250,11 @@ pub struct LocalConfig {
 }
 
 impl LocalConfig {
-    /// Defaults for everything but the remote address and credentials.
-    pub fn new(remote: String, credentials: Option<Credentials>) -> LocalConfig {
+    /// Defaults for everything but the remote addresses and credentials.
+    pub fn new(remotes: Vec<String>, credentials: Option<Credentials>) -> LocalConfig {
         LocalConfig {
             listen: DEFAULT_LOCAL_LISTEN,
-            remote,
+            upstreams: Upstreams::new(remotes),
             credentials,
             timeouts: Timeouts::default(),
             admission: default_admission(),

@@ -4,10 +4,11 @@
 //! remote-proxy in upstream.rs, the choice of reply codes in refusal.rs.
 
 mod refusal;
-mod upstream;
+pub mod upstreams;
 
 pub use refusal::Refusal;
-pub use upstream::{open_tunnel, signup, TunnelError};
+pub use upstreams::connect::{open_tunnel, signup, TunnelError};
+pub use upstreams::{Lease, Upstreams};
 
 use crate::config::{Credentials, LocalConfig};
 use crate::net::handshake::HandshakeReader;
@@ -30,6 +31,8 @@ pub struct Local {
     // Random high half of this process's tunnel ids; the low half is the connection id, so
     // ids from different local-proxies do not collide in a remote-proxy's log.
     tunnel_prefix: u32,
+    // The remote-proxies, their health, and the balancing policy.
+    upstreams: Arc<Upstreams>,
 }
 
 /// Binds and starts serving. The returned server stops on drop.
@@ -37,19 +40,35 @@ pub struct Local {
 /// # Errors
 /// The bind error, naming the address, or a thread that could not start.
 pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
+    let upstreams = Arc::new(Upstreams::new(cfg.upstreams.clone()));
+    // The first round of probes runs before any tunnel, so a remote that is down at start
+    // gets none; its result is logged after the "listening on" line, which stays first.
+    upstreams.probe_all(false);
     let local = Arc::new(Local {
         cfg: cfg.clone(),
-        tunnel_prefix: upstream::random_u32(),
+        tunnel_prefix: upstreams::connect::random_u32(),
+        upstreams: Arc::clone(&upstreams),
     });
-    let server = Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local)?;
+    let mut server = Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local)?;
     log::info!(
-        "local-proxy listening on {} remote={} user={}",
+        "local-proxy listening on {} remotes={} balance={} user={}",
         server.local_addr(),
-        cfg.remote,
+        cfg.upstreams.remotes.join(","),
+        cfg.upstreams.balance,
         cfg.credentials
             .as_ref()
             .map_or("(from app)", |c| c.user.as_str())
     );
+    for line in upstreams.describe() {
+        log::info!("{line}");
+    }
+    // Dropping the sender (at shutdown) ends the prober.
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    std::thread::Builder::new()
+        .name("local-health".into())
+        .spawn(move || upstreams.watch(stop_rx))
+        .map_err(|e| StartError::Spawn("health check", e))?;
+    server.attach(Box::new(stop_tx));
     Ok(server)
 }
 
@@ -243,7 +262,7 @@ impl Local {
             app: peer_of(&stream),
             tunnel: self.tunnel_id(id),
         };
-        let (remote, reply) = match self.tunnel(&ask, id) {
+        let (remote, reply, lease) = match self.tunnel(&ask, id) {
             Ok(open) => open,
             Err(refusal) => {
                 let code = refusal.socks5_reply();
@@ -255,7 +274,7 @@ impl Local {
         if socks5::write_reply(&mut &stream, socks5::Reply::Succeeded, reply.bound).is_err() {
             return;
         }
-        self.run(stream, remote, &ask, id, 0, workers);
+        self.run(stream, remote, &lease, &ask, id, 0, workers);
     }
 
     /// Serves an HTTP proxy request whose head was read (`read`) into `buf`.
@@ -312,8 +331,8 @@ impl Local {
             app: peer_of(&stream),
             tunnel: self.tunnel_id(id),
         };
-        let remote = match self.tunnel(&ask, id) {
-            Ok((remote, _reply)) => remote,
+        let (remote, lease) = match self.tunnel(&ask, id) {
+            Ok((remote, _reply, lease)) => (remote, lease),
             Err(refusal) => {
                 let code = refusal.http_status();
                 log::debug!("conn={id} http reply {code}: {refusal}");
@@ -330,12 +349,12 @@ impl Local {
             return;
         }
         let already_up = (forward_head.map_or(0, |h| h.len()) + rest.len()) as u64;
-        self.run(stream, remote, &ask, id, already_up, workers);
+        self.run(stream, remote, &lease, &ask, id, already_up, workers);
     }
 
     /// Opens the tunnel for `ask` and logs a refusal; the caller answers the app in its
     /// protocol from the [`Refusal`].
-    fn tunnel(&self, ask: &AppRequest, id: ConnId) -> Result<(TcpStream, Reply), Refusal> {
+    fn tunnel(&self, ask: &AppRequest, id: ConnId) -> Result<(TcpStream, Reply, Lease), Refusal> {
         let req = Request {
             command: Command::Connect,
             tunnel_id: Some(ask.tunnel),
@@ -347,21 +366,23 @@ impl Local {
         // spend its connect timeout on the target.
         let t = &self.cfg.timeouts;
         let reply_wait = t.handshake + t.connect + self.cfg.admission.timeout;
-        match open_tunnel(&self.cfg.remote, &req, t, reply_wait) {
-            Ok((remote, reply)) if reply.status == Status::Ok => Ok((remote, reply)),
-            Ok((_, reply)) => {
+        match self.upstreams.open(&req, t.connect, reply_wait) {
+            Ok((remote, reply, lease)) if reply.status == Status::Ok => Ok((remote, reply, lease)),
+            Ok((_, reply, lease)) => {
                 let retry = if reply.retry_after > 0 {
                     format!("; retry in {}s", reply.retry_after)
                 } else {
                     String::new()
                 };
                 log::info!(
-                    "conn={id} tunnel={} proto={} app={} user={} target={} refused: {}{retry}",
+                    "conn={id} tunnel={} proto={} app={} user={} target={} remote={} refused: \
+                     {}{retry}",
                     ask.tunnel,
                     ask.proto,
                     ask.app,
                     ask.creds.user,
                     ask.target,
+                    lease.remote(),
                     reply.status
                 );
                 Err(Refusal::Remote {
@@ -381,22 +402,25 @@ impl Local {
     }
 
     /// Relays an open tunnel; `already_up` counts bytes the handshake forwarded itself.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         app: TcpStream,
         remote: TcpStream,
+        lease: &Lease,
         ask: &AppRequest,
         id: ConnId,
         already_up: u64,
         workers: &Workers,
     ) {
         log::info!(
-            "conn={id} tunnel={} open proto={} app={} user={} target={}",
+            "conn={id} tunnel={} open proto={} app={} user={} target={} remote={}",
             ask.tunnel,
             ask.proto,
             ask.app,
             ask.creds.user,
-            ask.target
+            ask.target,
+            lease.remote()
         );
         let started = Instant::now();
         let opts = relay::Options {

@@ -5,7 +5,7 @@
 //! `socks5::Reply::for_io_error`, `http::status_for`, `http::status_for_io_error`); this file
 //! only picks which of them applies.
 
-use super::upstream::TunnelError;
+use super::upstreams::connect::TunnelError;
 use crate::proto::tunnel::{self, Status};
 use crate::proto::{http, is_out_of_descriptors, socks5};
 use std::fmt;
@@ -37,6 +37,9 @@ impl Refusal {
                 socks5::Reply::for_status(Status::GeneralFailure)
             }
             Refusal::Local(TunnelError::Request(e)) => socks5::Reply::for_status(request_status(e)),
+            Refusal::Local(TunnelError::NoRemote) => {
+                socks5::Reply::for_status(Status::GeneralFailure)
+            }
         }
     }
 
@@ -47,6 +50,7 @@ impl Refusal {
             Refusal::Local(TunnelError::Remote(e)) => http::status_for_io_error(e),
             Refusal::Local(TunnelError::Protocol(_)) => http::status_for(Status::GeneralFailure),
             Refusal::Local(TunnelError::Request(e)) => http::status_for(request_status(e)),
+            Refusal::Local(TunnelError::NoRemote) => http::status_for(Status::GeneralFailure),
         }
     }
 
@@ -124,6 +128,7 @@ mod tests {
                 407,
                 0,
             ),
+            (Refusal::Local(TunnelError::NoRemote), 0x01, 502, 0),
             (
                 Refusal::Local(TunnelError::Protocol(tunnel::Error::BadStatus(0x77))),
                 0x01,

@@ -184,7 +184,7 @@ fn a_dead_remote_proxy_is_reported_not_hung() {
     let p = pair_with(
         &[user("alice", "pw", "unlimited")],
         |_| {},
-        |l| l.remote = refused_addr().to_string(),
+        |l| l.upstreams.remotes = vec![refused_addr().to_string()],
     );
     assert_eq!(
         socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap_err(),

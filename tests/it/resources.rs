@@ -46,8 +46,9 @@ fn threads_return_to_the_baseline_after_300_idle_tunnels_close() {
         assert!(
             eventually(Duration::from_millis(1500), || thread_count(*pid)
                 <= base + SLACK),
-            "pid {pid}: {} threads, baseline {base}",
-            thread_count(*pid)
+            "pid {pid}: {} threads, baseline {base}: {:?}",
+            thread_count(*pid),
+            thread_names(*pid)
         );
     }
     // The pair still works after shrinking.

@@ -117,7 +117,7 @@ pub fn pair_with(
         user: u.name.to_string(),
         password: u.password.to_string(),
     });
-    let mut lc = LocalConfig::new(remote.local_addr().to_string(), creds);
+    let mut lc = LocalConfig::new(vec![remote.local_addr().to_string()], creds);
     lc.listen = "127.0.0.1:0".parse().unwrap();
     lc.timeouts = Timeouts::default();
     local_cfg(&mut lc);
@@ -551,6 +551,18 @@ pub fn thread_count(pid: u32) -> usize {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|v| v.trim().parse().ok())
         .expect("Threads: line")
+}
+
+/// The names of process `pid`'s threads, counted, for failure messages.
+pub fn thread_names(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut names = std::collections::BTreeMap::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            *names.entry(name.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    names
 }
 
 /// Open descriptors of process `pid` that are pipes.

@@ -1,5 +1,5 @@
-//! The connection from local-proxy to remote-proxy: open a tunnel (connect, send the request,
-//! read the reply), and signup.
+//! One connection from local-proxy to one remote-proxy: open a tunnel (connect, send the
+//! request, read the reply), a health probe, and signup.
 
 use crate::config::{Credentials, Timeouts};
 use crate::net::handshake::HandshakeReader;
@@ -19,6 +19,8 @@ pub enum TunnelError {
     /// The request cannot be sent (credentials too long for the protocol); nothing was
     /// sent.
     Request(tunnel::Error),
+    /// Every remote-proxy is down (or draining): nothing was tried.
+    NoRemote,
 }
 
 impl fmt::Display for TunnelError {
@@ -27,6 +29,7 @@ impl fmt::Display for TunnelError {
             TunnelError::Remote(e) => write!(f, "cannot reach remote-proxy: {e}"),
             TunnelError::Protocol(e) => write!(f, "bad answer from remote-proxy: {e}"),
             TunnelError::Request(e) => write!(f, "cannot send the tunnel request: {e}"),
+            TunnelError::NoRemote => write!(f, "no remote-proxy is available (all are down)"),
         }
     }
 }
@@ -48,29 +51,70 @@ pub fn open_tunnel(
     reply_wait: Duration,
 ) -> Result<(TcpStream, Reply), TunnelError> {
     let bytes = tunnel::encode_request(req).map_err(TunnelError::Request)?;
-    let addrs: Vec<SocketAddr> = remote
-        .to_socket_addrs()
-        .map_err(TunnelError::Remote)?
-        .collect();
+    let addrs = resolve(remote).map_err(TunnelError::Remote)?;
+    exchange(&addrs, &bytes, timeouts.connect, reply_wait)
+}
+
+/// Resolves `HOST:PORT`.
+///
+/// # Errors
+/// The resolver's error, or `NotFound` when it gives no address.
+pub fn resolve(remote: &str) -> io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = remote.to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{remote} resolved to no address"),
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Connects to the first of `addrs` that accepts, sends the encoded request `bytes`, and
+/// reads the reply for at most `reply_wait`.
+///
+/// # Errors
+/// `Remote` when no address accepts or the remote goes silent, `Protocol` for bad replies.
+pub fn exchange(
+    addrs: &[SocketAddr],
+    bytes: &[u8],
+    connect_timeout: Duration,
+    reply_wait: Duration,
+) -> Result<(TcpStream, Reply), TunnelError> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "remote address did not resolve");
     for a in addrs {
-        match TcpStream::connect_timeout(&a, timeouts.connect) {
+        match TcpStream::connect_timeout(a, connect_timeout) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                io::Write::write_all(&mut &s, &bytes).map_err(TunnelError::Remote)?;
-                let mut d = HandshakeReader::new(&s, reply_wait).map_err(TunnelError::Remote)?;
-                let reply = match tunnel::read_reply(&mut d) {
-                    Ok(r) => r,
-                    Err(tunnel::Error::Io(e)) => return Err(TunnelError::Remote(e)),
-                    Err(e) => return Err(TunnelError::Protocol(e)),
-                };
-                drop(d);
+                io::Write::write_all(&mut &s, bytes).map_err(TunnelError::Remote)?;
+                let reply = read_reply_within(&s, reply_wait)?;
                 return Ok((s, reply));
             }
             Err(e) => last = e,
         }
     }
     Err(TunnelError::Remote(last))
+}
+
+/// Reads a reply in its own frame (the reader's peek buffer must not stay on the stack of a
+/// tunnel's thread under the relay).
+#[inline(never)]
+fn read_reply_within(s: &TcpStream, wait: Duration) -> Result<Reply, TunnelError> {
+    let mut d = HandshakeReader::new(s, wait).map_err(TunnelError::Remote)?;
+    match tunnel::read_reply(&mut d) {
+        Ok(r) => Ok(r),
+        Err(tunnel::Error::Io(e)) => Err(TunnelError::Remote(e)),
+        Err(e) => Err(TunnelError::Protocol(e)),
+    }
+}
+
+/// Sends a health probe (docs/protocol.md §2.1) and returns the answer's status.
+///
+/// # Errors
+/// `Remote` when nothing answers within `timeout`, `Protocol` for a bad answer.
+pub fn probe(addrs: &[SocketAddr], timeout: Duration) -> Result<Status, TunnelError> {
+    let bytes = tunnel::encode_request(&Request::health(None)).map_err(TunnelError::Request)?;
+    exchange(addrs, &bytes, timeout, timeout).map(|(_, reply)| reply.status)
 }
 
 /// Asks remote-proxy to create an account (`local-proxy signup`).
@@ -93,7 +137,7 @@ pub fn signup(
 }
 
 /// A random number from the OS, for tunnel ids (not a secret: ids only tell log lines apart).
-pub(super) fn random_u32() -> u32 {
+pub(crate) fn random_u32() -> u32 {
     use rand_core::RngCore;
     rand_core::OsRng.next_u32()
 }

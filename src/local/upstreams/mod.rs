@@ -1,0 +1,257 @@
+//! local-proxy's remote-proxies: which one a tunnel goes to (choice.rs), whether each may
+//! take tunnels (health.rs, fed by a probing thread and by tunnels that failed), and opening
+//! a tunnel with failover (connect.rs does one attempt).
+//!
+//! Failover is invisible to the app: a remote that refuses the connection, times out, or
+//! does not answer the tunnel request is marked down and the next remote in the user's order
+//! is tried. Nothing of the app's bytes has been sent then (they follow the tunnel's `ok`),
+//! so a request is never sent twice. An answer from a remote (bad credentials, rate limited,
+//! target refused, busy) is not a remote failure: it goes to the app as it is.
+
+pub mod choice;
+pub mod connect;
+pub mod health;
+
+use crate::config::{self, Balance};
+use crate::proto::tunnel::{self, Reply, Request, Status};
+use choice::Candidate;
+use connect::TunnelError;
+use health::{Change, Health, Thresholds};
+use parking_lot::Mutex;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The remote-proxies of one local-proxy and their state.
+#[derive(Debug)]
+pub struct Upstreams {
+    cfg: config::Upstreams,
+    remotes: Vec<Upstream>,
+    // Advanced once per tunnel, for round-robin and least-connections ties.
+    turn: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Upstream {
+    // As configured: the rendezvous key and the name in log lines.
+    name: String,
+    // Resolved at start and again at each probe, not once per tunnel.
+    addrs: Mutex<Vec<SocketAddr>>,
+    health: Mutex<Health>,
+    // Tunnels open through this remote from this local-proxy.
+    open: AtomicUsize,
+}
+
+/// A tunnel's hold on its remote, for least-connections: dropping it counts the tunnel
+/// closed.
+#[derive(Debug)]
+pub struct Lease {
+    upstreams: Arc<Upstreams>,
+    index: usize,
+}
+
+impl Lease {
+    /// The remote the tunnel went to, as configured.
+    pub fn remote(&self) -> &str {
+        &self.upstreams.remotes[self.index].name
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.upstreams.remotes[self.index]
+            .open
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Upstreams {
+    /// The remotes of `cfg`, not yet probed (each counts as up until its first probe).
+    pub fn new(cfg: config::Upstreams) -> Upstreams {
+        let remotes = cfg
+            .remotes
+            .iter()
+            .map(|name| Upstream {
+                name: name.clone(),
+                addrs: Mutex::new(connect::resolve(name).unwrap_or_default()),
+                health: Mutex::new(Health::new()),
+                open: AtomicUsize::new(0),
+            })
+            .collect();
+        Upstreams {
+            cfg,
+            remotes,
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            rise: self.cfg.rise,
+            fall: self.cfg.fall,
+        }
+    }
+
+    /// Opens a tunnel for `req` on the best usable remote for its user, failing over to the
+    /// next while remotes fail to answer. The reply is awaited `reply_wait` per remote.
+    ///
+    /// # Errors
+    /// `NoRemote` when every remote is down (at once, without trying them), `Request` when
+    /// `req` cannot be encoded, or the last remote's failure when all that were tried failed.
+    pub fn open(
+        self: &Arc<Self>,
+        req: &Request,
+        connect_timeout: Duration,
+        reply_wait: Duration,
+    ) -> Result<(TcpStream, Reply, Lease), TunnelError> {
+        let bytes = tunnel::encode_request(req).map_err(TunnelError::Request)?;
+        let order = self.order(&req.user);
+        let mut last = TunnelError::NoRemote;
+        for index in order {
+            let up = &self.remotes[index];
+            let addrs = up.addrs.lock().clone();
+            up.open.fetch_add(1, Ordering::AcqRel);
+            let lease = Lease {
+                upstreams: Arc::clone(self),
+                index,
+            };
+            match connect::exchange(&addrs, &bytes, connect_timeout, reply_wait) {
+                Ok((stream, reply)) => return Ok((stream, reply, lease)),
+                Err(e) => {
+                    self.note(index, up.health.lock().tunnel_failed(&short(&e)));
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The usable remotes for a tunnel of `user`, best first.
+    fn order(&self, user: &str) -> Vec<usize> {
+        let healths: Vec<bool> = self
+            .remotes
+            .iter()
+            .map(|r| r.health.lock().usable())
+            .collect();
+        let candidates: Vec<Candidate<'_>> = self
+            .remotes
+            .iter()
+            .zip(healths)
+            .map(|(r, usable)| Candidate {
+                name: &r.name,
+                usable,
+                open: r.open.load(Ordering::Acquire),
+            })
+            .collect();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        choice::order(self.cfg.balance, user, &candidates, turn)
+    }
+
+    /// Probes every remote once, all at once, and applies the answers; logs the changes
+    /// when `log` (the first round at start-up is reported with [`describe`](Self::describe)
+    /// after the "listening on" line instead).
+    pub fn probe_all(&self, log: bool) {
+        std::thread::scope(|scope| {
+            for index in 0..self.remotes.len() {
+                scope.spawn(move || self.probe_one(index, log));
+            }
+        });
+    }
+
+    fn probe_one(&self, index: usize, log: bool) {
+        let note = |change| {
+            if log {
+                self.note(index, change)
+            }
+        };
+        let up = &self.remotes[index];
+        // Re-resolve on every probe: a name's addresses may change while we run.
+        let addrs = match connect::resolve(&up.name) {
+            Ok(a) => {
+                *up.addrs.lock() = a.clone();
+                a
+            }
+            Err(e) => {
+                let change = up
+                    .health
+                    .lock()
+                    .probe_failed(&format!("resolve: {e}"), self.thresholds());
+                return note(change);
+            }
+        };
+        let t = self.thresholds();
+        let change = match connect::probe(&addrs, self.cfg.health_timeout) {
+            Ok(Status::Draining) => up.health.lock().probe_ok(true, t),
+            // Any answer in the protocol means it is there; a version 1 server answers the
+            // probe it does not know with `malformed`.
+            Ok(_) | Err(TunnelError::Protocol(tunnel::Error::BadStatus(_))) => {
+                up.health.lock().probe_ok(false, t)
+            }
+            Err(e) => up.health.lock().probe_failed(&short(&e), t),
+        };
+        log::debug!("remote={} probed", up.name);
+        note(change);
+    }
+
+    /// Logs a state change of remote `index`.
+    fn note(&self, index: usize, change: Option<Change>) {
+        let name = &self.remotes[index].name;
+        match change {
+            Some(Change::Down { reason, failures }) => {
+                log::info!("remote={name} down: {reason} ({failures} failures)")
+            }
+            Some(Change::Up { probes }) => {
+                log::info!("remote={name} up after {probes} good probes")
+            }
+            Some(Change::Draining) => log::info!("remote={name} draining: no new tunnels"),
+            Some(Change::Serving) => log::info!("remote={name} serving again"),
+            None => {}
+        }
+    }
+
+    /// One line per remote: `remote=ADDR up` / `down` / `draining`.
+    pub fn describe(&self) -> Vec<String> {
+        self.remotes
+            .iter()
+            .map(|r| {
+                let h = r.health.lock();
+                let state = match (h.is_up(), h.usable()) {
+                    (true, true) => "up",
+                    (true, false) => "draining",
+                    _ => "down",
+                };
+                format!("remote={} {state}", r.name)
+            })
+            .collect()
+    }
+
+    /// Probes every `health_interval` (plus up to a tenth of jitter, so many local-proxies
+    /// do not probe in step) until `stop` is closed.
+    pub fn watch(&self, stop: crossbeam_channel::Receiver<()>) {
+        loop {
+            let jitter = self.cfg.health_interval / 10 * (connect::random_u32() % 1000) / 1000;
+            match stop.recv_timeout(self.cfg.health_interval + jitter) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.probe_all(true),
+                _ => return,
+            }
+        }
+    }
+
+    /// The balancing policy in force.
+    pub fn balance(&self) -> Balance {
+        self.cfg.balance
+    }
+}
+
+/// A failure, briefly, for a state-change log line.
+fn short(e: &TunnelError) -> String {
+    match e {
+        TunnelError::Remote(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connect refused".into(),
+            k if crate::proto::is_timeout(io) => format!("timed out ({k:?})"),
+            _ => io.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
