@@ -90,6 +90,8 @@ pub struct Remote {
     ip_throttle: Option<Throttle<IpAddr>>,
     // Failed logins per client IP; when full, logins are refused without hashing.
     login_throttle: Option<Throttle<IpAddr>>,
+    // Tunnels relaying now.
+    open_tunnels: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Remote {
@@ -181,6 +183,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         gate: UserGate::new(cfg.admission.timeout, cfg.admission.max_queued),
         ip_throttle: cfg.rate_per_ip.map(Throttle::new),
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
+        open_tunnels: std::sync::atomic::AtomicUsize::new(0),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
     let mut server = Server::bind(cfg.listen, "remote", cfg.admission, cfg.pool, service)
@@ -283,6 +286,11 @@ impl Remote {
     /// by the failed-login throttle, runs none.
     pub fn argon2_checks(&self) -> u64 {
         self.auth.argon2_checks()
+    }
+
+    /// Tunnels relaying now.
+    pub fn open_tunnels(&self) -> usize {
+        self.open_tunnels.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled {
@@ -517,7 +525,10 @@ impl Remote {
             bucket: Some(bucket),
             idle_timeout: self.cfg.timeouts.idle,
         };
+        use std::sync::atomic::Ordering::AcqRel;
+        self.open_tunnels.fetch_add(1, AcqRel);
         let stats = relay::relay(stream, upstream, &opts, workers);
+        self.open_tunnels.fetch_sub(1, AcqRel);
         log::info!(
             "{tag} close user={} target={target} up={} down={} dur={:.3}s{}",
             user.name,

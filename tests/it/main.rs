@@ -11,3 +11,4 @@ mod rate;
 mod resources;
 mod socks5;
 mod support;
+mod upstreams;

@@ -643,3 +643,86 @@ pub fn health_probe(remote: SocketAddr) -> std::io::Result<flowgate::proto::tunn
             other => std::io::Error::other(other.to_string()),
         })
 }
+
+/// Several remote-proxies on one database, in this process, and a way to add local-proxies
+/// that use them all.
+pub struct Fleet {
+    pub remotes: Vec<Option<(Server, std::sync::Arc<flowgate::remote::Remote>)>>,
+    pub addrs: Vec<SocketAddr>,
+    pub db: PathBuf,
+}
+
+impl Fleet {
+    /// `n` remotes with `users` in their shared database.
+    pub fn start(n: usize, users: &[UserSpec]) -> Fleet {
+        init_log();
+        let db = temp_dir().join("users.db");
+        let store = Store::open(&db).unwrap();
+        for u in users {
+            store.add(u.name, u.password, u.bandwidth).unwrap();
+        }
+        drop(store);
+        let mut fleet = Fleet {
+            remotes: Vec::new(),
+            addrs: Vec::new(),
+            db,
+        };
+        for _ in 0..n {
+            let (server, state) = fleet.start_remote("127.0.0.1:0".parse().unwrap());
+            fleet.addrs.push(server.local_addr());
+            fleet.remotes.push(Some((server, state)));
+        }
+        fleet
+    }
+
+    fn start_remote(
+        &self,
+        listen: SocketAddr,
+    ) -> (Server, std::sync::Arc<flowgate::remote::Remote>) {
+        let mut rc = RemoteConfig::new(self.db.clone());
+        rc.listen = listen;
+        rc.user_poll = Duration::from_millis(200);
+        rc.failed_login_rate = None;
+        flowgate::remote::start_with_state(rc).unwrap()
+    }
+
+    /// A local-proxy over every remote, with fast health checks; `cfg` adjusts it.
+    pub fn local(&self, cfg: impl FnOnce(&mut LocalConfig)) -> Server {
+        let mut lc = LocalConfig::new(self.addrs.iter().map(|a| a.to_string()).collect(), None);
+        lc.listen = "127.0.0.1:0".parse().unwrap();
+        lc.upstreams.health_interval = Duration::from_millis(200);
+        lc.upstreams.health_timeout = Duration::from_millis(500);
+        cfg(&mut lc);
+        flowgate::local::start(lc).unwrap()
+    }
+
+    /// Tunnels open on each remote now (a stopped one counts 0).
+    pub fn open_tunnels(&self) -> Vec<usize> {
+        self.remotes
+            .iter()
+            .map(|r| r.as_ref().map_or(0, |(_, st)| st.open_tunnels()))
+            .collect()
+    }
+
+    /// Stops remote `i` listening (its open tunnels run on, as after a crash of its
+    /// listener; new connections are refused).
+    pub fn stop(&mut self, i: usize) {
+        self.remotes[i] = None;
+    }
+
+    /// Starts remote `i` again on its old address.
+    pub fn restart(&mut self, i: usize) {
+        let r = self.start_remote(self.addrs[i]);
+        self.remotes[i] = Some(r);
+    }
+}
+
+/// Waits until `counts()` sums to `n`, for at most 5 s; returns the counts.
+pub fn settle(n: usize, mut counts: impl FnMut() -> Vec<usize>) -> Vec<usize> {
+    let mut last = counts();
+    eventually(Duration::from_secs(5), || {
+        last = counts();
+        last.iter().sum::<usize>() == n
+    });
+    last
+}
