@@ -91,6 +91,17 @@ impl Pair {
     }
 }
 
+/// A fresh database holding `users` (and the test log started).
+pub fn users_db(users: &[UserSpec]) -> PathBuf {
+    init_log();
+    let db = temp_dir().join("users.db");
+    let store = Store::open(&db).unwrap();
+    for u in users {
+        store.add(u.name, u.password, u.bandwidth).unwrap();
+    }
+    db
+}
+
 /// Starts a pair whose local-proxy defaults to the first user's credentials.
 pub fn pair(users: &[UserSpec]) -> Pair {
     pair_with(users, |_| {}, |_| {})
@@ -101,13 +112,7 @@ pub fn pair_with(
     remote_cfg: impl FnOnce(&mut RemoteConfig),
     local_cfg: impl FnOnce(&mut LocalConfig),
 ) -> Pair {
-    init_log();
-    let db = temp_dir().join("users.db");
-    let store = Store::open(&db).unwrap();
-    for u in users {
-        store.add(u.name, u.password, u.bandwidth).unwrap();
-    }
-    drop(store);
+    let db = users_db(users);
     let mut rc = RemoteConfig::new(db.clone());
     rc.listen = "127.0.0.1:0".parse().unwrap();
     rc.user_poll = Duration::from_millis(200);
@@ -655,13 +660,7 @@ pub struct Fleet {
 impl Fleet {
     /// `n` remotes with `users` in their shared database.
     pub fn start(n: usize, users: &[UserSpec]) -> Fleet {
-        init_log();
-        let db = temp_dir().join("users.db");
-        let store = Store::open(&db).unwrap();
-        for u in users {
-            store.add(u.name, u.password, u.bandwidth).unwrap();
-        }
-        drop(store);
+        let db = users_db(users);
         let mut fleet = Fleet {
             remotes: Vec::new(),
             addrs: Vec::new(),
