@@ -6,8 +6,9 @@
 //!    `limit::admission` gives it a slot or queues it unread; `net::workers` runs it.
 //! 2. `local` (local/mod.rs) peeks the first byte and runs the app's handshake with
 //!    `proto::socks5` or `proto::http`, read under one deadline by `net::handshake`.
-//! 3. `local::upstream` connects to remote-proxy and sends a `proto::tunnel` request
-//!    (credentials and target, docs/protocol.md).
+//! 3. `local::upstreams` picks a remote-proxy that is up (sticky per user by default),
+//!    connects, and sends a `proto::tunnel` request (credentials and target,
+//!    docs/protocol.md), failing over to the next remote if this one does not answer.
 //! 4. On remote-proxy, `net::server` accepts again, `remote` (remote/mod.rs) reads the
 //!    request, applies `limit::throttle`, checks the password with `users` (argon2id, cached),
 //!    and `net::connect` opens the connection to the target.

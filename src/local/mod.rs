@@ -1,7 +1,7 @@
 //! local-proxy's per-connection handler: tell SOCKS5 from HTTP by the first byte, run that
 //! handshake, open a tunnel to remote-proxy, answer the app in its own protocol, relay.
 //! Glue only: parsing lives in proto/ (socks5.rs, http.rs, tunnel.rs), the connection to
-//! remote-proxy in upstream.rs, the choice of reply codes in refusal.rs.
+//! remote-proxies in upstreams/, the choice of reply codes in refusal.rs.
 
 mod refusal;
 pub mod upstreams;
