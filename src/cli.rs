@@ -86,6 +86,10 @@ pub struct CommonArgs {
     /// An idle worker thread beyond a few spares exits after this long without work.
     #[arg(long, default_value_t = HumanDuration(config::DEFAULT_WORKER_IDLE_TIMEOUT), value_name = "DURATION")]
     pub worker_idle_timeout: HumanDuration,
+    /// On SIGTERM or SIGINT: stop taking new tunnels, let open ones finish for this long,
+    /// then exit (a second signal exits at once).
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_GRACE), value_name = "DURATION")]
+    pub grace: HumanDuration,
     /// Longest wait for a slot before the answer is "server busy".
     #[arg(long, default_value_t = HumanDuration(config::DEFAULT_QUEUE_TIMEOUT), value_name = "DURATION")]
     pub queue_timeout: HumanDuration,
@@ -97,6 +101,7 @@ impl CommonArgs {
             handshake: self.handshake_timeout.0,
             connect: self.connect_timeout.0,
             idle: (!self.idle_timeout.0.is_zero()).then_some(self.idle_timeout.0),
+            grace: self.grace.0,
         }
     }
 

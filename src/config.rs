@@ -24,6 +24,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default idle timeout: a tunnel with no bytes either way this long is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default time open tunnels get to finish after SIGTERM or SIGINT.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// Default cap on tunnels served at once; more wait unread until one ends.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on connections waiting for a slot; more are told "busy" at once.
@@ -131,6 +133,8 @@ pub struct Timeouts {
     pub connect: Duration,
     /// Close tunnels idle this long; `None` never closes them.
     pub idle: Option<Duration>,
+    /// On SIGTERM or SIGINT, how long open tunnels may run on before the process exits.
+    pub grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -139,6 +143,7 @@ impl Default for Timeouts {
             handshake: DEFAULT_HANDSHAKE_TIMEOUT,
             connect: DEFAULT_CONNECT_TIMEOUT,
             idle: Some(DEFAULT_IDLE_TIMEOUT),
+            grace: DEFAULT_GRACE,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! local-proxy: serve apps (SOCKS5 + HTTP on one port), or `signup` for a new account.
 
 use flowgate::cli::{LocalCli, LocalCommand};
+use flowgate::net::server::drain;
+use flowgate::net::sys::ShutdownSignals;
 use flowgate::proto::tunnel::Status;
 use std::process::ExitCode;
 
@@ -39,15 +41,27 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         None => {
+            // A password prompt (into_config) must still answer Ctrl-C the usual way.
             let cfg = cli.run.into_config()?;
+            // Before any thread exists, so every thread inherits the blocked signals.
+            let signals = ShutdownSignals::block()?;
             flowgate::init_logging();
             let fd_limit = flowgate::net::sys::raise_fd_limit();
-            let server = flowgate::local::start(cfg)?;
+            let grace = cfg.timeouts.grace;
+            let mut server = flowgate::local::start(cfg)?;
             // After the "listening on" line, which scripts read as the first line.
             if let Some(n) = fd_limit {
                 log::debug!("open-file limit {n}");
             }
-            server.wait();
+            let signals = signals.into_channel()?;
+            let sig = signals.recv()?;
+            let open = server.active();
+            server.shutdown(); // no new app connections; open tunnels run on
+            log::info!(
+                "{sig}: {open} tunnels open, waiting up to {} (a second signal stops now)",
+                flowgate::cli::HumanDuration(grace)
+            );
+            drain(&server, &signals, grace).log();
             Ok(())
         }
     }

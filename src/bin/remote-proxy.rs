@@ -1,6 +1,8 @@
 //! remote-proxy: `serve` tunnels, and `user add|set|del|list` on the same database.
 
 use flowgate::cli::{RemoteCli, RemoteCommand, UserCommand};
+use flowgate::net::server::drain;
+use flowgate::net::sys::ShutdownSignals;
 use flowgate::users::{Changes, Store, UserStore};
 use std::process::ExitCode;
 
@@ -18,14 +20,28 @@ fn main() -> ExitCode {
 fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         RemoteCommand::Serve(args) => {
+            // Before any thread exists, so every thread inherits the blocked signals.
+            let signals = ShutdownSignals::block()?;
             flowgate::init_logging();
             let fd_limit = flowgate::net::sys::raise_fd_limit();
-            let server = flowgate::remote::start(args.into_config(cli.db)?)?;
+            let cfg = args.into_config(cli.db)?;
+            let grace = cfg.timeouts.grace;
+            let (server, remote) = flowgate::remote::start_with_state(cfg)?;
             // After the "listening on" line, which scripts read as the first line.
             if let Some(n) = fd_limit {
                 log::debug!("open-file limit {n}");
             }
-            server.wait();
+            let signals = signals.into_channel()?;
+            let sig = signals.recv()?;
+            // Keep listening: probes must hear "draining", and tunnel requests get it as
+            // their answer, so local-proxies move new tunnels elsewhere at once.
+            remote.start_draining();
+            log::info!(
+                "{sig}: draining; {} tunnels open, waiting up to {} (a second signal stops now)",
+                remote.open_tunnels(),
+                flowgate::cli::HumanDuration(grace)
+            );
+            drain(&server, &signals, grace).log();
             Ok(())
         }
         RemoteCommand::User(cmd) => user(cmd, &cli.db),

@@ -55,6 +55,9 @@ pub struct Server {
     accept: Option<JoinHandle<()>>,
     // The pool this listener's connections run on; closed at shutdown so idle workers exit.
     workers: Workers,
+    // Shared with the accept loop and workers: the slots tell how many connections are
+    // still being served.
+    ctx: Arc<ServeCtx>,
     // Values whose drop tells helper threads (the sweeper, the user watcher) to stop.
     guards: Vec<Box<dyn Any + Send>>,
 }
@@ -275,6 +278,7 @@ impl Server {
             retry_after: crate::limit::throttle::retry_after_secs(limits.timeout),
             busy_jobs: Arc::new(AtomicUsize::new(0)),
         });
+        let ctx_for_server = Arc::clone(&ctx);
         let stopping = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         {
@@ -295,6 +299,7 @@ impl Server {
             stopping,
             accept: Some(accept),
             workers,
+            ctx: ctx_for_server,
             guards: vec![Box::new(stop_tx)],
         })
     }
@@ -307,6 +312,11 @@ impl Server {
     /// Keeps `guard` alive until shutdown, then drops it (closing a channel, say).
     pub fn attach(&mut self, guard: Box<dyn Any + Send>) {
         self.guards.push(guard);
+    }
+
+    /// Connections holding a slot now (in their handshake or relaying).
+    pub fn active(&self) -> usize {
+        self.ctx.admission.active()
     }
 
     /// Blocks until the accept loop ends (it ends only on shutdown).
@@ -339,6 +349,56 @@ impl Server {
         self.guards.clear();
         self.workers.close();
         log::info!("stopped listening on {}", self.local_addr);
+    }
+}
+
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// Every connection finished.
+    Done,
+    /// The grace period ran out with this many connections still open.
+    GraceOver(usize),
+    /// A second signal came: stop now, with this many open.
+    Interrupted(usize),
+}
+
+impl Drained {
+    /// The one log line that ends a graceful stop; the process exits 0 after it (tunnels
+    /// still open are closed with it).
+    pub fn log(self) {
+        match self {
+            Drained::Done => log::info!("all tunnels finished; stopped"),
+            Drained::GraceOver(n) => log::info!("grace period over; closing {n} tunnels; stopped"),
+            Drained::Interrupted(n) => log::info!("second signal; closing {n} tunnels; stopped"),
+        }
+    }
+}
+
+/// Waits until `server` has no connection left, at most `grace`, or until another message on
+/// `signals` (a second SIGTERM or SIGINT) says to stop now. The caller has already made new
+/// connections finish quickly (closed the listener, or answers them "draining").
+pub fn drain(
+    server: &Server,
+    signals: &crossbeam_channel::Receiver<&'static str>,
+    grace: Duration,
+) -> Drained {
+    const CHECK: Duration = Duration::from_millis(100);
+    let until = std::time::Instant::now() + grace;
+    loop {
+        let open = server.active();
+        if open == 0 {
+            return Drained::Done;
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Drained::GraceOver(open);
+        }
+        // Nothing signals when the last tunnel ends, so look again a few times a second;
+        // a second signal wakes this at once.
+        if signals.recv_timeout(left.min(CHECK)).is_ok() {
+            return Drained::Interrupted(server.active());
+        }
     }
 }
 

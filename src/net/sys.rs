@@ -38,6 +38,53 @@ pub fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
     .map_err(std::io::Error::from)
 }
 
+/// SIGTERM and SIGINT, blocked in the calling thread (and so in every thread it starts
+/// afterwards) and delivered instead to [`ShutdownSignals::wait`]. Call it first thing in
+/// `main`, before any thread exists: a thread started earlier would still take the signal
+/// and kill the process the default way.
+#[derive(Debug)]
+pub struct ShutdownSignals(nix::sys::signal::SigSet);
+
+impl ShutdownSignals {
+    /// Blocks SIGTERM and SIGINT.
+    ///
+    /// # Errors
+    /// When the signal mask cannot be changed.
+    pub fn block() -> std::io::Result<ShutdownSignals> {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        set.thread_block().map_err(std::io::Error::from)?;
+        Ok(ShutdownSignals(set))
+    }
+
+    /// Waits for the next SIGTERM or SIGINT and names it.
+    pub fn wait(&self) -> &'static str {
+        match self.0.wait() {
+            Ok(sig) => sig.as_str(),
+            Err(_) => "a signal",
+        }
+    }
+
+    /// A thread that sends one message on the returned channel per signal, for a caller
+    /// that waits on other things too.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn into_channel(self) -> std::io::Result<crossbeam_channel::Receiver<&'static str>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                if tx.send(self.wait()).is_err() {
+                    return;
+                }
+            })?;
+        Ok(rx)
+    }
+}
+
 /// Raises this process's soft open-file limit to its hard limit and returns the new soft
 /// limit. Each busy tunnel holds two sockets and up to four pipe ends, so the common default
 /// of 1024 would cap a proxy near 170 busy tunnels; servers raise it themselves (nginx's

@@ -92,6 +92,8 @@ pub struct Remote {
     login_throttle: Option<Throttle<IpAddr>>,
     // Tunnels relaying now.
     open_tunnels: std::sync::atomic::AtomicUsize,
+    // Shutting down: probes are answered "draining" and new tunnels refused with it.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Remote {
@@ -184,6 +186,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         ip_throttle: cfg.rate_per_ip.map(Throttle::new),
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
         open_tunnels: std::sync::atomic::AtomicUsize::new(0),
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
     let mut server = Server::bind(cfg.listen, "remote", cfg.admission, cfg.pool, service)
@@ -288,6 +291,18 @@ impl Remote {
         self.auth.argon2_checks()
     }
 
+    /// Starts the graceful shutdown: from now on health probes are answered `draining`, so
+    /// local-proxies send new tunnels elsewhere, and a tunnel request that still comes is
+    /// refused with `draining` (local-proxy then tries its next remote). Open tunnels run on.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Tunnels relaying now.
     pub fn open_tunnels(&self) -> usize {
         self.open_tunnels.load(std::sync::atomic::Ordering::Acquire)
@@ -304,6 +319,11 @@ impl Remote {
         if req.command == Command::Health {
             // Before every throttle: a probe counts against no address's or user's limits.
             self.answer_health(&stream, tag);
+            return Handled::SlotFree;
+        }
+        if self.is_draining() {
+            log::info!("{tag} peer={peer} refused: draining");
+            reply(&stream, tag, Status::Draining);
             return Handled::SlotFree;
         }
         let ip = peer_addr.map(|a| a.ip());
@@ -327,7 +347,12 @@ impl Remote {
     /// Answers a health probe: `ok`, or `draining` while shutting down.
     fn answer_health(&self, stream: &TcpStream, tag: Tag) {
         log::debug!("{tag} health probe");
-        reply(stream, tag, Status::Ok);
+        let status = if self.is_draining() {
+            Status::Draining
+        } else {
+            Status::Ok
+        };
+        reply(stream, tag, status);
     }
 
     /// Reads the tunnel request under the handshake deadline; a bad one is answered and

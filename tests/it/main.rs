@@ -9,6 +9,7 @@ mod health;
 mod http;
 mod rate;
 mod resources;
+mod shutdown;
 mod socks5;
 mod support;
 mod upstreams;

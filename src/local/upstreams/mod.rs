@@ -117,6 +117,12 @@ impl Upstreams {
                 index,
             };
             match connect::exchange(&addrs, &bytes, connect_timeout, reply_wait) {
+                Ok((_, reply)) if reply.status == Status::Draining => {
+                    // Shutting down, not refusing the user: the next remote takes it.
+                    let change = up.health.lock().probe_ok(true, self.thresholds());
+                    self.note(index, change);
+                    last = TunnelError::NoRemote;
+                }
                 Ok((stream, reply)) => return Ok((stream, reply, lease)),
                 Err(e) => {
                     self.note(index, up.health.lock().tunnel_failed(&short(&e)));
