@@ -316,6 +316,20 @@ pub enum LocalCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Check each remote-proxy once: reachable, and whether it accepts the credentials;
+    /// one line per remote, exit 0 when every one is fine, 1 otherwise.
+    Check {
+        /// remote-proxy address, HOST:PORT; give it several times.
+        #[arg(long, value_name = "HOST:PORT", required = true)]
+        remote: Vec<RemoteAddr>,
+        /// The account to check. Password from --password-stdin, FLOWGATE_PASSWORD, or a
+        /// prompt.
+        #[arg(long)]
+        user: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
 }
 
 /// Flags of `local-proxy` (serving).

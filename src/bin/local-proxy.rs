@@ -40,6 +40,19 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
                 other => Err(format!("signup refused: {other}").into()),
             }
         }
+        Some(LocalCommand::Check {
+            remote,
+            user,
+            password_stdin,
+        }) => {
+            let creds = LocalCommand::signup_credentials(&user, password_stdin)?;
+            let remotes: Vec<String> = remote.into_iter().map(|r| r.0).collect();
+            if check(remotes, &creds) {
+                Ok(())
+            } else {
+                Err("not every remote-proxy is usable with these credentials".into())
+            }
+        }
         None => {
             // A password prompt (into_config) must still answer Ctrl-C the usual way.
             let cfg = cli.run.into_config()?;
@@ -65,4 +78,47 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
     }
+}
+
+/// `local-proxy check`: one line per remote; true when all are reachable and accept `creds`.
+fn check(remotes: Vec<String>, creds: &flowgate::config::Credentials) -> bool {
+    use flowgate::local::upstreams::connect::{self, CheckAnswer};
+    let cfg = flowgate::config::Upstreams::new(remotes);
+    let timeout = cfg.health_timeout.max(std::time::Duration::from_secs(2));
+    let mut all_ok = true;
+    for name in &cfg.remotes {
+        let verdict = match connect::resolve(name) {
+            Err(e) => Err(format!("cannot resolve: {e}")),
+            Ok(addrs) => match connect::probe(&addrs, timeout) {
+                Err(e) => Err(format!("unreachable: {e}")),
+                Ok(Status::Draining) => Err("reachable, but draining (shutting down)".into()),
+                Ok(Status::UnsupportedVersion) | Ok(Status::Malformed) => {
+                    Err("reachable, but it speaks an older protocol (upgrade it)".into())
+                }
+                Ok(_) => match connect::check(&addrs, creds, timeout) {
+                    Ok(CheckAnswer::Ok(bw)) => Ok(format!(
+                        "reachable, protocol {}, user {} accepted, bandwidth {}",
+                        flowgate::proto::tunnel::VERSION,
+                        creds.user,
+                        bw.map_or("unlimited".to_string(), |b| {
+                            flowgate::limit::rate::Bandwidth::bytes_per_sec(b).to_string()
+                        })
+                    )),
+                    Ok(CheckAnswer::Refused(status)) => Err(format!(
+                        "reachable, but user {} refused: {status}",
+                        creds.user
+                    )),
+                    Err(e) => Err(format!("reachable, but the check failed: {e}")),
+                },
+            },
+        };
+        match verdict {
+            Ok(line) => println!("{name}: ok: {line}"),
+            Err(line) => {
+                all_ok = false;
+                println!("{name}: FAILED: {line}");
+            }
+        }
+    }
+    all_ok
 }

@@ -3,6 +3,7 @@
 //! Glue only: parsing lives in proto/ (socks5.rs, http.rs, tunnel.rs), the connection to
 //! remote-proxies in upstreams/, the choice of reply codes in refusal.rs.
 
+pub mod logins;
 mod refusal;
 pub mod upstreams;
 
@@ -33,6 +34,8 @@ pub struct Local {
     tunnel_prefix: u32,
     // The remote-proxies, their health, and the balancing policy.
     upstreams: Arc<Upstreams>,
+    // App credentials checked with a remote during RFC 1929, remembered briefly.
+    logins: logins::Logins,
 }
 
 /// Binds and starts serving. The returned server stops on drop.
@@ -48,6 +51,7 @@ pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
         cfg: cfg.clone(),
         tunnel_prefix: upstreams::connect::random_u32(),
         upstreams: Arc::clone(&upstreams),
+        logins: logins::Logins::new(),
     });
     let mut server = Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local)?;
     log::info!(
@@ -61,6 +65,25 @@ pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
     );
     for line in upstreams.describe() {
         log::info!("{line}");
+    }
+    // A wrong --user password is said now, not at the first app connection; the process
+    // keeps running (the remote may come up, or the password be fixed there, later).
+    if let Some(creds) = &cfg.credentials {
+        match upstreams.check(creds) {
+            Ok((remote, upstreams::connect::CheckAnswer::Ok(bw))) => log::info!(
+                "remote={remote} user={} credentials ok (bandwidth {})",
+                creds.user,
+                bw.map_or("unlimited".to_string(), |b| {
+                    crate::limit::rate::Bandwidth::bytes_per_sec(b).to_string()
+                })
+            ),
+            Ok((remote, upstreams::connect::CheckAnswer::Refused(status))) => log::warn!(
+                "remote={remote} user={} credentials refused: {status}; apps without their \
+                 own credentials will be refused",
+                creds.user
+            ),
+            Err(e) => log::warn!("user={} credentials not checked: {e}", creds.user),
+        }
     }
     // Dropping the sender (at shutdown) ends the prober.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
@@ -180,6 +203,32 @@ impl Local {
         }
     }
 
+    /// Asks the user's remote whether an app's RFC 1929 credentials are good (remembered a
+    /// short while), so a wrong password fails the sub-negotiation, which apps report as an
+    /// authentication failure. With no remote to ask, the CONNECT request finds out.
+    fn check_app_credentials(&self, creds: &Credentials, id: ConnId) -> logins::Verdict {
+        use logins::Verdict;
+        self.logins.verify(&creds.user, &creds.password, || {
+            match self.upstreams.check(creds) {
+                Ok((_, upstreams::connect::CheckAnswer::Ok(_))) => Verdict::Good,
+                Ok((remote, upstreams::connect::CheckAnswer::Refused(status))) => {
+                    log::info!(
+                        "conn={id} socks5 auth: user={} refused by remote={remote}: {status}",
+                        creds.user
+                    );
+                    Verdict::Refused
+                }
+                Err(e) => {
+                    log::debug!(
+                        "conn={id} socks5 auth: cannot check user={}: {e}",
+                        creds.user
+                    );
+                    Verdict::Unknown
+                }
+            }
+        })
+    }
+
     /// The id of connection `id`'s tunnel, unique across local-proxies with high odds.
     fn tunnel_id(&self, id: ConnId) -> TunnelId {
         TunnelId(u64::from(self.tunnel_prefix) << 32 | (id & 0xffff_ffff))
@@ -208,9 +257,13 @@ impl Local {
             socks5::write_method(s, Method::UserPass).ok()?;
             match socks5::read_userpass(s) {
                 Ok((user, password)) => {
-                    // Checked by remote-proxy at CONNECT; a bad pair gets reply 0x02 then.
+                    let creds = Credentials { user, password };
+                    if self.check_app_credentials(&creds, id) == logins::Verdict::Refused {
+                        let _ = socks5::write_userpass_status(s, false);
+                        return None;
+                    }
                     socks5::write_userpass_status(s, true).ok()?;
-                    Credentials { user, password }
+                    creds
                 }
                 Err(e) => {
                     log::info!("conn={id} socks5 auth: {e}");

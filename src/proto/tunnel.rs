@@ -42,6 +42,9 @@ pub enum Command {
     /// Is this remote-proxy serving? No credentials and no target follow; answered without
     /// authentication and without an admission slot (docs/protocol.md §2.1). Version 2 only.
     Health = 3,
+    /// Are these credentials good? Answered like a login (counted by the failed-login
+    /// throttle), with the user's bandwidth after an `ok` reply (§2.2); opens nothing.
+    Check = 4,
 }
 
 impl TryFrom<u8> for Command {
@@ -51,6 +54,7 @@ impl TryFrom<u8> for Command {
             1 => Ok(Command::Connect),
             2 => Ok(Command::Signup),
             3 => Ok(Command::Health),
+            4 => Ok(Command::Check),
             other => Err(Error::BadCommand(other)),
         }
     }
@@ -378,7 +382,7 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
     let password = read_credential(r)?;
     let target = match command {
         Command::Connect => Some(TargetAddr::decode(r, false)?),
-        Command::Signup | Command::Health => None,
+        Command::Signup | Command::Health | Command::Check => None,
     };
     Ok(Request {
         command,
@@ -419,6 +423,23 @@ pub fn write_reply<W: Write>(w: &mut W, reply: &Reply) -> io::Result<()> {
 /// Sends a reply in `version` (the request's, [`Request::version`]) with one `write_all`.
 pub fn write_reply_to<W: Write>(w: &mut W, version: u8, reply: &Reply) -> io::Result<()> {
     w.write_all(&encode_reply(reply, version))
+}
+
+/// The bytes that follow an `ok` reply to `CHECK` (§2.2): the user's bandwidth in bytes per
+/// second, 0 for unlimited.
+pub fn encode_check_bandwidth(bytes_per_sec: Option<u64>) -> [u8; 8] {
+    bytes_per_sec.unwrap_or(0).to_be_bytes()
+}
+
+/// Reads what follows an `ok` reply to `CHECK`: the bandwidth, `None` for unlimited.
+///
+/// # Errors
+/// `Io` when the bytes end early or the read times out.
+pub fn read_check_bandwidth<R: Read>(r: &mut R) -> Result<Option<u64>, Error> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    let v = u64::from_be_bytes(b);
+    Ok((v != 0).then_some(v))
 }
 
 /// Reads a reply (docs/protocol.md §4).
@@ -553,6 +574,24 @@ mod tests {
             read_request(&mut &b"FG\x01\x03"[..]),
             Err(Error::BadCommand(3))
         ));
+    }
+
+    #[test]
+    fn a_check_carries_credentials_and_no_target_and_its_answer_a_bandwidth() {
+        let check = Request {
+            command: Command::Check,
+            tunnel_id: Some(TunnelId(1)),
+            user: "alice".into(),
+            password: "pw".into(),
+            target: None,
+        };
+        let bytes = encode_request(&check).unwrap();
+        assert_eq!(&bytes[..4], b"FG\x02\x04");
+        assert_eq!(read_request(&mut &bytes[..]).unwrap(), check);
+        let bw = encode_check_bandwidth(Some(1_000_000));
+        assert_eq!(read_check_bandwidth(&mut &bw[..]).unwrap(), Some(1_000_000));
+        let unlimited = encode_check_bandwidth(None);
+        assert_eq!(read_check_bandwidth(&mut &unlimited[..]).unwrap(), None);
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub struct Remote {
     login_throttle: Option<Throttle<IpAddr>>,
     // Tunnels relaying now.
     open_tunnels: std::sync::atomic::AtomicUsize,
+    // Credential checks answered so far.
+    credential_checks: std::sync::atomic::AtomicU64,
     // Shutting down: probes are answered "draining" and new tunnels refused with it.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -186,6 +188,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         ip_throttle: cfg.rate_per_ip.map(Throttle::new),
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
         open_tunnels: std::sync::atomic::AtomicUsize::new(0),
+        credential_checks: std::sync::atomic::AtomicU64::new(0),
         draining: std::sync::atomic::AtomicBool::new(false),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
@@ -303,6 +306,12 @@ impl Remote {
         self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Credential checks (docs/protocol.md §2.2) answered so far.
+    pub fn credential_checks(&self) -> u64 {
+        self.credential_checks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Tunnels relaying now.
     pub fn open_tunnels(&self) -> usize {
         self.open_tunnels.load(std::sync::atomic::Ordering::Acquire)
@@ -319,6 +328,12 @@ impl Remote {
         if req.command == Command::Health {
             // Before every throttle: a probe counts against no address's or user's limits.
             self.answer_health(&stream, tag);
+            return Handled::SlotFree;
+        }
+        if req.command == Command::Check {
+            // A check opens no tunnel, so the per-IP tunnel rate does not apply; it is a
+            // login, so the failed-login lockout does.
+            self.check(&stream, tag, &peer, peer_addr.map(|a| a.ip()), &req);
             return Handled::SlotFree;
         }
         if self.is_draining() {
@@ -339,8 +354,8 @@ impl Remote {
                 self.signup(&stream, tag, &peer, &req);
                 Handled::SlotFree
             }
+            Command::Health | Command::Check => Handled::SlotFree, // answered above
             Command::Connect => self.connect(stream, tag, peer, ip, req, workers),
-            Command::Health => Handled::SlotFree, // answered above
         }
     }
 
@@ -383,6 +398,63 @@ impl Remote {
                 None
             }
         }
+    }
+
+    /// Checks the request's credentials: refused without hashing while the address is
+    /// locked out after failed logins, and a failure counts towards that lockout. A refusal
+    /// is answered and logged here; `None` then.
+    fn login(
+        &self,
+        stream: &TcpStream,
+        tag: Tag,
+        peer: &str,
+        ip: Option<IpAddr>,
+        req: &Request,
+    ) -> Option<User> {
+        // Too many failed logins from this address: refuse before spending a hash on it.
+        if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
+            if let Some(wait) = t.wait(&ip) {
+                let why = format!(
+                    "peer={peer} user={} login throttled after failures",
+                    req.user
+                );
+                rate_limited(stream, tag, &why, wait);
+                return None;
+            }
+        }
+        match self.auth.authenticate(&req.user, &req.password) {
+            Ok(u) => Some(u),
+            Err(AuthError::BadCredentials) => {
+                if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
+                    t.record(ip);
+                }
+                log::info!("{tag} peer={peer} user={} auth failed", req.user);
+                reply(stream, tag, Status::BadCredentials);
+                None
+            }
+            Err(AuthError::Store(e)) => {
+                log::error!("{tag} user database failed: {e}");
+                reply(stream, tag, Status::GeneralFailure);
+                None
+            }
+        }
+    }
+
+    /// Answers a credential check (docs/protocol.md §2.2) like a login: refused unchecked
+    /// while the address is locked out, and a failure counts towards the lockout.
+    fn check(&self, stream: &TcpStream, tag: Tag, peer: &str, ip: Option<IpAddr>, req: &Request) {
+        self.credential_checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(user) = self.login(stream, tag, peer, ip, req) else {
+            return;
+        };
+        log::info!(
+            "{tag} peer={peer} user={} credentials checked: ok",
+            user.name
+        );
+        let mut answer = tunnel::encode_reply(&Reply::status(Status::Ok), tag.version);
+        answer.extend_from_slice(&tunnel::encode_check_bandwidth(user.bandwidth.limit()));
+        let _ = std::io::Write::write_all(&mut &*stream, &answer);
     }
 
     fn signup(&self, stream: &TcpStream, tag: Tag, peer: &str, req: &Request) {
@@ -433,36 +505,12 @@ impl Remote {
         req: Request,
         workers: &Workers,
     ) -> Handled {
-        let Some(target) = req.target else {
+        let Some(target) = req.target.clone() else {
             reply(&stream, tag, Status::Malformed);
             return Handled::SlotFree;
         };
-        // Too many failed logins from this address: refuse before spending a hash on it.
-        if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
-            if let Some(wait) = t.wait(&ip) {
-                let why = format!(
-                    "peer={peer} user={} login throttled after failures",
-                    req.user
-                );
-                rate_limited(&stream, tag, &why, wait);
-                return Handled::SlotFree;
-            }
-        }
-        let user = match self.auth.authenticate(&req.user, &req.password) {
-            Ok(u) => u,
-            Err(AuthError::BadCredentials) => {
-                if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
-                    t.record(ip);
-                }
-                log::info!("{tag} peer={peer} user={} auth failed", req.user);
-                reply(&stream, tag, Status::BadCredentials);
-                return Handled::SlotFree;
-            }
-            Err(AuthError::Store(e)) => {
-                log::error!("{tag} user database failed: {e}");
-                reply(&stream, tag, Status::GeneralFailure);
-                return Handled::SlotFree;
-            }
+        let Some(user) = self.login(&stream, tag, &peer, ip, &req) else {
+            return Handled::SlotFree;
         };
         if let Some(rate) = user.rate {
             if let Err(wait) = self.registry.check_rate(&user.name, rate) {

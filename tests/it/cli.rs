@@ -338,3 +338,70 @@ fn a_malformed_remote_is_refused_at_start() {
         assert!(!String::from_utf8_lossy(&out.stderr).contains("listening on"));
     }
 }
+
+#[test]
+fn check_reports_each_remote_with_a_verdict() {
+    let p = binary_pair(&[]);
+    let dead = refused_addr();
+    let run = |password: &str| {
+        let out = local_bin()
+            .args(["check", "--user", "alice"])
+            .args(["--remote", &p.remote_addr.to_string()])
+            .args(["--remote", &dead.to_string()])
+            .env("FLOWGATE_PASSWORD", password)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run("pw");
+    assert_eq!(code, Some(1), "{out}");
+    let live = format!("{}: ok: reachable", p.remote_addr);
+    assert!(
+        out.contains(&live) && out.contains("accepted, bandwidth unlimited"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{dead}: FAILED: unreachable")),
+        "{out}"
+    );
+    let (code, out) = run("wrong");
+    assert_eq!(code, Some(1));
+    assert!(out.contains("user alice refused: bad credentials"), "{out}");
+    // With only the live remote and the right password: exit 0.
+    let out = local_bin()
+        .args([
+            "check",
+            "--user",
+            "alice",
+            "--remote",
+            &p.remote_addr.to_string(),
+        ])
+        .env("FLOWGATE_PASSWORD", "pw")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_wrong_password_at_start_is_logged_not_fatal() {
+    let p = binary_pair(&[]);
+    let mut cmd = local_bin();
+    cmd.args(["--listen", "127.0.0.1:0", "--user", "alice"])
+        .args(["--remote", &p.remote_addr.to_string()])
+        .env("FLOWGATE_PASSWORD", "wrong");
+    let (local, _addr) = spawn_listening(cmd);
+    assert!(eventually(Duration::from_secs(5), || !local
+        .log_lines("credentials refused: bad credentials")
+        .is_empty()));
+    assert!(
+        local
+            .log_lines(&format!("remote={} up", p.remote_addr))
+            .len()
+            == 1
+    );
+}

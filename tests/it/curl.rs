@@ -66,3 +66,18 @@ fn curl_through_the_real_binaries() {
         "{err}"
     );
 }
+
+#[test]
+fn curl_says_a_wrong_socks5_password_was_rejected() {
+    let p = binary_pair(&[]);
+    let url = format!("http://localhost:{}/bytes/10", origin().port());
+    let (_, err) = curl(&[
+        "--socks5-hostname",
+        &p.local_addr.to_string(),
+        "-U",
+        "alice:wrong",
+        &url,
+    ]);
+    // curl's words for an RFC 1929 failure, not "Can't complete SOCKS5 connection".
+    assert!(err.contains("rejected"), "{err}");
+}

@@ -93,13 +93,15 @@ fn socks5_clients_get_the_documented_reply_codes() {
     let p = pair(&[user("alice", "pw", "unlimited")]);
     let l = p.local_addr();
     let o = origin();
+    // A wrong password or unknown user fails the RFC 1929 sub-negotiation (status 1 there:
+    // socks_connect reports 0x100 + status), checked with the remote before CONNECT.
     assert_eq!(
         socks_connect(l, Dest::Ip(o), Some(("alice", "bad"))).unwrap_err(),
-        0x02
+        0x101
     );
     assert_eq!(
         socks_connect(l, Dest::Ip(o), Some(("nobody", "pw"))).unwrap_err(),
-        0x02
+        0x101
     );
     assert_eq!(
         socks_connect(l, Dest::Ip(refused_addr()), None).unwrap_err(),

@@ -76,7 +76,7 @@ fn app_credentials_pick_the_user() {
     download_and_verify(&mut s, "origin", 100_000);
     // bob's password does not work for alice.
     let e = socks_connect(p.local_addr(), Dest::Ip(o), Some(("alice", "bobpw"))).unwrap_err();
-    assert_eq!(e, 0x02);
+    assert_eq!(e, 0x101, "refused in the RFC 1929 sub-negotiation");
 }
 
 #[test]
@@ -104,4 +104,32 @@ fn half_close_is_passed_on_not_turned_into_a_reset() {
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     assert_eq!(answer, "got 1000000");
+}
+
+#[test]
+fn a_burst_of_rfc1929_logins_costs_one_check_at_the_remote() {
+    let p = pair(&[
+        user("alice", "pw", "unlimited"),
+        user("bob", "bobpw", "unlimited"),
+    ]);
+    let before = p.state.credential_checks();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(20));
+    let local = p.local_addr();
+    let hs: Vec<_> = (0..20)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                socks_connect(local, Dest::Ip(origin()), Some(("bob", "bobpw"))).map(drop)
+            })
+        })
+        .collect();
+    for h in hs {
+        assert!(h.join().unwrap().is_ok());
+    }
+    assert!(
+        p.state.credential_checks() - before <= 1,
+        "{}",
+        p.state.credential_checks() - before
+    );
 }

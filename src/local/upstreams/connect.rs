@@ -141,3 +141,41 @@ pub(crate) fn random_u32() -> u32 {
     use rand_core::RngCore;
     rand_core::OsRng.next_u32()
 }
+
+/// What a remote-proxy said to a credential check (docs/protocol.md §2.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckAnswer {
+    /// Good credentials; the user's bandwidth, `None` for unlimited.
+    Ok(Option<u64>),
+    /// Refused: bad credentials, or the address is locked out (`RateLimited`).
+    Refused(Status),
+}
+
+/// Asks one remote-proxy whether `creds` are good, without opening a tunnel.
+///
+/// # Errors
+/// As [`exchange`], and `Request` for credentials too long to send.
+pub fn check(
+    addrs: &[SocketAddr],
+    creds: &Credentials,
+    timeout: Duration,
+) -> Result<CheckAnswer, TunnelError> {
+    let req = Request {
+        command: Command::Check,
+        tunnel_id: Some(TunnelId(u64::from(random_u32()))),
+        user: creds.user.clone(),
+        password: creds.password.clone(),
+        target: None,
+    };
+    let bytes = tunnel::encode_request(&req).map_err(TunnelError::Request)?;
+    let (stream, reply) = exchange(addrs, &bytes, timeout, timeout)?;
+    if reply.status != Status::Ok {
+        return Ok(CheckAnswer::Refused(reply.status));
+    }
+    let mut d = HandshakeReader::new(&stream, timeout).map_err(TunnelError::Remote)?;
+    match tunnel::read_check_bandwidth(&mut d) {
+        Ok(bw) => Ok(CheckAnswer::Ok(bw)),
+        Err(tunnel::Error::Io(e)) => Err(TunnelError::Remote(e)),
+        Err(e) => Err(TunnelError::Protocol(e)),
+    }
+}

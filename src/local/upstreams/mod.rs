@@ -133,6 +133,51 @@ impl Upstreams {
         Err(last)
     }
 
+    /// Checks `creds` with the remote their user's tunnels would go to (failing over like a
+    /// tunnel); the remote's name and its answer.
+    ///
+    /// # Errors
+    /// `NoRemote` when every remote is down, or the last failure of those tried.
+    pub fn check(
+        &self,
+        creds: &config::Credentials,
+    ) -> Result<(String, connect::CheckAnswer), TunnelError> {
+        let mut last = TunnelError::NoRemote;
+        for index in self.order(&creds.user) {
+            let up = &self.remotes[index];
+            let addrs = up.addrs.lock().clone();
+            match connect::check(
+                &addrs,
+                creds,
+                self.cfg.health_timeout.max(Duration::from_secs(2)),
+            ) {
+                Ok(answer) => return Ok((up.name.clone(), answer)),
+                Err(e @ TunnelError::Request(_)) => return Err(e),
+                Err(e) => {
+                    self.note(index, up.health.lock().tunnel_failed(&short(&e)));
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Checks `creds` with every remote, in configured order: each one's name and what it
+    /// said (`local-proxy check`).
+    pub fn check_each(
+        &self,
+        creds: &config::Credentials,
+    ) -> Vec<(String, Result<connect::CheckAnswer, TunnelError>)> {
+        self.remotes
+            .iter()
+            .map(|up| {
+                let addrs = up.addrs.lock().clone();
+                let t = self.cfg.health_timeout.max(Duration::from_secs(2));
+                (up.name.clone(), connect::check(&addrs, creds, t))
+            })
+            .collect()
+    }
+
     /// The usable remotes for a tunnel of `user`, best first.
     fn order(&self, user: &str) -> Vec<usize> {
         let healths: Vec<bool> = self
