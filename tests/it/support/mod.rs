@@ -649,70 +649,98 @@ pub fn health_probe(remote: SocketAddr) -> std::io::Result<flowgate::proto::tunn
         })
 }
 
-/// Several remote-proxies on one database, in this process, and a way to add local-proxies
-/// that use them all.
+/// Several remote-proxy binaries on one database, and local-proxy binaries over them all.
 pub struct Fleet {
-    pub remotes: Vec<Option<(Server, std::sync::Arc<flowgate::remote::Remote>)>>,
+    pub remotes: Vec<Option<ChildGuard>>,
     pub addrs: Vec<SocketAddr>,
     pub db: PathBuf,
+    // The local-proxies started over the fleet; killed with it.
+    pub locals: Vec<ChildGuard>,
 }
 
 impl Fleet {
-    /// `n` remotes with `users` in their shared database.
-    pub fn start(n: usize, users: &[UserSpec]) -> Fleet {
-        let db = users_db(users);
+    /// `n` remotes with `users` (password `pw`) in their shared database.
+    pub fn start(n: usize, users: &[&str]) -> Fleet {
+        let db = temp_dir().join("users.db");
+        for u in users {
+            remote_user_ok(
+                &db,
+                &[
+                    "user",
+                    "add",
+                    u,
+                    "--bandwidth",
+                    "unlimited",
+                    "--password",
+                    "pw",
+                ],
+            );
+        }
         let mut fleet = Fleet {
             remotes: Vec::new(),
             addrs: Vec::new(),
             db,
+            locals: Vec::new(),
         };
         for _ in 0..n {
-            let (server, state) = fleet.start_remote("127.0.0.1:0".parse().unwrap());
-            fleet.addrs.push(server.local_addr());
-            fleet.remotes.push(Some((server, state)));
+            let (child, addr) = fleet.spawn_remote("127.0.0.1:0");
+            fleet.addrs.push(addr);
+            fleet.remotes.push(Some(child));
         }
         fleet
     }
 
-    fn start_remote(
-        &self,
-        listen: SocketAddr,
-    ) -> (Server, std::sync::Arc<flowgate::remote::Remote>) {
-        let mut rc = RemoteConfig::new(self.db.clone());
-        rc.listen = listen;
-        rc.user_poll = Duration::from_millis(200);
-        rc.failed_login_rate = None;
-        flowgate::remote::start_with_state(rc).unwrap()
+    fn spawn_remote(&self, listen: &str) -> (ChildGuard, SocketAddr) {
+        let mut cmd = remote_bin();
+        cmd.arg("--db").arg(&self.db).args([
+            "serve",
+            "--listen",
+            listen,
+            "--failed-login-rate",
+            "off",
+        ]);
+        spawn_listening(cmd)
     }
 
-    /// A local-proxy over every remote, with fast health checks; `cfg` adjusts it.
-    pub fn local(&self, cfg: impl FnOnce(&mut LocalConfig)) -> Server {
-        let mut lc = LocalConfig::new(self.addrs.iter().map(|a| a.to_string()).collect(), None);
-        lc.listen = "127.0.0.1:0".parse().unwrap();
-        lc.upstreams.health_interval = Duration::from_millis(200);
-        lc.upstreams.health_timeout = Duration::from_millis(500);
-        cfg(&mut lc);
-        flowgate::local::start(lc).unwrap()
+    /// A local-proxy binary over every remote (fast health checks), with `extra` flags;
+    /// returns its address. It lives as long as the fleet.
+    pub fn local(&mut self, extra: &[&str]) -> SocketAddr {
+        let mut cmd = local_bin();
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(["--health-interval", "200ms", "--health-timeout", "500ms"])
+            .args(extra);
+        for a in &self.addrs {
+            cmd.args(["--remote", &a.to_string()]);
+        }
+        let (child, addr) = spawn_listening(cmd);
+        self.locals.push(child);
+        addr
     }
 
-    /// Tunnels open on each remote now (a stopped one counts 0).
+    /// Tunnels open on each remote now, from its log (opened minus closed); a killed
+    /// remote counts 0.
     pub fn open_tunnels(&self) -> Vec<usize> {
         self.remotes
             .iter()
-            .map(|r| r.as_ref().map_or(0, |(_, st)| st.open_tunnels()))
+            .map(|r| {
+                r.as_ref().map_or(0, |c| {
+                    let opened = c.log_lines(" open user=").len();
+                    let closed = c.log_lines(" close user=").len();
+                    opened.saturating_sub(closed)
+                })
+            })
             .collect()
     }
 
-    /// Stops remote `i` listening (its open tunnels run on, as after a crash of its
-    /// listener; new connections are refused).
-    pub fn stop(&mut self, i: usize) {
-        self.remotes[i] = None;
+    /// Kills remote `i` with SIGKILL: its tunnels die with it, new connections are refused.
+    pub fn kill(&mut self, i: usize) {
+        self.remotes[i] = None; // ChildGuard kills and reaps it
     }
 
     /// Starts remote `i` again on its old address.
     pub fn restart(&mut self, i: usize) {
-        let r = self.start_remote(self.addrs[i]);
-        self.remotes[i] = Some(r);
+        let (child, _) = self.spawn_remote(&self.addrs[i].to_string());
+        self.remotes[i] = Some(child);
     }
 }
 
