@@ -132,3 +132,49 @@ fn sigterm_lets_local_proxy_finish_its_tunnels() {
     assert_eq!(exit_code(&mut local, Duration::from_secs(5)), Some(0));
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
 }
+
+#[test]
+fn a_second_signal_stops_at_once() {
+    let db = temp_dir().join("u.db");
+    remote_user_ok(
+        &db,
+        &[
+            "user",
+            "add",
+            "alice",
+            "--bandwidth",
+            "1M",
+            "--password",
+            "pw",
+        ],
+    );
+    let (mut remote, a) = remote_serve(&db, "30s");
+    let (_local, laddr) = local_over(&[a], "30s");
+    // A download that would take 3 s, held by a 30 s grace: the second signal cuts it.
+    let download = std::thread::spawn(move || {
+        let mut s = socks_connect(laddr, Dest::Ip(origin()), None).unwrap();
+        let _ = std::io::Write::write_all(
+            &mut s,
+            b"GET /bytes/3000000 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",
+        );
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut sink);
+        sink.len()
+    });
+    assert!(eventually(Duration::from_secs(5), || !remote
+        .log_lines("open user=alice")
+        .is_empty()));
+    let pid = Pid::from_raw(remote.0.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    assert!(eventually(Duration::from_secs(2), || !remote
+        .log_lines("draining")
+        .is_empty()));
+    let t = Instant::now();
+    kill(pid, Signal::SIGINT).unwrap();
+    assert_eq!(exit_code(&mut remote, Duration::from_secs(2)), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(
+        download.join().unwrap() < 3_000_000,
+        "the download was not cut"
+    );
+}
