@@ -5,6 +5,17 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
+/// A database with alice (password pw) at 1 MB/s, so a 3 MB download takes 3 s.
+fn alice_at_1m() -> std::path::PathBuf {
+    let db = temp_dir().join("u.db");
+    remote_user_ok(&db, &words("user add alice --bandwidth 1M --password pw"));
+    db
+}
+
+fn words(s: &str) -> Vec<&str> {
+    s.split_whitespace().collect()
+}
+
 fn remote_serve(db: &std::path::Path, grace: &str) -> (ChildGuard, std::net::SocketAddr) {
     let mut cmd = remote_bin();
     cmd.arg("--db")
@@ -53,19 +64,7 @@ fn slow_download(local: std::net::SocketAddr) -> std::thread::JoinHandle<()> {
 
 #[test]
 fn sigterm_lets_a_remote_finish_its_tunnels_and_new_ones_go_elsewhere() {
-    let db = temp_dir().join("u.db");
-    remote_user_ok(
-        &db,
-        &[
-            "user",
-            "add",
-            "alice",
-            "--bandwidth",
-            "1M",
-            "--password",
-            "pw",
-        ],
-    );
+    let db = alice_at_1m();
     let (mut r1, a1) = remote_serve(&db, "10s");
     let (mut r2, a2) = remote_serve(&db, "10s");
     let (_local, local) = local_over(&[a1, a2], "10s");
@@ -103,19 +102,7 @@ fn sigterm_lets_a_remote_finish_its_tunnels_and_new_ones_go_elsewhere() {
 
 #[test]
 fn sigterm_lets_local_proxy_finish_its_tunnels() {
-    let db = temp_dir().join("u.db");
-    remote_user_ok(
-        &db,
-        &[
-            "user",
-            "add",
-            "alice",
-            "--bandwidth",
-            "1M",
-            "--password",
-            "pw",
-        ],
-    );
+    let db = alice_at_1m();
     let (_r, a) = remote_serve(&db, "10s");
     let (mut local, laddr) = local_over(&[a], "10s");
     let download = slow_download(laddr);
@@ -135,19 +122,7 @@ fn sigterm_lets_local_proxy_finish_its_tunnels() {
 
 #[test]
 fn a_second_signal_stops_at_once() {
-    let db = temp_dir().join("u.db");
-    remote_user_ok(
-        &db,
-        &[
-            "user",
-            "add",
-            "alice",
-            "--bandwidth",
-            "1M",
-            "--password",
-            "pw",
-        ],
-    );
+    let db = alice_at_1m();
     let (mut remote, a) = remote_serve(&db, "30s");
     let (_local, laddr) = local_over(&[a], "30s");
     // A download that would take 3 s, held by a 30 s grace: the second signal cuts it.
