@@ -125,8 +125,14 @@ pub fn pair_with(
     let mut lc = LocalConfig::new(vec![remote.local_addr().to_string()], creds);
     lc.listen = "127.0.0.1:0".parse().unwrap();
     lc.timeouts = Timeouts::default();
+    // Periodic health probes would take a remote's slot now and then, and the admission
+    // tests count slots exactly; the tests of health checks use a Fleet instead.
+    lc.upstreams.health_interval = Duration::from_secs(3600);
     local_cfg(&mut lc);
     let local = flowgate::local::start(lc).unwrap();
+    // local-proxy checked its --user credentials at start; the remote frees that slot a
+    // moment after answering. Tests that count slots start from none in use.
+    assert!(eventually(Duration::from_secs(5), || remote.active() == 0));
     Pair {
         remote,
         state,
