@@ -5,7 +5,8 @@
 //! 1. `net::server` (net/server.rs) accepts the app's connection on local-proxy's port;
 //!    `limit::admission` gives it a slot or queues it unread; `net::workers` runs it.
 //! 2. `local` (local/mod.rs) peeks the first byte and runs the app's handshake with
-//!    `proto::socks5` or `proto::http`, read under one deadline by `net::handshake`.
+//!    `proto::socks5` or `proto::http`, read under one deadline by `net::handshake`;
+//!    `local::logins` checks an app's RFC 1929 password with the remote before answering.
 //! 3. `local::upstreams` picks a remote-proxy that is up (sticky per user by default),
 //!    connects, and sends a `proto::tunnel` request (credentials and target,
 //!    docs/protocol.md), failing over to the next remote if this one does not answer.
