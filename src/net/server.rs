@@ -88,16 +88,28 @@ pub trait Service: Send + Sync + 'static {
     fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16);
     /// Called by the sweeper a few times a second (remote/ expires parked tunnels here).
     fn sweep(&self, _workers: &Workers) {}
-    /// Asked by the sweeper about each connection waiting for a slot: true when it is one
-    /// the service answers without a slot (remote-proxy's health probes, so a busy remote is
-    /// not taken for a dead one). Runs under the queue's lock: must only look, not read or
-    /// write ([`crate::net::sys::peek_now`]).
-    fn answers_unadmitted(&self, _stream: &TcpStream) -> bool {
-        false
+    /// Asked by the sweeper about a connection waiting for a slot: is it one the service
+    /// answers without a slot (remote-proxy's health probes, so a busy remote is not taken
+    /// for a dead one)? Runs under the queue's lock: must only look, not read or write
+    /// ([`crate::net::sys::peek_now`]). A connection once answered [`Triage::Wait`] is not
+    /// asked again, so a full queue costs a look per connection, not one per tick.
+    fn answers_unadmitted(&self, _stream: &TcpStream) -> Triage {
+        Triage::Wait
     }
     /// Answers a connection [`answers_unadmitted`](Self::answers_unadmitted) picked, on the
     /// sweeper thread: it must be quick (its bytes have all arrived).
     fn answer_unadmitted(&self, _stream: TcpStream, _id: ConnId) {}
+}
+
+/// What to do with a connection waiting for a slot ([`Service::answers_unadmitted`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Triage {
+    /// Answer it now, without a slot, and take it out of the queue.
+    Answer,
+    /// It waits for a slot like any connection; do not ask again.
+    Wait,
+    /// Too few of its bytes have arrived to tell: ask again at the next sweep.
+    Unknown,
 }
 
 /// An accepted connection on its way to a slot.
@@ -105,6 +117,8 @@ struct Arrived {
     stream: TcpStream,
     id: ConnId,
     at: std::time::Instant,
+    // The service said it waits like any connection: the sweeper stops looking at it.
+    triaged: std::cell::Cell<bool>,
 }
 
 /// Most "busy" answers being written at once; past this, turned-away sockets are just
@@ -242,9 +256,19 @@ impl ServeCtx {
                 .admission
                 .sweep(&mut |a: &Arrived| peer_alive(&a.stream));
             self.turn_away(removed);
-            let answered = self
-                .admission
-                .take_where(&mut |a: &Arrived| self.service.answers_unadmitted(&a.stream));
+            let answered = self.admission.take_where(&mut |a: &Arrived| {
+                if a.triaged.get() {
+                    return false;
+                }
+                match self.service.answers_unadmitted(&a.stream) {
+                    Triage::Answer => true,
+                    Triage::Wait => {
+                        a.triaged.set(true);
+                        false
+                    }
+                    Triage::Unknown => false,
+                }
+            });
             for a in answered {
                 log::debug!("conn={} answered while queued", a.id);
                 self.service.answer_unadmitted(a.stream, a.id);
@@ -456,6 +480,7 @@ fn accept_loop(listener: TcpListener, ctx: Arc<ServeCtx>, stopping: Arc<AtomicBo
                     stream,
                     id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
                     at: std::time::Instant::now(),
+                    triaged: std::cell::Cell::new(false),
                 };
                 match ctx.admission.arrive(arrived) {
                     Arrival::Admitted(a) => ctx.dispatch(a),

@@ -29,6 +29,8 @@ impl fmt::Display for TunnelId {
 }
 /// Length of a health probe on the wire, in bytes (MAGIC, VER, CMD, TUNNEL_ID).
 pub const HEALTH_PROBE_LEN: usize = 12;
+/// The first bytes of every health probe: MAGIC, version 2, CMD 0x03.
+pub const HEALTH_PROBE_START: [u8; 4] = [b'F', b'G', VERSION, Command::Health as u8];
 /// Longest user name and password on the wire, in bytes.
 pub const MAX_CREDENTIAL: usize = 255;
 
@@ -562,6 +564,8 @@ mod tests {
         let probe = Request::health(Some(TunnelId(9)));
         let bytes = encode_request(&probe).unwrap();
         assert_eq!(bytes, b"FG\x02\x03\x00\x00\x00\x00\x00\x00\x00\x09");
+        assert_eq!(bytes.len(), HEALTH_PROBE_LEN);
+        assert_eq!(bytes[..4], HEALTH_PROBE_START);
         assert_eq!(read_request(&mut &bytes[..]).unwrap(), probe);
         for cut in 0..bytes.len() {
             assert!(matches!(

@@ -17,7 +17,7 @@ use crate::limit::throttle::{retry_after_secs, Throttle};
 use crate::net::connect::connect_target;
 use crate::net::handshake::HandshakeReader;
 use crate::net::relay;
-use crate::net::server::{ConnId, Handled, Server, Service, StartError};
+use crate::net::server::{ConnId, Handled, Server, Service, StartError, Triage};
 use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
@@ -135,12 +135,20 @@ impl Service for RemoteService {
         }
     }
 
-    fn answers_unadmitted(&self, stream: &TcpStream) -> bool {
+    fn answers_unadmitted(&self, stream: &TcpStream) -> Triage {
         let mut head = [0u8; tunnel::HEALTH_PROBE_LEN];
-        if !matches!(peek_now(stream, &mut head), Ok(n) if n == head.len()) {
-            return false;
+        match peek_now(stream, &mut head) {
+            Ok(n) if n == head.len() => match tunnel::read_request(&mut &head[..]) {
+                Ok(req) if req.command == Command::Health => Triage::Answer,
+                _ => Triage::Wait,
+            },
+            // Not all there yet: if what is there can still start a probe, look again later.
+            Ok(n) if n > 0 && tunnel::HEALTH_PROBE_START.starts_with(&head[..n.min(4)]) => {
+                Triage::Unknown
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Triage::Unknown,
+            _ => Triage::Wait,
         }
-        matches!(tunnel::read_request(&mut &head[..]), Ok(req) if req.command == Command::Health)
     }
 
     fn answer_unadmitted(&self, stream: TcpStream, id: ConnId) {

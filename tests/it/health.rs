@@ -74,3 +74,29 @@ fn probes_count_against_no_throttle() {
     let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
     download_and_verify(&mut s, "o", 1000);
 }
+
+#[test]
+fn a_probe_that_arrives_in_pieces_while_queued_is_still_answered() {
+    use std::io::Write;
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| {
+            r.admission.max_active = 1;
+            r.admission.max_queued = 8;
+        },
+        |_| {},
+    );
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let _busy = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    let probe =
+        flowgate::proto::tunnel::encode_request(&flowgate::proto::tunnel::Request::health(None))
+            .unwrap();
+    let mut s = connect(p.remote_addr());
+    s.write_all(&probe[..6]).unwrap();
+    // Several sweeps see half a probe: not yet decided, so it is looked at again.
+    std::thread::sleep(Duration::from_millis(350));
+    s.write_all(&probe[6..]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let reply = flowgate::proto::tunnel::read_reply(&mut s).unwrap();
+    assert_eq!(reply.status, Status::Ok);
+}
