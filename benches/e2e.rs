@@ -105,8 +105,13 @@ struct Setup {
 }
 
 impl Setup {
-    fn start(opts: &Opts) -> Setup {
-        let dir = std::env::temp_dir().join(format!("flowgate-bench-{}", std::process::id()));
+    /// A pair on its own database; `tls` false runs both with `--plaintext`.
+    fn start(opts: &Opts, tls: bool) -> Setup {
+        let dir = std::env::temp_dir().join(format!(
+            "flowgate-bench-{}-{}",
+            std::process::id(),
+            if tls { "tls" } else { "plain" }
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let db = dir.join("bench.db");
@@ -126,6 +131,19 @@ impl Setup {
                 "off",
             ])
             .args(WORKER_ARGS);
+        let hop: Vec<String> = if tls {
+            let out = Command::new(s("remote-proxy"))
+                .arg("--db")
+                .arg(&db)
+                .arg("identity")
+                .output()
+                .expect("remote-proxy identity");
+            let pin = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            vec!["--pin".into(), pin]
+        } else {
+            r.arg("--plaintext");
+            vec!["--plaintext".into()]
+        };
         let remote = spawn(r);
         let mut l = Command::new(s("local-proxy"));
         l.args([
@@ -135,6 +153,7 @@ impl Setup {
             &remote.addr.to_string(),
         ])
         .args(["--max-connections", "20000", "--max-queued", "20000"])
+        .args(&hop)
         .args(WORKER_ARGS);
         let local = spawn(l);
         let setup = Setup {
@@ -1090,7 +1109,7 @@ fn main() {
     let origin = Origin::start("127.0.0.1:0".parse().unwrap())
         .expect("origin")
         .local_addr();
-    let st = Setup::start(&opts);
+    let st = Setup::start(&opts, true);
     let reference = (opts.reference && (opts.wants("throughput") || opts.wants("setup")))
         .then(|| Reference::start(origin))
         .flatten();

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command demo: build, make a demo user in a throwaway database, start remote-proxy,
-# local-proxy and a local origin on loopback ports, and show curl downloads held to the
+# local-proxy (pinning remote-proxy's TLS identity) and a local origin on loopback ports, and show curl downloads held to the
 # user's rate: one connection, then three in parallel sharing the same budget.
 #   RATE=500K SIZE=2000000 scripts/demo.sh
 set -euo pipefail
@@ -13,10 +13,13 @@ command -v curl >/dev/null || { echo "demo needs curl (apt-get install curl)"; e
 build_release
 DB="$WORK/demo.db"
 "$BIN/remote-proxy" --db "$DB" user add demo --bandwidth "$RATE" --password demo-password
+# The TLS identity users pin (made beside the database on first use, owner-only files).
+PIN=$("$BIN/remote-proxy" --db "$DB" identity 2>/dev/null)
 start remote "$BIN/remote-proxy" --db "$DB" serve --listen 127.0.0.1:0; REMOTE=$ADDR
-FLOWGATE_PASSWORD=demo-password start local "$BIN/local-proxy" --listen 127.0.0.1:0 --remote "$REMOTE" --user demo; LOCAL=$ADDR
+FLOWGATE_PASSWORD=demo-password start local "$BIN/local-proxy" --listen 127.0.0.1:0 --remote "$REMOTE" --pin "$PIN" --user demo; LOCAL=$ADDR
 start origin "$BIN/flowgate-origin" --listen 127.0.0.1:0; ORIGIN=$ADDR
 echo "== remote-proxy $REMOTE, local-proxy $LOCAL (SOCKS5 + HTTP), origin $ORIGIN"
+echo "== the hop between them is TLS 1.3; local-proxy pins remote-proxy's identity $PIN"
 echo "== user 'demo' may use $RATE per second in total"
 
 URL="http://localhost:${ORIGIN##*:}/bytes/$SIZE"

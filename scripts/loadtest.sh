@@ -2,7 +2,7 @@
 # Load test: USERS users x CONNS parallel curl --socks5-hostname downloads each, for
 # DURATION seconds, from a local origin through one local-proxy/remote-proxy pair; prints each
 # user's achieved rate beside its configured rate (RATE=unlimited prints the rate reached).
-#   USERS=4 CONNS=4 RATE=1M DURATION=10 scripts/loadtest.sh
+#   USERS=4 CONNS=4 RATE=1M DURATION=10 [PLAINTEXT=1] scripts/loadtest.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -17,8 +17,14 @@ DB="$WORK/load.db"
 for u in $(seq 1 "$USERS"); do
   "$BIN/remote-proxy" --db "$DB" user add "user$u" --bandwidth "$RATE" --password "pw$u" >/dev/null
 done
-start remote "$BIN/remote-proxy" --db "$DB" serve --listen 127.0.0.1:0; REMOTE=$ADDR
-start local "$BIN/local-proxy" --listen 127.0.0.1:0 --remote "$REMOTE"; LOCAL=$ADDR
+# TLS between the hops unless PLAINTEXT=1 (then both run --plaintext, loopback only).
+if [ "${PLAINTEXT:-0}" = 1 ]; then
+  REMOTE_HOP=(--plaintext); LOCAL_HOP=(--plaintext)
+else
+  REMOTE_HOP=(); LOCAL_HOP=(--pin "$("$BIN/remote-proxy" --db "$DB" identity 2>/dev/null)")
+fi
+start remote "$BIN/remote-proxy" --db "$DB" serve --listen 127.0.0.1:0 "${REMOTE_HOP[@]}"; REMOTE=$ADDR
+start local "$BIN/local-proxy" --listen 127.0.0.1:0 --remote "$REMOTE" "${LOCAL_HOP[@]}"; LOCAL=$ADDR
 start origin "$BIN/flowgate-origin" --listen 127.0.0.1:0; ORIGIN=$ADDR
 URL="http://localhost:${ORIGIN##*:}/bytes/100000000000"
 CURLS=()

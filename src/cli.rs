@@ -20,8 +20,25 @@ pub struct RemoteCli {
     /// SQLite user database (created on first use).
     #[arg(long, global = true, default_value = config::DEFAULT_DB, env = "FLOWGATE_DB")]
     pub db: PathBuf,
+    /// Directory for the TLS identity (identity.key, identity.crt; made on first start,
+    /// owner-only). Default: the database's directory.
+    #[arg(long, global = true, value_name = "DIR", env = "FLOWGATE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: RemoteCommand,
+}
+
+impl RemoteCli {
+    /// Where the TLS identity is kept.
+    pub fn state_dir(&self) -> PathBuf {
+        match &self.state_dir {
+            Some(d) => d.clone(),
+            None => match config::RemoteTls::beside(&self.db) {
+                config::RemoteTls::StateDir(d) => d,
+                _ => PathBuf::from("."),
+            },
+        }
+    }
 }
 
 /// remote-proxy subcommands.
@@ -32,6 +49,14 @@ pub enum RemoteCommand {
     /// Manage users (the running server picks changes up within a second).
     #[command(subcommand)]
     User(UserCommand),
+    /// Print this server's TLS identity (`sha256:...`), the value users pin with
+    /// `local-proxy --pin` or compare when they run `local-proxy trust`. Makes the identity
+    /// first if there is none yet.
+    Identity {
+        /// Print the identity of this certificate (PEM) instead of the state directory's.
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+    },
 }
 
 /// Flags of `remote-proxy serve`.
@@ -57,8 +82,68 @@ pub struct ServeArgs {
         default_value_t = MaybeRate(Some(config::DEFAULT_FAILED_LOGIN_RATE))
     )]
     pub failed_login_rate: MaybeRate,
+    /// Use this certificate chain (PEM, end-entity first) instead of the generated
+    /// identity: a CA-issued certificate, or one shared by all remotes of a fleet.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "plaintext"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert; keep it owner-only (chmod 600).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// No TLS: tunnels, passwords included, cross the network in clear. Only for trusted
+    /// networks (loopback, a VPN link); local-proxy needs --plaintext too.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Allow --plaintext on a listen address that is not loopback.
+    #[arg(long, requires = "plaintext")]
+    pub plaintext_on_public: bool,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// How local-proxy secures its tunnels; shared by serving and the subcommands that talk to
+/// a remote.
+#[derive(Debug, Args)]
+pub struct HopArgs {
+    /// Accept a remote whose certificate hashes to this (`sha256:<hex>`, as `remote-proxy
+    /// identity` prints it); give it several times for a fleet or a key rotation.
+    #[arg(long, value_name = "sha256:HEX", conflicts_with_all = ["ca", "plaintext"])]
+    pub pin: Vec<crate::tls::Fingerprint>,
+    /// Verify remotes' certificate chains and host names against this CA bundle (PEM).
+    #[arg(long, value_name = "FILE", conflicts_with = "plaintext")]
+    pub ca: Option<PathBuf>,
+    /// Without --pin or --ca, remotes must be in this file (add one with `local-proxy trust
+    /// HOST:PORT`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FLOWGATE_KNOWN_REMOTES",
+        default_value_os_t = crate::tls::default_known_remotes_path()
+    )]
+    pub known_remotes: PathBuf,
+    /// No TLS: credentials and data cross the network in clear. Only for trusted networks
+    /// (loopback, a VPN link), against a remote-proxy started with --plaintext.
+    #[arg(long)]
+    pub plaintext: bool,
+}
+
+impl HopArgs {
+    /// The TLS settings these flags ask for.
+    pub fn tls(&self) -> config::LocalTls {
+        if self.plaintext {
+            config::LocalTls::Plaintext
+        } else if !self.pin.is_empty() {
+            config::LocalTls::Pins(self.pin.clone())
+        } else if let Some(ca) = &self.ca {
+            config::LocalTls::Ca(ca.clone())
+        } else {
+            config::LocalTls::KnownRemotes(self.known_remotes.clone())
+        }
+    }
 }
 
 /// Flags both proxies share.
@@ -315,6 +400,8 @@ pub enum LocalCommand {
         /// Read the password from the first line of standard input.
         #[arg(long)]
         password_stdin: bool,
+        #[command(flatten)]
+        hop: HopArgs,
     },
     /// Check each remote-proxy once: reachable, and whether it accepts the credentials;
     /// one line per remote, exit 0 when every one is fine, 1 otherwise.
@@ -329,6 +416,26 @@ pub enum LocalCommand {
         /// Read the password from the first line of standard input.
         #[arg(long)]
         password_stdin: bool,
+        #[command(flatten)]
+        hop: HopArgs,
+    },
+    /// Connect to a remote-proxy, show its TLS identity and, once confirmed, record it in
+    /// the known-remotes file; compare it with what the remote's operator gave you
+    /// (`remote-proxy identity`).
+    Trust {
+        /// remote-proxy address, HOST:PORT, as given to --remote.
+        remote: RemoteAddr,
+        /// Record without asking (for scripts that got the identity another way).
+        #[arg(long)]
+        yes: bool,
+        /// The known-remotes file to record it in.
+        #[arg(
+            long,
+            value_name = "FILE",
+            env = "FLOWGATE_KNOWN_REMOTES",
+            default_value_os_t = crate::tls::default_known_remotes_path()
+        )]
+        known_remotes: PathBuf,
     },
 }
 
@@ -366,6 +473,8 @@ pub struct LocalArgs {
     #[arg(long)]
     pub password_stdin: bool,
     #[command(flatten)]
+    pub hop: HopArgs,
+    #[command(flatten)]
     pub common: CommonArgs,
 }
 
@@ -387,8 +496,16 @@ impl ServeArgs {
     ///
     /// # Errors
     /// Flags that contradict each other.
-    pub fn into_config(self, db: PathBuf) -> Result<RemoteConfig, String> {
+    pub fn into_config(self, db: PathBuf, state_dir: PathBuf) -> Result<RemoteConfig, String> {
         let mut cfg = RemoteConfig::new(db);
+        cfg.tls = match (self.plaintext, self.tls_cert, self.tls_key) {
+            (true, _, _) => config::RemoteTls::Plaintext {
+                public: self.plaintext_on_public,
+            },
+            (false, Some(cert), Some(key)) => config::RemoteTls::Files { cert, key },
+            (false, None, None) => config::RemoteTls::StateDir(state_dir),
+            _ => return Err("--tls-cert and --tls-key go together".into()),
+        };
         cfg.listen = self.listen;
         cfg.allow_signup = self.allow_signup;
         cfg.signup_bandwidth = self.signup_bandwidth;
@@ -428,6 +545,7 @@ impl LocalArgs {
         cfg.timeouts = self.common.timeouts();
         cfg.admission = self.common.admission();
         cfg.pool = self.common.pool()?;
+        cfg.tls = self.hop.tls();
         Ok(cfg)
     }
 }
@@ -598,7 +716,7 @@ mod tests {
         let RemoteCommand::Serve(args) = serve.command else {
             panic!("not serve")
         };
-        let cfg = args.into_config("x.db".into()).unwrap();
+        let cfg = args.into_config("x.db".into(), ".".into()).unwrap();
         assert_eq!(cfg.rate_per_ip, None);
         assert_eq!(cfg.failed_login_rate, Some("10/m".parse().unwrap()));
         assert_eq!(cfg.admission, crate::config::default_admission());

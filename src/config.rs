@@ -171,6 +171,85 @@ pub struct RemoteConfig {
     pub failed_login_rate: Option<RequestRate>,
     /// How often to look for user changes made by other processes.
     pub user_poll: Duration,
+    /// TLS on the hop, and with which identity; or plaintext.
+    pub tls: RemoteTls,
+}
+
+/// remote-proxy's side of the hop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteTls {
+    /// No TLS (`--plaintext`), for trusted networks. `public` allows it on a listen address
+    /// that is not loopback (`--plaintext-on-public`).
+    Plaintext {
+        /// `--plaintext-on-public` was given.
+        public: bool,
+    },
+    /// TLS with the identity kept in this state directory (made on first start).
+    StateDir(PathBuf),
+    /// TLS with the operator's own certificate chain and key (PEM files).
+    Files {
+        /// The certificate chain, end-entity first.
+        cert: PathBuf,
+        /// Its private key.
+        key: PathBuf,
+    },
+}
+
+impl RemoteTls {
+    /// The default: TLS with the identity kept beside the database.
+    pub fn beside(db: &std::path::Path) -> RemoteTls {
+        let dir = db
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        RemoteTls::StateDir(dir.to_path_buf())
+    }
+
+    /// Loads (or, in a state directory, makes) the identity, and whether it was made now;
+    /// `None` for plaintext.
+    ///
+    /// # Errors
+    /// When the files cannot be read, written or used.
+    pub fn identity(&self) -> Result<Option<(crate::tls::Identity, bool)>, crate::tls::Error> {
+        match self {
+            RemoteTls::Plaintext { .. } => Ok(None),
+            RemoteTls::StateDir(dir) => crate::tls::Identity::load_or_create(dir).map(Some),
+            RemoteTls::Files { cert, key } => {
+                crate::tls::Identity::load(cert, key).map(|id| Some((id, false)))
+            }
+        }
+    }
+}
+
+/// local-proxy's side of the hop: how it knows a remote is the real one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalTls {
+    /// No TLS (`--plaintext`), for trusted networks.
+    Plaintext,
+    /// The remote's certificate must hash to one of these (`--pin`).
+    Pins(Vec<crate::tls::Fingerprint>),
+    /// The remote's chain and host name must verify against this CA bundle (`--ca`).
+    Ca(PathBuf),
+    /// The remote must be recorded in this known-remotes file (`local-proxy trust`).
+    KnownRemotes(PathBuf),
+}
+
+impl LocalTls {
+    /// The verification settings; `None` for plaintext.
+    ///
+    /// # Errors
+    /// When the known-remotes file cannot be read or parsed.
+    pub fn trust(&self) -> Result<Option<crate::tls::Trust>, crate::tls::Error> {
+        use crate::tls::{KnownRemotes, Trust};
+        Ok(match self {
+            LocalTls::Plaintext => None,
+            LocalTls::Pins(p) => Some(Trust::Pins(p.clone())),
+            LocalTls::Ca(path) => Some(Trust::Ca(path.clone())),
+            LocalTls::KnownRemotes(path) => {
+                Some(Trust::Known(std::sync::Arc::new(KnownRemotes::open(path)?)))
+            }
+        })
+    }
 }
 
 /// The default admission limits.
@@ -185,6 +264,7 @@ pub fn default_admission() -> Limits {
 impl RemoteConfig {
     /// Defaults for everything but the database path.
     pub fn new(db: PathBuf) -> RemoteConfig {
+        let tls = RemoteTls::beside(&db);
         RemoteConfig {
             listen: DEFAULT_REMOTE_LISTEN,
             db,
@@ -196,6 +276,7 @@ impl RemoteConfig {
             rate_per_ip: None,
             failed_login_rate: Some(DEFAULT_FAILED_LOGIN_RATE),
             user_poll: DEFAULT_USER_POLL,
+            tls,
         }
     }
 }
@@ -252,6 +333,8 @@ pub struct LocalConfig {
     pub admission: Limits,
     /// Worker threads: the cap and when idle ones exit.
     pub pool: PoolConfig,
+    /// TLS to the remotes and how they are verified; or plaintext.
+    pub tls: LocalTls,
 }
 
 impl LocalConfig {
@@ -264,6 +347,7 @@ impl LocalConfig {
             timeouts: Timeouts::default(),
             admission: default_admission(),
             pool: default_pool(DEFAULT_MAX_CONNECTIONS),
+            tls: LocalTls::KnownRemotes(crate::tls::default_known_remotes_path()),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! local-proxy: serve apps (SOCKS5 + HTTP on one port), or `signup` for a new account.
 
 use flowgate::cli::{LocalCli, LocalCommand};
+use flowgate::local::upstreams::connect::Link;
 use flowgate::net::server::drain;
 use flowgate::net::sys::ShutdownSignals;
 use flowgate::proto::tunnel::Status;
@@ -23,12 +24,14 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
             remote,
             user,
             password_stdin,
+            hop,
         }) => {
             let remote = remote.0;
             flowgate::users::validate_name(&user)?;
+            let link = link_to(&remote, &hop)?;
             let creds = LocalCommand::signup_credentials(&user, password_stdin)?;
             let timeouts = flowgate::config::Timeouts::default();
-            match flowgate::local::signup(&remote, &creds, &timeouts)? {
+            match flowgate::local::signup(&remote, &link, &creds, &timeouts)? {
                 Status::Ok => {
                     println!("signed up user {user} at {remote}");
                     Ok(())
@@ -44,15 +47,25 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
             remote,
             user,
             password_stdin,
+            hop,
         }) => {
-            let creds = LocalCommand::signup_credentials(&user, password_stdin)?;
             let remotes: Vec<String> = remote.into_iter().map(|r| r.0).collect();
-            if check(remotes, &creds) {
+            let links = remotes
+                .iter()
+                .map(|r| link_to(r, &hop))
+                .collect::<Result<Vec<_>, _>>()?;
+            let creds = LocalCommand::signup_credentials(&user, password_stdin)?;
+            if check(remotes, &links, &creds) {
                 Ok(())
             } else {
                 Err("not every remote-proxy is usable with these credentials".into())
             }
         }
+        Some(LocalCommand::Trust {
+            remote,
+            yes,
+            known_remotes,
+        }) => trust(&remote.0, yes, &known_remotes),
         None => {
             // A password prompt (into_config) must still answer Ctrl-C the usual way.
             let cfg = cli.run.into_config()?;
@@ -80,22 +93,75 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
+/// How the subcommands reach `remote`: TLS verified as `hop` says, or plaintext.
+fn link_to(remote: &str, hop: &flowgate::cli::HopArgs) -> Result<Link, Box<dyn std::error::Error>> {
+    let trust = hop.tls().trust()?;
+    Ok(Link::to(remote, trust.as_ref())?)
+}
+
+/// `local-proxy trust`: show the remote's identity, and record it once the user agrees.
+fn trust(
+    remote: &str,
+    yes: bool,
+    file: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use flowgate::local::upstreams::connect;
+    let known = flowgate::tls::KnownRemotes::open(file)?;
+    let seen = connect::identity_of(remote, std::time::Duration::from_secs(10))?;
+    let before = known.lookup(remote);
+    if before.contains(&seen) {
+        println!(
+            "{remote} is already trusted with identity {seen} ({})",
+            file.display()
+        );
+        return Ok(());
+    }
+    if before.is_empty() {
+        println!("{remote} presents TLS identity {seen}");
+    } else {
+        let old: Vec<String> = before.iter().map(|f| f.to_string()).collect();
+        println!(
+            "WARNING: {remote} now presents TLS identity {seen}, but {} records {}.\n\
+             Someone may be intercepting the connection, or the remote's key was replaced.\n\
+             Only go on if the remote's operator confirms the new identity.",
+            file.display(),
+            old.join(", ")
+        );
+    }
+    if !yes {
+        print!(
+            "Compare it with the identity the remote's operator gave you (remote-proxy \
+             identity). Trust {remote}? [y/N] "
+        );
+        std::io::Write::flush(&mut std::io::stdout())?;
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+            return Err("not trusted: nothing recorded".into());
+        }
+    }
+    known.record(remote, seen)?;
+    println!("trusted {remote} ({seen}), recorded in {}", file.display());
+    Ok(())
+}
+
 /// `local-proxy check`: one line per remote; true when all are reachable and accept `creds`.
-fn check(remotes: Vec<String>, creds: &flowgate::config::Credentials) -> bool {
+fn check(remotes: Vec<String>, links: &[Link], creds: &flowgate::config::Credentials) -> bool {
     use flowgate::local::upstreams::connect::{self, CheckAnswer};
     let cfg = flowgate::config::Upstreams::new(remotes);
     let timeout = cfg.health_timeout.max(std::time::Duration::from_secs(2));
     let mut all_ok = true;
-    for name in &cfg.remotes {
+    for (name, link) in cfg.remotes.iter().zip(links) {
         let verdict = match connect::resolve(name) {
             Err(e) => Err(format!("cannot resolve: {e}")),
-            Ok(addrs) => match connect::probe(&addrs, timeout) {
-                Err(e) => Err(format!("unreachable: {e}")),
+            Ok(addrs) => match connect::probe(&addrs, link, timeout) {
+                Err(e @ connect::TunnelError::Remote(_)) => Err(format!("unreachable: {e}")),
+                Err(e) => Err(format!("{e}")),
                 Ok(Status::Draining) => Err("reachable, but draining (shutting down)".into()),
                 Ok(Status::UnsupportedVersion) | Ok(Status::Malformed) => {
                     Err("reachable, but it speaks an older protocol (upgrade it)".into())
                 }
-                Ok(_) => match connect::check(&addrs, creds, timeout) {
+                Ok(_) => match connect::check(&addrs, link, creds, timeout) {
                     Ok(CheckAnswer::Ok(bw)) => Ok(format!(
                         "reachable, protocol {}, user {} accepted, bandwidth {}",
                         flowgate::proto::tunnel::VERSION,

@@ -18,13 +18,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
+    let state_dir = cli.state_dir();
     match cli.command {
         RemoteCommand::Serve(args) => {
             // Before any thread exists, so every thread inherits the blocked signals.
             let signals = ShutdownSignals::block()?;
             flowgate::init_logging();
             let fd_limit = flowgate::net::sys::raise_fd_limit();
-            let cfg = args.into_config(cli.db)?;
+            let cfg = args.into_config(cli.db, state_dir)?;
             let grace = cfg.timeouts.grace;
             let (server, remote) = flowgate::remote::start_with_state(cfg)?;
             // After the "listening on" line, which scripts read as the first line.
@@ -45,6 +46,29 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         RemoteCommand::User(cmd) => user(cmd, &cli.db),
+        RemoteCommand::Identity { tls_cert } => {
+            let fingerprint = match tls_cert {
+                Some(cert) => {
+                    use flowgate::tls::Fingerprint;
+                    use rustls::pki_types::{pem::PemObject, CertificateDer};
+                    let der = CertificateDer::from_pem_file(&cert)
+                        .map_err(|e| format!("{}: {e}", cert.display()))?;
+                    Fingerprint::of(&der)
+                }
+                None => {
+                    let (id, made) = flowgate::tls::Identity::load_or_create(&state_dir)?;
+                    if made {
+                        eprintln!(
+                            "made a new TLS identity in {} (owner-only files)",
+                            state_dir.display()
+                        );
+                    }
+                    id.fingerprint
+                }
+            };
+            println!("{fingerprint}");
+            Ok(())
+        }
     }
 }
 

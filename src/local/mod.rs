@@ -13,6 +13,7 @@ pub use upstreams::{Lease, Upstreams};
 
 use crate::config::{Credentials, LocalConfig};
 use crate::net::handshake::HandshakeReader;
+use crate::net::hop::Hop;
 use crate::net::relay;
 use crate::net::server::{ConnId, Handled, Server, Service, StartError};
 use crate::net::workers::Workers;
@@ -38,12 +39,34 @@ pub struct Local {
     logins: logins::Logins,
 }
 
+/// Why local-proxy could not start.
+#[derive(Debug)]
+pub enum Error {
+    /// The TLS settings cannot be used (an unreadable CA bundle or known-remotes file).
+    Tls(crate::tls::Error),
+    /// The listener, or a thread it needs, could not start.
+    Start(StartError),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Tls(e) => write!(f, "{e}"),
+            Error::Start(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// Binds and starts serving. The returned server stops on drop.
 ///
 /// # Errors
 /// The bind error, naming the address, or a thread that could not start.
-pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
-    let upstreams = Arc::new(Upstreams::new(cfg.upstreams.clone()));
+pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
+    let trust = cfg.tls.trust().map_err(Error::Tls)?;
+    let upstreams =
+        Arc::new(Upstreams::new(cfg.upstreams.clone(), trust.as_ref()).map_err(Error::Tls)?);
     // The first round of probes runs before any tunnel, so a remote that is down at start
     // gets none; its result is logged after the "listening on" line, which stays first.
     upstreams.probe_all(false);
@@ -53,12 +76,16 @@ pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
         upstreams: Arc::clone(&upstreams),
         logins: logins::Logins::new(),
     });
-    let mut server = Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local)?;
+    let mut server =
+        Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local).map_err(Error::Start)?;
     log::info!(
-        "local-proxy listening on {} remotes={} balance={} user={}",
+        "local-proxy listening on {} remotes={} balance={} tls={} user={}",
         server.local_addr(),
         cfg.upstreams.remotes.join(","),
         cfg.upstreams.balance,
+        trust
+            .as_ref()
+            .map_or("off (plaintext)".into(), |t| t.describe()),
         cfg.credentials
             .as_ref()
             .map_or("(from app)", |c| c.user.as_str())
@@ -90,7 +117,7 @@ pub fn start(cfg: LocalConfig) -> Result<Server, StartError> {
     std::thread::Builder::new()
         .name("local-health".into())
         .spawn(move || upstreams.watch(stop_rx))
-        .map_err(|e| StartError::Spawn("health check", e))?;
+        .map_err(|e| Error::Start(StartError::Spawn("health check", e)))?;
     server.attach(Box::new(stop_tx));
     Ok(server)
 }
@@ -392,13 +419,17 @@ impl Local {
                 return fail(code, &refusal.to_string(), refusal.retry_after());
             }
         };
+        let (mut remote, lease) = (remote, lease);
         let sent = match &forward_head {
             None => http::write_status(&mut &stream, 200, "", 0),
-            Some(h) => (&remote).write_all(h),
+            Some(h) => forward(&mut remote, h, self.cfg.timeouts.handshake),
         };
         // Bytes the app sent after the head (a request body, a TLS ClientHello) go on.
         let rest = &buf[len..];
-        if sent.is_err() || (!rest.is_empty() && (&remote).write_all(rest).is_err()) {
+        if sent.is_err()
+            || (!rest.is_empty()
+                && forward(&mut remote, rest, self.cfg.timeouts.handshake).is_err())
+        {
             return;
         }
         let already_up = (forward_head.map_or(0, |h| h.len()) + rest.len()) as u64;
@@ -407,7 +438,7 @@ impl Local {
 
     /// Opens the tunnel for `ask` and logs a refusal; the caller answers the app in its
     /// protocol from the [`Refusal`].
-    fn tunnel(&self, ask: &AppRequest, id: ConnId) -> Result<(TcpStream, Reply, Lease), Refusal> {
+    fn tunnel(&self, ask: &AppRequest, id: ConnId) -> Result<(Hop, Reply, Lease), Refusal> {
         let req = Request {
             command: Command::Connect,
             tunnel_id: Some(ask.tunnel),
@@ -459,7 +490,7 @@ impl Local {
     fn run(
         &self,
         app: TcpStream,
-        remote: TcpStream,
+        remote: Hop,
         lease: &Lease,
         ask: &AppRequest,
         id: ConnId,
@@ -480,7 +511,7 @@ impl Local {
             bucket: None,
             idle_timeout: self.cfg.timeouts.idle,
         };
-        let stats = relay::relay(app, remote, &opts, workers);
+        let stats = relay::relay_hop(remote, relay::HopEnd::Target, app, &opts, workers);
         log::info!(
             "conn={id} tunnel={} close user={} target={} up={} down={} dur={:.3}s",
             ask.tunnel,
@@ -498,6 +529,11 @@ impl Local {
 /// Not inlined: its buffer would otherwise sit in `serve`'s frame, which stays live for the
 /// whole tunnel, and a frame over a page is probed page by page: a resident page more per
 /// idle tunnel (docs/benchmarks.md).
+/// Sends bytes the app gave with its request (an HTTP head, early data) through the hop.
+fn forward(remote: &mut Hop, bytes: &[u8], within: std::time::Duration) -> std::io::Result<()> {
+    remote.io(within)?.write_all(bytes)
+}
+
 /// A socket's peer address for the log, or `?`.
 fn peer_of(stream: &TcpStream) -> String {
     stream

@@ -6,6 +6,7 @@
 //! only picks which of them applies.
 
 use super::upstreams::connect::TunnelError;
+use crate::net::hop::HopError;
 use crate::proto::tunnel::{self, Status};
 use crate::proto::{http, is_out_of_descriptors, socks5};
 use std::fmt;
@@ -37,9 +38,10 @@ impl Refusal {
                 socks5::Reply::for_status(Status::GeneralFailure)
             }
             Refusal::Local(TunnelError::Request(e)) => socks5::Reply::for_status(request_status(e)),
-            Refusal::Local(TunnelError::NoRemote) => {
-                socks5::Reply::for_status(Status::GeneralFailure)
-            }
+            Refusal::Local(TunnelError::Tls(HopError::Io(e))) => socks5::Reply::for_io_error(e),
+            Refusal::Local(
+                TunnelError::NoRemote | TunnelError::Tls(_) | TunnelError::TlsRequired,
+            ) => socks5::Reply::for_status(Status::GeneralFailure),
         }
     }
 
@@ -50,7 +52,10 @@ impl Refusal {
             Refusal::Local(TunnelError::Remote(e)) => http::status_for_io_error(e),
             Refusal::Local(TunnelError::Protocol(_)) => http::status_for(Status::GeneralFailure),
             Refusal::Local(TunnelError::Request(e)) => http::status_for(request_status(e)),
-            Refusal::Local(TunnelError::NoRemote) => http::status_for(Status::GeneralFailure),
+            Refusal::Local(TunnelError::Tls(HopError::Io(e))) => http::status_for_io_error(e),
+            Refusal::Local(
+                TunnelError::NoRemote | TunnelError::Tls(_) | TunnelError::TlsRequired,
+            ) => http::status_for(Status::GeneralFailure),
         }
     }
 

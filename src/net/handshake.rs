@@ -36,12 +36,20 @@ pub struct HandshakeReader<'a> {
     taken: usize,
 }
 
+/// The instant `within` from now.
+///
+/// # Errors
+/// `InvalidInput` when that is past what the clock can represent.
+pub fn deadline(within: Duration) -> io::Result<std::time::Instant> {
+    std::time::Instant::now()
+        .checked_add(within)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "deadline out of range"))
+}
+
 impl<'a> HandshakeReader<'a> {
     /// Reads on `stream` must finish within `within` from now; sets that as the read timeout.
     pub fn new(stream: &'a TcpStream, within: Duration) -> io::Result<HandshakeReader<'a>> {
-        let until = std::time::Instant::now()
-            .checked_add(within)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "deadline out of range"))?;
+        let until = deadline(within)?;
         stream.set_read_timeout(Some(within.max(Duration::from_millis(1))))?;
         Ok(HandshakeReader {
             stream,

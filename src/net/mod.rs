@@ -8,6 +8,7 @@
 
 pub mod connect;
 pub mod handshake;
+pub mod hop;
 pub mod relay;
 pub mod server;
 pub mod sys;

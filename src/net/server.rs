@@ -96,8 +96,8 @@ pub trait Service: Send + Sync + 'static {
     fn answers_unadmitted(&self, _stream: &TcpStream) -> Triage {
         Triage::Wait
     }
-    /// Answers a connection [`answers_unadmitted`](Self::answers_unadmitted) picked, on the
-    /// sweeper thread: it must be quick (its bytes have all arrived).
+    /// Answers a connection [`answers_unadmitted`](Self::answers_unadmitted) picked, on a
+    /// short pool job like [`busy`](Self::busy): it must bound its reads.
     fn answer_unadmitted(&self, _stream: TcpStream, _id: ConnId) {}
 }
 
@@ -223,6 +223,13 @@ impl ServeCtx {
     }
 
     fn send_busy(&self, a: Arrived) {
+        self.spawn_short(a, |service, a, retry| service.busy(a.stream, a.id, retry));
+    }
+
+    /// Runs `job` for a connection that gets an answer without a slot, on a pool job (the
+    /// answer may need a TLS handshake: a round trip the sweeper must not wait for). At most
+    /// `MAX_BUSY_JOBS` run at once; beyond that the connection is just closed.
+    fn spawn_short(&self, a: Arrived, job: fn(&dyn Service, Arrived, u16)) {
         let in_flight = self.busy_jobs.fetch_add(1, Ordering::AcqRel);
         if in_flight >= MAX_BUSY_JOBS {
             self.busy_jobs.fetch_sub(1, Ordering::AcqRel);
@@ -234,7 +241,7 @@ impl ServeCtx {
             self.retry_after,
         );
         self.workers.spawn(move || {
-            service.busy(a.stream, a.id, retry);
+            job(&*service, a, retry);
             jobs.fetch_sub(1, Ordering::AcqRel);
         });
     }
@@ -271,7 +278,7 @@ impl ServeCtx {
             });
             for a in answered {
                 log::debug!("conn={} answered while queued", a.id);
-                self.service.answer_unadmitted(a.stream, a.id);
+                self.spawn_short(a, |service, a, _| service.answer_unadmitted(a.stream, a.id));
             }
             self.service.sweep(&self.workers);
             self.workers.tidy();

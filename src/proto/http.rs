@@ -307,7 +307,8 @@ pub fn status_for(status: Status) -> u16 {
         | Status::NameNotResolved
         | Status::Malformed
         | Status::UnsupportedVersion
-        | Status::GeneralFailure => 502,
+        | Status::GeneralFailure
+        | Status::TlsRequired => 502,
         Status::ServerBusy | Status::Draining => 503,
         Status::TimedOut => 504,
     }

@@ -90,7 +90,8 @@ impl Reply {
             | Status::UnsupportedVersion
             | Status::SignupDisabled
             | Status::UserExists
-            | Status::GeneralFailure => Reply::GeneralFailure,
+            | Status::GeneralFailure
+            | Status::TlsRequired => Reply::GeneralFailure,
         }
     }
 

@@ -147,6 +147,9 @@ pub enum Status {
     /// The answer to a health probe from a remote-proxy that is shutting down: it takes no
     /// new tunnels.
     Draining = 0x0f,
+    /// The answer, in plaintext, to a plaintext request sent to a remote-proxy that speaks
+    /// only TLS: the request was not looked at.
+    TlsRequired = 0x10,
 }
 
 impl TryFrom<u8> for Status {
@@ -170,6 +173,7 @@ impl TryFrom<u8> for Status {
             0x0d => UserExists,
             0x0e => GeneralFailure,
             0x0f => Draining,
+            0x10 => TlsRequired,
             other => return Err(Error::BadStatus(other)),
         })
     }
@@ -194,6 +198,7 @@ impl fmt::Display for Status {
             Status::UserExists => "user already exists",
             Status::GeneralFailure => "general failure",
             Status::Draining => "draining (shutting down)",
+            Status::TlsRequired => "remote-proxy requires TLS (this side runs --plaintext)",
         };
         f.write_str(s)
     }
@@ -245,6 +250,8 @@ impl Reply {
 pub enum Error {
     /// The first two bytes are not `FG`.
     BadMagic,
+    /// The first bytes are a TLS handshake record: a TLS client reached a plaintext server.
+    TlsHandshake,
     /// A version this build does not speak.
     UnsupportedVersion(u8),
     /// A command byte we do not know.
@@ -269,6 +276,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::BadMagic => write!(f, "not a flowgate tunnel request"),
+            Error::TlsHandshake => write!(f, "a TLS handshake, not a plaintext tunnel request"),
             Error::UnsupportedVersion(v) => write!(f, "unsupported tunnel version {v}"),
             Error::BadCommand(c) => write!(f, "unknown tunnel command {c}"),
             Error::BadStatus(s) => write!(f, "unknown tunnel status {s}"),
@@ -358,6 +366,10 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
     let mut head = [0u8; 4];
     r.read_exact(&mut head[..2])?;
     if head[..2] != MAGIC {
+        // A TLS record: content type 22 (handshake), then major version 3.
+        if head[..2] == [0x16, 0x03] {
+            return Err(Error::TlsHandshake);
+        }
         return Err(Error::BadMagic);
     }
     r.read_exact(&mut head[2..3])?;
@@ -618,6 +630,11 @@ mod tests {
             read_request(&mut &v[..])
         };
         assert!(matches!(with(0, b'G'), Err(Error::BadMagic)));
+        let hello = [0x16, 0x03, 0x01, 0x00, 0xf4, 0x01];
+        assert!(matches!(
+            read_request(&mut &hello[..]),
+            Err(Error::TlsHandshake)
+        ));
         assert!(matches!(with(2, 9), Err(Error::UnsupportedVersion(9))));
         assert!(matches!(with(3, 7), Err(Error::BadCommand(7))));
         // After the 8-byte tunnel id: the user name's length, then its first byte.
@@ -673,12 +690,12 @@ mod tests {
 
     #[test]
     fn every_status_byte_roundtrips() {
-        for b in 0u8..=0x0f {
+        for b in 0u8..=0x10 {
             let s = Status::try_from(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.to_string().is_empty());
         }
-        assert!(Status::try_from(0x10).is_err());
+        assert!(Status::try_from(0x11).is_err());
     }
 
     #[test]

@@ -11,17 +11,19 @@ mod registry;
 
 pub use registry::Registry;
 
-use crate::config::RemoteConfig;
+use crate::config::{RemoteConfig, RemoteTls};
 use crate::limit::admission::{Enter, Removed, UserGate};
 use crate::limit::throttle::{retry_after_secs, Throttle};
 use crate::net::connect::connect_target;
 use crate::net::handshake::HandshakeReader;
-use crate::net::relay;
+use crate::net::hop::{Hop, HopError};
+use crate::net::relay::{self, HopEnd};
 use crate::net::server::{ConnId, Handled, Server, Service, StartError, Triage};
 use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
 use crate::proto::tunnel::{self, Command, Reply, Request, Status, TunnelId};
+use crate::tls::ALPN_HEALTH;
 use crate::users::{self, AuthError, Authenticator, Store, User};
 use std::net::{IpAddr, TcpStream};
 use std::sync::{Arc, Weak};
@@ -34,6 +36,8 @@ pub enum Error {
     Users(users::Error),
     /// The listener, or a thread it needs, could not start.
     Start(StartError),
+    /// The TLS identity cannot be loaded or made, or the settings are refused.
+    Tls(String),
 }
 
 impl std::fmt::Display for Error {
@@ -41,6 +45,7 @@ impl std::fmt::Display for Error {
         match self {
             Error::Users(e) => write!(f, "{e}"),
             Error::Start(e) => write!(f, "{e}"),
+            Error::Tls(e) => write!(f, "{e}"),
         }
     }
 }
@@ -49,7 +54,7 @@ impl std::error::Error for Error {}
 
 /// An authenticated tunnel waiting for one of its user's other tunnels to end.
 struct AuthorizedTunnel {
-    stream: TcpStream,
+    stream: Hop,
     tag: Tag,
     peer: String,
     user: User,
@@ -96,6 +101,10 @@ pub struct Remote {
     credential_checks: std::sync::atomic::AtomicU64,
     // Shutting down: probes are answered "draining" and new tunnels refused with it.
     draining: std::sync::atomic::AtomicBool,
+    // TLS on the hop; `None` with `--plaintext`.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    // The identity local-proxies verify; `None` with `--plaintext`.
+    identity: Option<crate::tls::Fingerprint>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -116,26 +125,41 @@ impl Service for RemoteService {
         // Read the request first: replying to unread bytes and closing would send a reset
         // that can destroy the reply before local-proxy reads it.
         let wait = self.0.cfg.timeouts.handshake.min(Duration::from_secs(2));
-        let Ok(mut deadline) = HandshakeReader::new(&stream, wait) else {
+        let Some(mut hop) = self.0.open_hop(stream, id, "", wait) else {
             return;
         };
-        if let Ok(req) = tunnel::read_request(&mut deadline) {
-            drop(deadline);
+        let read = hop.io(wait).map(|mut io| tunnel::read_request(&mut io));
+        if let Ok(Ok(req)) = read {
             let tag = Tag::of(id, &req);
             if req.command == Command::Health {
                 // A busy remote is not a dead one: probes get their answer, not "busy".
-                return self.0.answer_health(&stream, tag);
+                return self.0.answer_health(hop, tag);
             }
             let reply = Reply {
                 retry_after,
                 ..Reply::status(Status::ServerBusy)
             };
-            send(&stream, tag, &reply);
+            send(&mut hop, tag, &reply);
             log::debug!("{tag} answered server busy");
+            hop.close();
         }
     }
 
     fn answers_unadmitted(&self, stream: &TcpStream) -> Triage {
+        if self.0.tls.is_some() {
+            // A probe offers its own ALPN name in the cleartext ClientHello.
+            let mut hello = [0u8; 1024];
+            return match peek_now(stream, &mut hello) {
+                Ok(n) if n > 0 => match crate::tls::hello_offers(&hello[..n], ALPN_HEALTH) {
+                    Some(true) => Triage::Answer,
+                    Some(false) => Triage::Wait,
+                    None if n < hello.len() => Triage::Unknown,
+                    None => Triage::Wait,
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Triage::Unknown,
+                _ => Triage::Wait,
+            };
+        }
         let mut head = [0u8; tunnel::HEALTH_PROBE_LEN];
         match peek_now(stream, &mut head) {
             Ok(n) if n == head.len() => match tunnel::read_request(&mut &head[..]) {
@@ -152,12 +176,25 @@ impl Service for RemoteService {
     }
 
     fn answer_unadmitted(&self, stream: TcpStream, id: ConnId) {
+        if self.0.tls.is_some() {
+            let wait = self.0.cfg.timeouts.handshake.min(Duration::from_secs(2));
+            let Some(mut hop) = self.0.open_hop(stream, id, "", wait) else {
+                return;
+            };
+            let read = hop.io(wait).map(|mut io| tunnel::read_request(&mut io));
+            if let Ok(Ok(req)) = read {
+                if req.command == Command::Health {
+                    self.0.answer_health(hop, Tag::of(id, &req));
+                }
+            }
+            return;
+        }
         let mut head = [0u8; tunnel::HEALTH_PROBE_LEN];
         // The probe is all there (the sweeper peeked it): take it, so the close is a FIN.
         let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
         if std::io::Read::read_exact(&mut &stream, &mut head).is_ok() {
             if let Ok(req) = tunnel::read_request(&mut &head[..]) {
-                self.0.answer_health(&stream, Tag::of(id, &req));
+                self.0.answer_health(Hop::plain(stream), Tag::of(id, &req));
             }
         }
     }
@@ -166,7 +203,7 @@ impl Service for RemoteService {
         let removed = self
             .0
             .gate
-            .sweep(&mut |p: &AuthorizedTunnel| peer_alive(&p.stream));
+            .sweep(&mut |p: &AuthorizedTunnel| peer_alive(p.stream.socket()));
         self.0.turn_away(removed);
     }
 }
@@ -185,6 +222,25 @@ pub fn start(cfg: RemoteConfig) -> Result<Server, Error> {
 /// # Errors
 /// As [`start`].
 pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Error> {
+    if let RemoteTls::Plaintext { public: false } = cfg.tls {
+        if !cfg.listen.ip().is_loopback() {
+            return Err(Error::Tls(format!(
+                "--plaintext on {}, which is not a loopback address, would send every \
+                 password and byte in clear: add --plaintext-on-public if the network is \
+                 trusted (a VPN link), or drop --plaintext",
+                cfg.listen
+            )));
+        }
+    }
+    let loaded = cfg.tls.identity().map_err(|e| Error::Tls(e.to_string()))?;
+    let (identity, made) = match loaded {
+        Some((id, made)) => (Some(id), made),
+        None => (None, false),
+    };
+    let tls = match &identity {
+        Some(id) => Some(crate::tls::server_config(id).map_err(|e| Error::Tls(e.to_string()))?),
+        None => None,
+    };
     let store = Store::open(&cfg.db).map_err(Error::Users)?;
     let auth = Authenticator::new(store).map_err(Error::Users)?;
     let remote = Arc::new_cyclic(|me| Remote {
@@ -198,6 +254,8 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         open_tunnels: std::sync::atomic::AtomicUsize::new(0),
         credential_checks: std::sync::atomic::AtomicU64::new(0),
         draining: std::sync::atomic::AtomicBool::new(false),
+        tls,
+        identity: identity.as_ref().map(|i| i.fingerprint),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
     let mut server = Server::bind(cfg.listen, "remote", cfg.admission, cfg.pool, service)
@@ -215,6 +273,21 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         cfg.failed_login_rate
             .map_or("off".into(), |r| r.to_string()),
     );
+    if let (true, RemoteTls::StateDir(dir)) = (made, &cfg.tls) {
+        log::info!(
+            "made a new TLS identity in {} ({} and {}, owner-only)",
+            dir.display(),
+            crate::tls::IDENTITY_KEY,
+            crate::tls::IDENTITY_CERT
+        );
+    }
+    match &identity {
+        Some(id) => log::info!("tls identity {}", id.fingerprint),
+        None => log::warn!(
+            "tls off (--plaintext): passwords and data cross the network in clear; use only \
+             on a trusted network"
+        ),
+    }
     match remote.auth.with_store(|s| s.list()) {
         Ok(users) if users.is_empty() => log::warn!(
             "database {} has no users: every tunnel will be refused (add one with \
@@ -268,26 +341,42 @@ impl std::fmt::Display for Tag {
     }
 }
 
-/// Answers a request that could not be read: in this build's version.
-fn reply_unread(stream: &TcpStream, status: Status) {
-    let _ = tunnel::write_reply(&mut &*stream, &Reply::status(status));
+/// Answers a plaintext request that reached a TLS listener with a plaintext `tls required`,
+/// in the request's version, without looking at its credentials. The request is read first:
+/// closing on unread bytes would send a reset that can destroy the answer.
+fn refuse_plaintext(stream: TcpStream, within: Duration) {
+    let Ok(mut reader) = HandshakeReader::new(&stream, within.min(Duration::from_secs(2))) else {
+        return;
+    };
+    let version = tunnel::read_request(&mut reader).map_or(tunnel::VERSION, |r| r.version());
+    drop(reader);
+    let reply = Reply::status(Status::TlsRequired);
+    let _ = std::io::Write::write_all(&mut &stream, &tunnel::encode_reply(&reply, version));
 }
 
-fn reply(stream: &TcpStream, tag: Tag, status: Status) {
+/// Answers a request that could not be read: in this build's version.
+fn reply_unread(stream: &mut Hop, status: Status) {
+    let _ = stream.send(&tunnel::encode_reply(
+        &Reply::status(status),
+        tunnel::VERSION,
+    ));
+}
+
+fn reply(stream: &mut Hop, tag: Tag, status: Status) {
     send(stream, tag, &Reply::status(status));
 }
 
-fn send(stream: &TcpStream, tag: Tag, r: &Reply) {
-    let _ = tunnel::write_reply_to(&mut &*stream, tag.version, r);
+fn send(stream: &mut Hop, tag: Tag, r: &Reply) {
+    let _ = stream.send(&tunnel::encode_reply(r, tag.version));
 }
 
 /// Answers "rate limited" with the wait, and logs which limit and when to retry.
-fn rate_limited(stream: &TcpStream, tag: Tag, why: &str, wait: Duration) {
+fn rate_limited(stream: &mut Hop, tag: Tag, why: &str, wait: Duration) {
     log::info!("{tag} {why}; retry in {}s", retry_after_secs(wait));
     reply_wait(stream, tag, Status::RateLimited, wait);
 }
 
-fn reply_wait(stream: &TcpStream, tag: Tag, status: Status, wait: Duration) {
+fn reply_wait(stream: &mut Hop, tag: Tag, status: Status, wait: Duration) {
     let r = Reply {
         retry_after: retry_after_secs(wait),
         ..Reply::status(status)
@@ -300,6 +389,11 @@ impl Remote {
     /// by the failed-login throttle, runs none.
     pub fn argon2_checks(&self) -> u64 {
         self.auth.argon2_checks()
+    }
+
+    /// The TLS identity local-proxies verify (`None` with `--plaintext`).
+    pub fn identity(&self) -> Option<crate::tls::Fingerprint> {
+        self.identity
     }
 
     /// Starts the graceful shutdown: from now on health probes are answered `draining`, so
@@ -329,37 +423,45 @@ impl Remote {
         let peer_addr = stream.peer_addr().ok();
         let peer = peer_addr.map_or_else(|| "?".into(), |a| a.to_string());
         let _ = stream.set_nodelay(true);
-        let Some(req) = self.read_request(&stream, id, &peer) else {
+        // One deadline for the TLS handshake and the tunnel request together.
+        let until = Instant::now() + self.cfg.timeouts.handshake;
+        let Some(mut stream) = self.open_hop(stream, id, &peer, self.cfg.timeouts.handshake) else {
+            return Handled::SlotFree;
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        let Some(req) = self.read_request(&mut stream, id, &peer, left) else {
             return Handled::SlotFree;
         };
         let tag = Tag::of(id, &req);
         if req.command == Command::Health {
             // Before every throttle: a probe counts against no address's or user's limits.
-            self.answer_health(&stream, tag);
+            self.answer_health(stream, tag);
             return Handled::SlotFree;
         }
         if req.command == Command::Check {
             // A check opens no tunnel, so the per-IP tunnel rate does not apply; it is a
             // login, so the failed-login lockout does.
-            self.check(&stream, tag, &peer, peer_addr.map(|a| a.ip()), &req);
+            self.check(&mut stream, tag, &peer, peer_addr.map(|a| a.ip()), &req);
+            stream.close();
             return Handled::SlotFree;
         }
         if self.is_draining() {
             log::info!("{tag} peer={peer} refused: draining");
-            reply(&stream, tag, Status::Draining);
+            reply(&mut stream, tag, Status::Draining);
             return Handled::SlotFree;
         }
         let ip = peer_addr.map(|a| a.ip());
         if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
             if let Err(wait) = t.check(&ip) {
                 let why = format!("peer={peer} rate limited (per IP)");
-                rate_limited(&stream, tag, &why, wait);
+                rate_limited(&mut stream, tag, &why, wait);
                 return Handled::SlotFree;
             }
         }
         match req.command {
             Command::Signup => {
-                self.signup(&stream, tag, &peer, &req);
+                self.signup(&mut stream, tag, &peer, &req);
+                stream.close();
                 Handled::SlotFree
             }
             Command::Health | Command::Check => Handled::SlotFree, // answered above
@@ -367,39 +469,81 @@ impl Remote {
         }
     }
 
+    /// The hop on an admitted connection: the TLS handshake within `within`, or, with
+    /// `--plaintext`, the socket as it is. A client speaking the other mode is answered in
+    /// its own (a plaintext request gets a plaintext `tls required`, unread) and logged.
+    fn open_hop(&self, stream: TcpStream, id: ConnId, peer: &str, within: Duration) -> Option<Hop> {
+        let Some(cfg) = &self.tls else {
+            return Some(Hop::plain(stream));
+        };
+        match Hop::accept(stream, cfg, within) {
+            Ok(hop) => Some(hop),
+            Err((stream, HopError::PlaintextPeer)) => {
+                log::warn!(
+                    "conn={id} peer={peer} refused: plaintext tunnel request on a TLS listener \
+                     (that local-proxy runs with --plaintext; this remote-proxy requires TLS)"
+                );
+                refuse_plaintext(stream, within);
+                None
+            }
+            Err((_, HopError::Io(e))) => {
+                log::debug!("conn={id} peer={peer} TLS handshake ended: {e}");
+                None
+            }
+            Err((_, e)) => {
+                log::info!("conn={id} peer={peer} TLS handshake failed: {e}");
+                None
+            }
+        }
+    }
+
     /// Answers a health probe: `ok`, or `draining` while shutting down.
-    fn answer_health(&self, stream: &TcpStream, tag: Tag) {
+    fn answer_health(&self, mut stream: Hop, tag: Tag) {
         log::debug!("{tag} health probe");
         let status = if self.is_draining() {
             Status::Draining
         } else {
             Status::Ok
         };
-        reply(stream, tag, status);
+        reply(&mut stream, tag, status);
+        stream.close();
     }
 
-    /// Reads the tunnel request under the handshake deadline; a bad one is answered and
-    /// logged here. Not inlined: the reader's peek buffer lives in this frame, which is gone
-    /// before the relay runs, so a tunnel's thread touches one stack page fewer for its
-    /// whole life (docs/benchmarks.md).
+    /// Reads the tunnel request within `within`; a bad one is answered and logged here. Not
+    /// inlined: the plaintext reader's peek buffer lives in this frame, which is gone before
+    /// the relay runs, so a tunnel's thread touches one stack page fewer for its whole life
+    /// (docs/benchmarks.md).
     #[inline(never)]
-    fn read_request(&self, stream: &TcpStream, id: ConnId, peer: &str) -> Option<Request> {
-        let mut reader = match HandshakeReader::new(stream, self.cfg.timeouts.handshake) {
-            Ok(d) => d,
+    fn read_request(
+        &self,
+        stream: &mut Hop,
+        id: ConnId,
+        peer: &str,
+        within: Duration,
+    ) -> Option<Request> {
+        let read = match stream.io(within) {
+            Ok(mut io) => tunnel::read_request(&mut io),
             Err(e) => {
                 log::debug!("conn={id} peer={peer} cannot set timeout: {e}");
                 return None;
             }
         };
-        let read = tunnel::read_request(&mut reader);
-        drop(reader);
         match read {
             Ok(r) => Some(r),
+            Err(tunnel::Error::TlsHandshake) => {
+                log::warn!(
+                    "conn={id} peer={peer} refused: TLS handshake on a --plaintext listener \
+                     (that local-proxy uses TLS; start both with --plaintext, or neither)"
+                );
+                reply_unread(stream, Status::Malformed);
+                None
+            }
             Err(e) => {
                 match e.reply_status() {
                     Some(status) => {
                         log::info!("conn={id} peer={peer} rejected: {e}");
                         reply_unread(stream, status);
+                        stream.close();
                     }
                     None => log::debug!("conn={id} peer={peer} handshake ended: {e}"),
                 }
@@ -413,7 +557,7 @@ impl Remote {
     /// is answered and logged here; `None` then.
     fn login(
         &self,
-        stream: &TcpStream,
+        stream: &mut Hop,
         tag: Tag,
         peer: &str,
         ip: Option<IpAddr>,
@@ -450,7 +594,7 @@ impl Remote {
 
     /// Answers a credential check (docs/protocol.md §2.2) like a login: refused unchecked
     /// while the address is locked out, and a failure counts towards the lockout.
-    fn check(&self, stream: &TcpStream, tag: Tag, peer: &str, ip: Option<IpAddr>, req: &Request) {
+    fn check(&self, stream: &mut Hop, tag: Tag, peer: &str, ip: Option<IpAddr>, req: &Request) {
         self.credential_checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(user) = self.login(stream, tag, peer, ip, req) else {
@@ -462,10 +606,10 @@ impl Remote {
         );
         let mut answer = tunnel::encode_reply(&Reply::status(Status::Ok), tag.version);
         answer.extend_from_slice(&tunnel::encode_check_bandwidth(user.bandwidth.limit()));
-        let _ = std::io::Write::write_all(&mut &*stream, &answer);
+        let _ = stream.send(&answer);
     }
 
-    fn signup(&self, stream: &TcpStream, tag: Tag, peer: &str, req: &Request) {
+    fn signup(&self, stream: &mut Hop, tag: Tag, peer: &str, req: &Request) {
         if !self.cfg.allow_signup {
             log::info!("{tag} peer={peer} signup refused: disabled");
             return reply(stream, tag, Status::SignupDisabled);
@@ -506,7 +650,7 @@ impl Remote {
 
     fn connect(
         &self,
-        stream: TcpStream,
+        mut stream: Hop,
         tag: Tag,
         peer: String,
         ip: Option<IpAddr>,
@@ -514,16 +658,16 @@ impl Remote {
         workers: &Workers,
     ) -> Handled {
         let Some(target) = req.target.clone() else {
-            reply(&stream, tag, Status::Malformed);
+            reply(&mut stream, tag, Status::Malformed);
             return Handled::SlotFree;
         };
-        let Some(user) = self.login(&stream, tag, &peer, ip, &req) else {
+        let Some(user) = self.login(&mut stream, tag, &peer, ip, &req) else {
             return Handled::SlotFree;
         };
         if let Some(rate) = user.rate {
             if let Err(wait) = self.registry.check_rate(&user.name, rate) {
                 let why = format!("user={} rate limited ({rate})", user.name);
-                rate_limited(&stream, tag, &why, wait);
+                rate_limited(&mut stream, tag, &why, wait);
                 return Handled::SlotFree;
             }
         }
@@ -573,7 +717,7 @@ impl Remote {
 
     fn tunnel(&self, p: AuthorizedTunnel, workers: &Workers) {
         let AuthorizedTunnel {
-            stream,
+            mut stream,
             tag,
             peer,
             user,
@@ -588,7 +732,7 @@ impl Remote {
                     "{tag} user={} target={target} failed: {status} ({e})",
                     user.name
                 );
-                return reply(&stream, tag, status);
+                return reply(&mut stream, tag, status);
             }
         };
         let _ = upstream.set_nodelay(true);
@@ -596,7 +740,7 @@ impl Remote {
         if let Ok(a) = upstream.local_addr() {
             ok.bound = a;
         }
-        if let Err(e) = tunnel::write_reply_to(&mut &stream, tag.version, &ok) {
+        if let Err(e) = stream.send(&tunnel::encode_reply(&ok, tag.version)) {
             log::debug!("{tag} client left before the reply: {e}");
             return;
         }
@@ -608,7 +752,7 @@ impl Remote {
         };
         use std::sync::atomic::Ordering::AcqRel;
         self.open_tunnels.fetch_add(1, AcqRel);
-        let stats = relay::relay(stream, upstream, &opts, workers);
+        let stats = relay::relay_hop(stream, HopEnd::Client, upstream, &opts, workers);
         self.open_tunnels.fetch_sub(1, AcqRel);
         log::info!(
             "{tag} close user={} target={target} up={} down={} dur={:.3}s{}",
@@ -625,17 +769,20 @@ impl Remote {
         let mut removed = Removed::default();
         let next = self.gate.exit(
             user,
-            &mut |w: &AuthorizedTunnel| peer_alive(&w.stream),
+            &mut |w: &AuthorizedTunnel| peer_alive(w.stream.socket()),
             &mut removed,
         );
         self.turn_away(removed);
         next
     }
 
-    fn busy_pending(&self, p: AuthorizedTunnel) {
-        let _ = p.stream.set_write_timeout(Some(Duration::from_secs(2)));
+    fn busy_pending(&self, mut p: AuthorizedTunnel) {
+        let _ = p
+            .stream
+            .socket()
+            .set_write_timeout(Some(Duration::from_secs(2)));
         reply_wait(
-            &p.stream,
+            &mut p.stream,
             p.tag,
             Status::ServerBusy,
             self.cfg.admission.timeout,

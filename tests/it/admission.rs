@@ -74,7 +74,7 @@ fn a_full_queue_answers_busy_at_once() {
     let _queued = socks_later(p.local_addr(), hold, ("alice", "pw"));
     std::thread::sleep(Duration::from_millis(300)); // let it take the one queue place
     let t = Instant::now();
-    let reply = tunnel_reply(p.remote_addr(), "alice", "pw", TargetAddr::Ip(hold));
+    let reply = tunnel_reply(&p, "alice", "pw", TargetAddr::Ip(hold));
     assert_eq!(reply.status, Status::ServerBusy);
     assert!(reply.retry_after >= 1);
     assert!(
@@ -104,7 +104,7 @@ fn a_queued_connection_times_out_with_busy() {
     let hold = hold_target(Arc::new(AtomicUsize::new(0)));
     let _first = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
     let t = Instant::now();
-    let reply = tunnel_reply(p.remote_addr(), "alice", "pw", TargetAddr::Ip(hold));
+    let reply = tunnel_reply(&p, "alice", "pw", TargetAddr::Ip(hold));
     let waited = t.elapsed();
     assert_eq!(reply.status, Status::ServerBusy);
     assert!(
@@ -187,12 +187,12 @@ fn three_per_minute_lets_exactly_three_in_and_the_fourth_gets_the_wait() {
     let o = TargetAddr::Ip(origin());
     for i in 0..3 {
         assert_eq!(
-            tunnel_status(p.remote_addr(), "alice", "pw", o.clone()),
+            tunnel_status(&p, "alice", "pw", o.clone()),
             Status::Ok,
             "#{i}"
         );
     }
-    let r = tunnel_reply(p.remote_addr(), "alice", "pw", o);
+    let r = tunnel_reply(&p, "alice", "pw", o);
     assert_eq!(r.status, Status::RateLimited);
     assert!(
         (55..=60).contains(&r.retry_after),
@@ -223,13 +223,10 @@ fn per_ip_and_per_user_throttles_are_independent() {
         |_| {},
     );
     for u in ["alice", "alice", "bob"] {
-        assert_eq!(
-            tunnel_status(p.remote_addr(), u, "pw", o.clone()),
-            Status::Ok
-        );
+        assert_eq!(tunnel_status(&p, u, "pw", o.clone()), Status::Ok);
     }
     assert_eq!(
-        tunnel_status(p.remote_addr(), "bob", "pw", o.clone()),
+        tunnel_status(&p, "bob", "pw", o.clone()),
         Status::RateLimited
     );
     // Per user: alice's limit does not touch bob, and no per-IP limit is in force.
@@ -238,19 +235,13 @@ fn per_ip_and_per_user_throttles_are_independent() {
         user("bob", "pw", "unlimited"),
     ]);
     set_limits(&p.db, "alice", None, Some("1/m"));
+    assert_eq!(tunnel_status(&p, "alice", "pw", o.clone()), Status::Ok);
     assert_eq!(
-        tunnel_status(p.remote_addr(), "alice", "pw", o.clone()),
-        Status::Ok
-    );
-    assert_eq!(
-        tunnel_status(p.remote_addr(), "alice", "pw", o.clone()),
+        tunnel_status(&p, "alice", "pw", o.clone()),
         Status::RateLimited
     );
     for _ in 0..5 {
-        assert_eq!(
-            tunnel_status(p.remote_addr(), "bob", "pw", o.clone()),
-            Status::Ok
-        );
+        assert_eq!(tunnel_status(&p, "bob", "pw", o.clone()), Status::Ok);
     }
 }
 
@@ -266,7 +257,7 @@ fn failed_logins_are_throttled_per_ip_without_hashing() {
     let before = p.state.argon2_checks();
     for _ in 0..10 {
         assert_eq!(
-            tunnel_status(p.remote_addr(), "alice", "guess", o.clone()),
+            tunnel_status(&p, "alice", "guess", o.clone()),
             Status::BadCredentials
         );
     }
@@ -277,15 +268,12 @@ fn failed_logins_are_throttled_per_ip_without_hashing() {
         "each wrong password costs one argon2 check"
     );
     for _ in 0..20 {
-        let r = tunnel_reply(p.remote_addr(), "alice", "guess", o.clone());
+        let r = tunnel_reply(&p, "alice", "guess", o.clone());
         assert_eq!(r.status, Status::RateLimited);
         assert!(r.retry_after >= 1);
     }
     // Even the right password waits: the address is locked out for the window.
-    assert_eq!(
-        tunnel_status(p.remote_addr(), "alice", "pw", o),
-        Status::RateLimited
-    );
+    assert_eq!(tunnel_status(&p, "alice", "pw", o), Status::RateLimited);
     assert_eq!(
         p.state.argon2_checks(),
         hashed,

@@ -94,9 +94,16 @@ fn words(s: &str) -> Vec<&str> {
     s.split_whitespace().collect()
 }
 
-fn signup(remote: std::net::SocketAddr, user: &str) -> (bool, String) {
+fn signup(p: &Pair, user: &str) -> (bool, String) {
     let out = local_bin()
-        .args(["signup", "--remote", &remote.to_string(), "--user", user])
+        .args([
+            "signup",
+            "--remote",
+            &p.remote_addr().to_string(),
+            "--user",
+            user,
+        ])
+        .args(hop_args(&p.tls))
         .env("FLOWGATE_PASSWORD", "newpw")
         .stdin(Stdio::null())
         .output()
@@ -109,7 +116,7 @@ fn signup(remote: std::net::SocketAddr, user: &str) -> (bool, String) {
 #[test]
 fn signup_is_refused_unless_enabled() {
     let p = pair(&[user("alice", "pw", "1M")]);
-    let (ok, text) = signup(p.remote_addr(), "carol");
+    let (ok, text) = signup(&p, "carol");
     assert!(!ok);
     assert!(text.contains("does not allow signup"), "{text}");
 }
@@ -124,9 +131,9 @@ fn signup_creates_a_user_who_can_tunnel() {
         },
         |_| {},
     );
-    let (ok, text) = signup(p.remote_addr(), "carol");
+    let (ok, text) = signup(&p, "carol");
     assert!(ok, "{text}");
-    let (ok, text) = signup(p.remote_addr(), "carol");
+    let (ok, text) = signup(&p, "carol");
     assert!(!ok && text.contains("already exists"), "{text}");
     let mut s =
         socks_connect(p.local_addr(), Dest::Ip(origin()), Some(("carol", "newpw"))).unwrap();
@@ -275,6 +282,7 @@ fn the_first_log_line_names_the_bound_address() {
             "--user",
             "u",
         ])
+        .args(["--pin", &identity(&db)])
         .env("FLOWGATE_PASSWORD", "pw");
     let (_l, line) = first_stderr_line(local);
     assert!(
@@ -348,6 +356,7 @@ fn check_reports_each_remote_with_a_verdict() {
             .args(["check", "--user", "alice"])
             .args(["--remote", &p.remote_addr.to_string()])
             .args(["--remote", &dead.to_string()])
+            .args(["--pin", &identity(&p.db)])
             .env("FLOWGATE_PASSWORD", password)
             .stdin(Stdio::null())
             .output()
@@ -380,6 +389,7 @@ fn check_reports_each_remote_with_a_verdict() {
             "--remote",
             &p.remote_addr.to_string(),
         ])
+        .args(["--pin", &identity(&p.db)])
         .env("FLOWGATE_PASSWORD", "pw")
         .stdin(Stdio::null())
         .output()
@@ -393,6 +403,7 @@ fn a_wrong_password_at_start_is_logged_not_fatal() {
     let mut cmd = local_bin();
     cmd.args(["--listen", "127.0.0.1:0", "--user", "alice"])
         .args(["--remote", &p.remote_addr.to_string()])
+        .args(["--pin", &identity(&p.db)])
         .env("FLOWGATE_PASSWORD", "wrong");
     let (local, _addr) = spawn_listening(cmd);
     assert!(eventually(Duration::from_secs(5), || !local

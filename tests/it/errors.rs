@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn remote_proxy_answers_each_failure_with_its_own_status() {
     let p = pair(&[user("alice", "pw", "unlimited")]);
-    let r = p.remote_addr();
+    let r = &p;
     let ok = TargetAddr::Ip(origin());
     assert_eq!(tunnel_status(r, "alice", "pw", ok.clone()), Status::Ok);
     assert_eq!(
@@ -47,7 +47,7 @@ fn malformed_tunnel_input_gets_the_malformed_reply_and_a_close() {
         (&b"FG\x01\x01\x01a\x01b\x07\x00"[..], Status::Malformed),
         (&b"FG\x07\x01"[..], Status::UnsupportedVersion),
     ] {
-        let mut s = connect(p.remote_addr());
+        let mut s = p.raw_remote();
         s.write_all(garbage).unwrap();
         let reply = tunnel::read_reply(&mut s).unwrap();
         assert_eq!(reply.status, want, "for {garbage:?}");
@@ -65,14 +65,20 @@ fn a_silent_client_is_closed_after_the_handshake_timeout() {
         |r| r.timeouts.handshake = Duration::from_millis(500),
         |l| l.timeouts.handshake = Duration::from_millis(500),
     );
-    // A half-sent tunnel request or SOCKS greeting is closed without a reply.
+    // A half-sent tunnel request (inside TLS) or SOCKS greeting, a socket that never
+    // starts the TLS handshake, and one that stops halfway through it are all closed
+    // without a reply. The handshake timeout is 500 ms: closed well within 3 s.
+    let mut s = p.raw_remote();
+    s.write_all(b"FG\x01").unwrap();
+    assert_closed_quietly(&mut s, Duration::from_secs(3));
+    let hello = client_hello(&p.tls, p.remote_addr());
     for (addr, partial) in [
-        (p.remote_addr(), &b"FG\x01"[..]),
         (p.local_addr(), &[5u8][..]),
+        (p.remote_addr(), &[][..]),
+        (p.remote_addr(), &hello[..hello.len() / 2]),
     ] {
         let mut s = connect(addr);
         s.write_all(partial).unwrap();
-        // The handshake timeout is 500 ms: closed well within 3 s, with no reply.
         assert_closed_quietly(&mut s, Duration::from_secs(3));
     }
     // A half-sent HTTP head gets 408 Request Timeout, then a close.
@@ -229,9 +235,15 @@ fn deleted_user_is_refused_at_once() {
 #[test]
 fn remote_proxy_survives_a_burst_of_clients_that_hang_up_mid_handshake() {
     let p = pair(&[user("alice", "pw", "unlimited")]);
+    let hello = client_hello(&p.tls, p.remote_addr());
     for i in 0..200 {
         let mut s = TcpStream::connect(p.remote_addr()).unwrap();
-        let _ = s.write_all(&b"FG\x01\x01\x05alice"[..(i % 10)]);
+        // Half of them stop inside the TLS handshake, half send plaintext and stop.
+        let _ = if i % 2 == 0 {
+            s.write_all(&hello[..(i * 7) % hello.len()])
+        } else {
+            s.write_all(&b"FG\x01\x01\x05alice"[..(i % 10)])
+        };
         drop(s);
     }
     let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
@@ -247,42 +259,44 @@ fn a_client_trickling_its_handshake_is_cut_at_the_deadline() {
         |r| r.timeouts.handshake = Duration::from_secs(1),
         |l| l.timeouts.handshake = Duration::from_secs(1),
     );
-    for (addr, slow) in [
-        (
-            p.local_addr(),
-            b"GET http://example/ HTTP/1.1\r\nX: aaaaaaaaaaaaaaaaaaaaaaaa".to_vec(),
-        ),
-        (
-            p.remote_addr(),
-            b"FG\x01\x01\x05alice\x02pw\x03\x20aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".to_vec(),
-        ),
-    ] {
-        let s = connect(addr);
-        let mut w = s.try_clone().unwrap();
-        let t = Instant::now();
-        let writer = std::thread::spawn(move || {
-            for b in slow {
-                if w.write_all(&[b]).is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(150));
+    let slow = b"GET http://example/ HTTP/1.1\r\nX: aaaaaaaaaaaaaaaaaaaaaaaa".to_vec();
+    let s = connect(p.local_addr());
+    let mut w = s.try_clone().unwrap();
+    let t = Instant::now();
+    let writer = std::thread::spawn(move || {
+        for b in slow {
+            if w.write_all(&[b]).is_err() {
+                break;
             }
-        });
-        let mut r = s;
-        let mut rest = Vec::new();
-        let _ = r.read_to_end(&mut rest);
-        let took = t.elapsed();
-        assert!(
-            took < Duration::from_millis(2500),
-            "{addr}: closed after {took:?}"
-        );
-        if addr == p.local_addr() {
-            assert!(
-                String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"),
-                "{rest:?}"
-            );
+            std::thread::sleep(Duration::from_millis(150));
         }
-        drop(r);
-        writer.join().unwrap();
+    });
+    let mut r = s;
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "local: closed after {took:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"),
+        "{rest:?}"
+    );
+    drop(r);
+    writer.join().unwrap();
+    // The same inside TLS: the deadline covers the TLS handshake and the request together.
+    let mut s = p.raw_remote();
+    let t = Instant::now();
+    for b in b"FG\x02\x01\0\0\0\0\0\0\0\x01\x05alice\x02pw\x03\x20aaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
     }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "remote: closed after {took:?}"
+    );
 }

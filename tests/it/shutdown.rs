@@ -24,8 +24,13 @@ fn remote_serve(db: &std::path::Path, grace: &str) -> (ChildGuard, std::net::Soc
     spawn_listening(cmd)
 }
 
-fn local_over(remotes: &[std::net::SocketAddr], grace: &str) -> (ChildGuard, std::net::SocketAddr) {
+fn local_over(
+    db: &std::path::Path,
+    remotes: &[std::net::SocketAddr],
+    grace: &str,
+) -> (ChildGuard, std::net::SocketAddr) {
     let mut cmd = local_bin();
+    cmd.args(["--pin", &identity(db)]);
     cmd.args([
         "--listen",
         "127.0.0.1:0",
@@ -67,7 +72,7 @@ fn sigterm_lets_a_remote_finish_its_tunnels_and_new_ones_go_elsewhere() {
     let db = alice_at_1m();
     let (mut r1, a1) = remote_serve(&db, "10s");
     let (mut r2, a2) = remote_serve(&db, "10s");
-    let (_local, local) = local_over(&[a1, a2], "10s");
+    let (_local, local) = local_over(&db, &[a1, a2], "10s");
     let download = slow_download(local);
     // alice is sticky: whichever remote logged her tunnel is the one to stop.
     let mut on = None;
@@ -104,7 +109,7 @@ fn sigterm_lets_a_remote_finish_its_tunnels_and_new_ones_go_elsewhere() {
 fn sigterm_lets_local_proxy_finish_its_tunnels() {
     let db = alice_at_1m();
     let (_r, a) = remote_serve(&db, "10s");
-    let (mut local, laddr) = local_over(&[a], "10s");
+    let (mut local, laddr) = local_over(&db, &[a], "10s");
     let download = slow_download(laddr);
     std::thread::sleep(Duration::from_millis(700));
     let t = Instant::now();
@@ -124,7 +129,7 @@ fn sigterm_lets_local_proxy_finish_its_tunnels() {
 fn a_second_signal_stops_at_once() {
     let db = alice_at_1m();
     let (mut remote, a) = remote_serve(&db, "30s");
-    let (_local, laddr) = local_over(&[a], "30s");
+    let (_local, laddr) = local_over(&db, &[a], "30s");
     // A download that would take 3 s, held by a 30 s grace: the second signal cuts it.
     let download = std::thread::spawn(move || {
         let mut s = socks_connect(laddr, Dest::Ip(origin()), None).unwrap();

@@ -2,12 +2,46 @@
 //! request, read the reply), a health probe, and signup.
 
 use crate::config::{Credentials, Timeouts};
-use crate::net::handshake::HandshakeReader;
+use crate::net::hop::{Hop, HopError};
 use crate::proto::tunnel::{self, Command, Reply, Request, Status, TunnelId};
+use crate::tls;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How local-proxy talks to one remote-proxy: TLS with the remote's verification settings,
+/// or plaintext (`--plaintext`).
+#[derive(Clone, Debug)]
+pub enum Link {
+    /// The tunnel protocol straight over TCP.
+    Plaintext,
+    /// The tunnel protocol inside TLS 1.3.
+    Tls(tls::Dial),
+}
+
+impl Link {
+    /// The link to `remote` under `trust` (`None`: plaintext).
+    ///
+    /// # Errors
+    /// When the CA bundle cannot be read or the host name cannot be checked by TLS.
+    pub fn to(remote: &str, trust: Option<&tls::Trust>) -> Result<Link, tls::Error> {
+        match trust {
+            None => Ok(Link::Plaintext),
+            Some(t) => tls::dial(t, remote).map(Link::Tls),
+        }
+    }
+}
+
+/// What a connection to a remote is for: tunnels and probes offer different ALPN names,
+/// so a remote with a full queue can still answer probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A tunnel, signup or credential check.
+    Tunnel,
+    /// A health probe.
+    Health,
+}
 
 /// Why a tunnel to remote-proxy could not be opened.
 #[derive(Debug)]
@@ -21,6 +55,12 @@ pub enum TunnelError {
     Request(tunnel::Error),
     /// Every remote-proxy is down (or draining): nothing was tried.
     NoRemote,
+    /// The TLS handshake failed, or the remote's identity was refused; no credential was
+    /// sent.
+    Tls(HopError),
+    /// This local-proxy runs `--plaintext` and the remote requires TLS; it did not look at
+    /// the request.
+    TlsRequired,
 }
 
 impl fmt::Display for TunnelError {
@@ -30,6 +70,16 @@ impl fmt::Display for TunnelError {
             TunnelError::Protocol(e) => write!(f, "bad answer from remote-proxy: {e}"),
             TunnelError::Request(e) => write!(f, "cannot send the tunnel request: {e}"),
             TunnelError::NoRemote => write!(f, "no remote-proxy is available (all are down)"),
+            TunnelError::Tls(HopError::PlaintextPeer) => write!(
+                f,
+                "remote-proxy answered in plaintext: it runs with --plaintext (give \
+                 local-proxy --plaintext too, on a trusted network only)"
+            ),
+            TunnelError::Tls(e) => write!(f, "{e}"),
+            TunnelError::TlsRequired => write!(
+                f,
+                "remote-proxy requires TLS: run local-proxy without --plaintext"
+            ),
         }
     }
 }
@@ -46,13 +96,21 @@ impl std::error::Error for TunnelError {}
 /// goes silent, `Protocol` for bad replies.
 pub fn open_tunnel(
     remote: &str,
+    link: &Link,
     req: &Request,
     timeouts: &Timeouts,
     reply_wait: Duration,
-) -> Result<(TcpStream, Reply), TunnelError> {
+) -> Result<(Hop, Reply), TunnelError> {
     let bytes = tunnel::encode_request(req).map_err(TunnelError::Request)?;
     let addrs = resolve(remote).map_err(TunnelError::Remote)?;
-    exchange(&addrs, &bytes, timeouts.connect, reply_wait)
+    exchange(
+        &addrs,
+        link,
+        Purpose::Tunnel,
+        &bytes,
+        timeouts.connect,
+        reply_wait,
+    )
 }
 
 /// Resolves `HOST:PORT`.
@@ -70,25 +128,45 @@ pub fn resolve(remote: &str) -> io::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-/// Connects to the first of `addrs` that accepts, sends the encoded request `bytes`, and
-/// reads the reply for at most `reply_wait`.
+/// Connects to the first of `addrs` that accepts, runs the TLS handshake when `link` says
+/// so, sends the encoded request `bytes`, and reads the reply; all of it within
+/// `reply_wait` after the connect (remote-proxy starts the TLS handshake only once it has
+/// a slot for the connection, so the handshake may wait in its queue).
 ///
 /// # Errors
-/// `Remote` when no address accepts or the remote goes silent, `Protocol` for bad replies.
+/// `Remote` when no address accepts or the remote goes silent, `Tls` when the handshake
+/// fails or the remote's identity is refused (nothing was sent then), `TlsRequired` when a
+/// plaintext request reached a TLS remote, `Protocol` for bad replies.
 pub fn exchange(
     addrs: &[SocketAddr],
+    link: &Link,
+    purpose: Purpose,
     bytes: &[u8],
     connect_timeout: Duration,
     reply_wait: Duration,
-) -> Result<(TcpStream, Reply), TunnelError> {
+) -> Result<(Hop, Reply), TunnelError> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "remote address did not resolve");
     for a in addrs {
         match TcpStream::connect_timeout(a, connect_timeout) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                io::Write::write_all(&mut &s, bytes).map_err(TunnelError::Remote)?;
-                let reply = read_reply_within(&s, reply_wait)?;
-                return Ok((s, reply));
+                let until = Instant::now() + reply_wait;
+                let mut hop = match link {
+                    Link::Plaintext => Hop::plain(s),
+                    Link::Tls(dial) => {
+                        let cfg = match purpose {
+                            Purpose::Tunnel => &dial.tunnel,
+                            Purpose::Health => &dial.health,
+                        };
+                        Hop::connect(s, cfg, &dial.name, reply_wait).map_err(TunnelError::Tls)?
+                    }
+                };
+                let left = until.saturating_duration_since(Instant::now());
+                let reply = send_and_read_reply(&mut hop, bytes, left)?;
+                if reply.status == Status::TlsRequired {
+                    return Err(TunnelError::TlsRequired);
+                }
+                return Ok((hop, reply));
             }
             Err(e) => last = e,
         }
@@ -96,12 +174,15 @@ pub fn exchange(
     Err(TunnelError::Remote(last))
 }
 
-/// Reads a reply in its own frame (the reader's peek buffer must not stay on the stack of a
-/// tunnel's thread under the relay).
+/// Sends a request and reads its reply in their own frame (the plaintext reader's peek
+/// buffer must not stay on the stack of a tunnel's thread under the relay).
 #[inline(never)]
-fn read_reply_within(s: &TcpStream, wait: Duration) -> Result<Reply, TunnelError> {
-    let mut d = HandshakeReader::new(s, wait).map_err(TunnelError::Remote)?;
-    match tunnel::read_reply(&mut d) {
+fn send_and_read_reply(hop: &mut Hop, bytes: &[u8], wait: Duration) -> Result<Reply, TunnelError> {
+    let mut io = hop
+        .io(wait.max(Duration::from_millis(1)))
+        .map_err(TunnelError::Remote)?;
+    io::Write::write_all(&mut io, bytes).map_err(TunnelError::Remote)?;
+    match tunnel::read_reply(&mut io) {
         Ok(r) => Ok(r),
         Err(tunnel::Error::Io(e)) => Err(TunnelError::Remote(e)),
         Err(e) => Err(TunnelError::Protocol(e)),
@@ -112,9 +193,11 @@ fn read_reply_within(s: &TcpStream, wait: Duration) -> Result<Reply, TunnelError
 ///
 /// # Errors
 /// `Remote` when nothing answers within `timeout`, `Protocol` for a bad answer.
-pub fn probe(addrs: &[SocketAddr], timeout: Duration) -> Result<Status, TunnelError> {
+pub fn probe(addrs: &[SocketAddr], link: &Link, timeout: Duration) -> Result<Status, TunnelError> {
     let bytes = tunnel::encode_request(&Request::health(None)).map_err(TunnelError::Request)?;
-    exchange(addrs, &bytes, timeout, timeout).map(|(_, reply)| reply.status)
+    let (mut hop, reply) = exchange(addrs, link, Purpose::Health, &bytes, timeout, timeout)?;
+    hop.close();
+    Ok(reply.status)
 }
 
 /// Asks remote-proxy to create an account (`local-proxy signup`).
@@ -123,6 +206,7 @@ pub fn probe(addrs: &[SocketAddr], timeout: Duration) -> Result<Status, TunnelEr
 /// As [`open_tunnel`]; a refusal is an `Ok` reply with a non-`Ok` status.
 pub fn signup(
     remote: &str,
+    link: &Link,
     creds: &Credentials,
     timeouts: &Timeouts,
 ) -> Result<Status, TunnelError> {
@@ -133,7 +217,41 @@ pub fn signup(
         password: creds.password.clone(),
         target: None,
     };
-    open_tunnel(remote, &req, timeouts, timeouts.handshake).map(|(_, reply)| reply.status)
+    let (mut hop, reply) = open_tunnel(remote, link, &req, timeouts, timeouts.handshake)?;
+    hop.close();
+    Ok(reply.status)
+}
+
+/// The TLS identity `remote` presents (`local-proxy trust`): a TLS handshake that accepts
+/// any certificate whose key signs the handshake, then a close; nothing else is sent.
+///
+/// # Errors
+/// `Remote` when it cannot be reached, `Tls` when the handshake fails (a plaintext remote
+/// gives `Tls(PlaintextPeer)`).
+pub fn identity_of(remote: &str, timeout: Duration) -> Result<tls::Fingerprint, TunnelError> {
+    let slot = std::sync::Arc::new(parking_lot::Mutex::new(None));
+    let link = Link::to(
+        remote,
+        Some(&tls::Trust::Note(std::sync::Arc::clone(&slot))),
+    )
+    .map_err(|e| TunnelError::Remote(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let Link::Tls(dial) = link else {
+        return Err(TunnelError::NoRemote); // cannot happen: a trust gives a TLS link
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "remote address did not resolve");
+    for a in resolve(remote).map_err(TunnelError::Remote)? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => {
+                let mut hop =
+                    Hop::connect(s, &dial.health, &dial.name, timeout).map_err(TunnelError::Tls)?;
+                hop.close();
+                let seen = *slot.lock();
+                return seen.ok_or(TunnelError::NoRemote);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(TunnelError::Remote(last))
 }
 
 /// A random number from the OS, for tunnel ids (not a secret: ids only tell log lines apart).
@@ -157,6 +275,7 @@ pub enum CheckAnswer {
 /// As [`exchange`], and `Request` for credentials too long to send.
 pub fn check(
     addrs: &[SocketAddr],
+    link: &Link,
     creds: &Credentials,
     timeout: Duration,
 ) -> Result<CheckAnswer, TunnelError> {
@@ -168,12 +287,17 @@ pub fn check(
         target: None,
     };
     let bytes = tunnel::encode_request(&req).map_err(TunnelError::Request)?;
-    let (stream, reply) = exchange(addrs, &bytes, timeout, timeout)?;
+    let (mut hop, reply) = exchange(addrs, link, Purpose::Tunnel, &bytes, timeout, timeout)?;
     if reply.status != Status::Ok {
+        hop.close();
         return Ok(CheckAnswer::Refused(reply.status));
     }
-    let mut d = HandshakeReader::new(&stream, timeout).map_err(TunnelError::Remote)?;
-    match tunnel::read_check_bandwidth(&mut d) {
+    let read = {
+        let mut io = hop.io(timeout).map_err(TunnelError::Remote)?;
+        tunnel::read_check_bandwidth(&mut io)
+    };
+    hop.close();
+    match read {
         Ok(bw) => Ok(CheckAnswer::Ok(bw)),
         Err(tunnel::Error::Io(e)) => Err(TunnelError::Remote(e)),
         Err(e) => Err(TunnelError::Protocol(e)),

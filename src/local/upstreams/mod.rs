@@ -13,12 +13,13 @@ pub mod connect;
 pub mod health;
 
 use crate::config::{self, Balance};
+use crate::net::hop::Hop;
 use crate::proto::tunnel::{self, Reply, Request, Status};
 use choice::Candidate;
 use connect::TunnelError;
 use health::{Change, Health, Thresholds};
 use parking_lot::Mutex;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,8 @@ struct Upstream {
     name: String,
     // Resolved at start and again at each probe, not once per tunnel.
     addrs: Mutex<Vec<SocketAddr>>,
+    // TLS (and how this remote's identity is checked) or plaintext.
+    link: connect::Link,
     health: Mutex<Health>,
     // Tunnels open through this remote from this local-proxy.
     open: AtomicUsize,
@@ -67,23 +70,34 @@ impl Drop for Lease {
 }
 
 impl Upstreams {
-    /// The remotes of `cfg`, not yet probed (each counts as up until its first probe).
-    pub fn new(cfg: config::Upstreams) -> Upstreams {
+    /// The remotes of `cfg`, reached in TLS verified by `trust` (`None`: plaintext), not
+    /// yet probed (each counts as up until its first probe).
+    ///
+    /// # Errors
+    /// When a remote's TLS settings cannot be made (an unreadable CA bundle, a host name TLS
+    /// cannot check).
+    pub fn new(
+        cfg: config::Upstreams,
+        trust: Option<&crate::tls::Trust>,
+    ) -> Result<Upstreams, crate::tls::Error> {
         let remotes = cfg
             .remotes
             .iter()
-            .map(|name| Upstream {
-                name: name.clone(),
-                addrs: Mutex::new(connect::resolve(name).unwrap_or_default()),
-                health: Mutex::new(Health::new()),
-                open: AtomicUsize::new(0),
+            .map(|name| {
+                Ok(Upstream {
+                    name: name.clone(),
+                    addrs: Mutex::new(connect::resolve(name).unwrap_or_default()),
+                    link: connect::Link::to(name, trust)?,
+                    health: Mutex::new(Health::new()),
+                    open: AtomicUsize::new(0),
+                })
             })
-            .collect();
-        Upstreams {
+            .collect::<Result<_, _>>()?;
+        Ok(Upstreams {
             cfg,
             remotes,
             turn: AtomicUsize::new(0),
-        }
+        })
     }
 
     fn thresholds(&self) -> Thresholds {
@@ -104,7 +118,7 @@ impl Upstreams {
         req: &Request,
         connect_timeout: Duration,
         reply_wait: Duration,
-    ) -> Result<(TcpStream, Reply, Lease), TunnelError> {
+    ) -> Result<(Hop, Reply, Lease), TunnelError> {
         let bytes = tunnel::encode_request(req).map_err(TunnelError::Request)?;
         let order = self.order(&req.user);
         let mut last = TunnelError::NoRemote;
@@ -116,7 +130,15 @@ impl Upstreams {
                 upstreams: Arc::clone(self),
                 index,
             };
-            match connect::exchange(&addrs, &bytes, connect_timeout, reply_wait) {
+            let purpose = connect::Purpose::Tunnel;
+            match connect::exchange(
+                &addrs,
+                &up.link,
+                purpose,
+                &bytes,
+                connect_timeout,
+                reply_wait,
+            ) {
                 Ok((_, reply)) if reply.status == Status::Draining => {
                     // Shutting down, not refusing the user: the next remote takes it.
                     let change = up.health.lock().probe_ok(true, self.thresholds());
@@ -148,6 +170,7 @@ impl Upstreams {
             let addrs = up.addrs.lock().clone();
             match connect::check(
                 &addrs,
+                &up.link,
                 creds,
                 self.cfg.health_timeout.max(Duration::from_secs(2)),
             ) {
@@ -173,7 +196,7 @@ impl Upstreams {
             .map(|up| {
                 let addrs = up.addrs.lock().clone();
                 let t = self.cfg.health_timeout.max(Duration::from_secs(2));
-                (up.name.clone(), connect::check(&addrs, creds, t))
+                (up.name.clone(), connect::check(&addrs, &up.link, creds, t))
             })
             .collect()
     }
@@ -232,7 +255,7 @@ impl Upstreams {
             }
         };
         let t = self.thresholds();
-        let change = match connect::probe(&addrs, self.cfg.health_timeout) {
+        let change = match connect::probe(&addrs, &up.link, self.cfg.health_timeout) {
             Ok(Status::Draining) => up.health.lock().probe_ok(true, t),
             // Any answer in the protocol means it is there; a version 1 server answers the
             // probe it does not know with `malformed`.

@@ -7,9 +7,8 @@ use crate::net::workers::Workers;
 use crate::proto::is_timeout;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// First read buffer of a direction, in bytes; small so idle tunnels stay cheap.
 pub const INITIAL_BUFFER: usize = 16 * 1024;
@@ -47,10 +46,7 @@ pub(super) fn relay_threaded(
         let _ = client.set_read_timeout(None);
         let _ = target.set_read_timeout(None);
     }
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    });
+    let activity = Arc::new(Activity::new());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, End)>(1);
     {
         let (src, dst) = (Arc::clone(&client), Arc::clone(&target));

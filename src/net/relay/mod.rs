@@ -13,8 +13,10 @@
 mod copy;
 mod pipes;
 mod splice;
+mod tls;
 
 use crate::limit::bucket::SharedBucket;
+use crate::net::hop::Hop;
 use crate::net::workers::Workers;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +56,29 @@ struct Activity {
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// How long a polling relay sleeps at most: a few times per idle period, so an idle
+    /// tunnel closes close to on time.
+    fn tick(idle: Option<Duration>) -> nix::poll::PollTimeout {
+        use nix::poll::PollTimeout;
+        match idle {
+            Some(idle) => PollTimeout::try_from((idle / 4).max(Duration::from_millis(50)))
+                .unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        }
+    }
+
+    /// True once nothing has moved for the idle limit.
+    fn expired(&self, idle: Option<Duration>) -> bool {
+        idle.is_some_and(|limit| self.idle_for() >= limit)
+    }
+
     fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
@@ -80,6 +105,43 @@ pub fn relay(client: TcpStream, target: TcpStream, opts: &Options, workers: &Wor
             let _ = client.set_nonblocking(false);
             let _ = target.set_nonblocking(false);
             relay_threaded(client, target, opts, workers)
+        }
+    }
+}
+
+/// Which end of a relay is the hop between the proxies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HopEnd {
+    /// The hop is the client side (remote-proxy: local-proxy is its client).
+    Client,
+    /// The hop is the target side (local-proxy: the tunnel goes to remote-proxy).
+    Target,
+}
+
+/// Relays between the hop (TLS or plain) and a plain socket; `end` says which side the hop
+/// is on, so `Stats::up` is always client to target. A plain hop takes the splice path of
+/// [`relay`]; a TLS hop copies through rustls on this one thread.
+pub fn relay_hop(
+    hop: Hop,
+    end: HopEnd,
+    plain: TcpStream,
+    opts: &Options,
+    workers: &Workers,
+) -> Stats {
+    match (hop.into_parts(), end) {
+        ((sock, None), HopEnd::Client) => relay(sock, plain, opts, workers),
+        ((sock, None), HopEnd::Target) => relay(plain, sock, opts, workers),
+        ((sock, Some(mut conn)), end) => {
+            let m = tls::relay_tls(&mut conn, &sock, &plain, opts);
+            let (up, down) = match end {
+                HopEnd::Client => (m.from_tls, m.to_tls),
+                HopEnd::Target => (m.to_tls, m.from_tls),
+            };
+            Stats {
+                up,
+                down,
+                idle_closed: m.idle_closed,
+            }
         }
     }
 }

@@ -6,12 +6,10 @@ use super::{shutdown_both, Activity, Options, Stats};
 use crate::limit::bucket::SharedBucket;
 use nix::errno::Errno;
 use nix::fcntl::{splice, SpliceFFlags};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{poll, PollFd, PollFlags};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// One direction of [`relay_spliced`].
 struct Dir<'a> {
@@ -179,10 +177,7 @@ pub(super) fn relay_spliced(
     }
     let _guards = opts.bucket.as_ref().map(|b| (b.register(), b.register()));
     let bucket = opts.bucket.as_ref();
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
+    let activity = Activity::new();
     let new_dir = |src, dst| Dir {
         src,
         dst,
@@ -195,11 +190,7 @@ pub(super) fn relay_spliced(
     };
     let mut up = new_dir(client, target);
     let mut down = new_dir(target, client);
-    let tick = match opts.idle_timeout {
-        Some(idle) => PollTimeout::try_from((idle / 4).max(Duration::from_millis(50)))
-            .unwrap_or(PollTimeout::MAX),
-        None => PollTimeout::NONE,
-    };
+    let tick = Activity::tick(opts.idle_timeout);
     let mut idle_closed = false;
     while !(up.done && down.done) {
         let ev = |read: bool, write: bool| {
@@ -229,10 +220,7 @@ pub(super) fn relay_spliced(
             }
             match poll(&mut fds, tick) {
                 Ok(0) => {
-                    if opts
-                        .idle_timeout
-                        .is_some_and(|limit| activity.idle_for() >= limit)
-                    {
+                    if activity.expired(opts.idle_timeout) {
                         idle_closed = true;
                         break;
                     }

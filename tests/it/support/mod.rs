@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
-use flowgate::config::{Credentials, LocalConfig, RemoteConfig, Timeouts};
+use flowgate::config::{Credentials, LocalConfig, LocalTls, RemoteConfig, RemoteTls, Timeouts};
+use flowgate::local::upstreams::connect::Link;
+use flowgate::net::hop::Hop;
 pub mod origin;
 
 use flowgate::limit::rate::Bandwidth;
@@ -80,6 +82,8 @@ pub struct Pair {
     pub state: std::sync::Arc<flowgate::remote::Remote>,
     pub local: Server,
     pub db: PathBuf,
+    /// How local-proxy reaches the remote: pinned TLS, or plaintext.
+    pub tls: LocalTls,
 }
 
 impl Pair {
@@ -89,6 +93,103 @@ impl Pair {
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote.local_addr()
     }
+    /// A connection to remote-proxy as local-proxy opens it (TLS with the pin, or
+    /// plaintext), for tests that speak the tunnel protocol themselves.
+    pub fn raw_remote(&self) -> RawHop {
+        RawHop::connect(self.remote_addr(), &self.tls)
+    }
+}
+
+/// A hand-driven connection to remote-proxy: reads and writes go through TLS when the hop
+/// has it, each with the test I/O timeout.
+pub struct RawHop(pub Hop, pub Duration);
+
+impl RawHop {
+    pub fn connect(remote: SocketAddr, tls: &LocalTls) -> RawHop {
+        let s = connect(remote);
+        let trust = tls.trust().unwrap();
+        match Link::to(&remote.to_string(), trust.as_ref()).unwrap() {
+            Link::Plaintext => RawHop(Hop::plain(s), IO_TIMEOUT),
+            Link::Tls(dial) => {
+                let (cfg, name) = dial.for_tunnels();
+                let hop = Hop::connect(s, cfg, name, IO_TIMEOUT).expect("TLS handshake");
+                RawHop(hop, IO_TIMEOUT)
+            }
+        }
+    }
+}
+
+impl Read for RawHop {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.io(self.1)?.read(buf) {
+            // The remote closed without close_notify: for a test, the end of the stream.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+            other => other,
+        }
+    }
+}
+
+impl Write for RawHop {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.send(buf).map(|()| buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The first bytes a tunnel connection sends the remote (its TLS ClientHello; for a
+/// plaintext hop, the start of a tunnel request).
+pub fn client_hello(tls: &LocalTls, remote: SocketAddr) -> Vec<u8> {
+    let trust = tls.trust().unwrap();
+    match Link::to(&remote.to_string(), trust.as_ref()).unwrap() {
+        Link::Plaintext => b"FG\x02\x01\0\0\0\0\0\0\0\x01\x05alice".to_vec(),
+        Link::Tls(dial) => {
+            let (cfg, name) = dial.for_tunnels();
+            let mut c = rustls::ClientConnection::new(cfg.clone(), name.clone()).unwrap();
+            let mut out = Vec::new();
+            c.write_tls(&mut out).unwrap();
+            out
+        }
+    }
+}
+
+/// Sends a health probe on `s` with its first `split` bytes (of the ClientHello, or of the
+/// plaintext probe) apart from the rest by `pause`; the reply.
+pub fn probe_in_pieces(
+    p: &Pair,
+    s: &mut TcpStream,
+    split: usize,
+    pause: Duration,
+) -> flowgate::proto::tunnel::Reply {
+    use flowgate::proto::tunnel;
+    let probe = tunnel::encode_request(&tunnel::Request::health(None)).unwrap();
+    let trust = p.tls.trust().unwrap();
+    match Link::to(&p.remote_addr().to_string(), trust.as_ref()).unwrap() {
+        Link::Plaintext => {
+            s.write_all(&probe[..split]).unwrap();
+            std::thread::sleep(pause);
+            s.write_all(&probe[split..]).unwrap();
+            tunnel::read_reply(s).unwrap()
+        }
+        Link::Tls(dial) => {
+            let (cfg, name) = dial.for_probes();
+            let mut c = rustls::ClientConnection::new(cfg.clone(), name.clone()).unwrap();
+            let mut hello = Vec::new();
+            c.write_tls(&mut hello).unwrap();
+            s.write_all(&hello[..split]).unwrap();
+            std::thread::sleep(pause);
+            s.write_all(&hello[split..]).unwrap();
+            let mut tls = rustls::Stream::new(&mut c, s);
+            tls.write_all(&probe).unwrap();
+            tunnel::read_reply(&mut tls).unwrap()
+        }
+    }
+}
+
+/// Makes a pair's hop plaintext (`--plaintext` on both sides).
+pub fn plaintext(r: &mut RemoteConfig) {
+    r.tls = RemoteTls::Plaintext { public: false };
 }
 
 /// A fresh database holding `users` (and the test log started).
@@ -118,6 +219,10 @@ pub fn pair_with(
     rc.user_poll = Duration::from_millis(200);
     remote_cfg(&mut rc);
     let (remote, state) = flowgate::remote::start_with_state(rc).unwrap();
+    let tls = match state.identity() {
+        Some(fp) => LocalTls::Pins(vec![fp]),
+        None => LocalTls::Plaintext,
+    };
     let creds = users.first().map(|u| Credentials {
         user: u.name.to_string(),
         password: u.password.to_string(),
@@ -128,6 +233,7 @@ pub fn pair_with(
     // Periodic health probes would take a remote's slot now and then, and the admission
     // tests count slots exactly; the tests of health checks use a Fleet instead.
     lc.upstreams.health_interval = Duration::from_secs(3600);
+    lc.tls = tls.clone();
     local_cfg(&mut lc);
     let local = flowgate::local::start(lc).unwrap();
     // local-proxy checked its --user credentials at start; the remote frees that slot a
@@ -138,6 +244,7 @@ pub fn pair_with(
         state,
         local,
         db,
+        tls,
     }
 }
 
@@ -379,6 +486,12 @@ pub fn spawn_listening(mut cmd: Command) -> (ChildGuard, SocketAddr) {
     (guard, addr.parse().unwrap())
 }
 
+/// The TLS identity of remote-proxies on database `db` (kept beside it), as
+/// `remote-proxy identity` prints it: what local-proxy is given as `--pin`.
+pub fn identity(db: &std::path::Path) -> String {
+    remote_user_ok(db, &["identity"]).trim().to_string()
+}
+
 /// Runs `remote-proxy --db DB ARGS...`; returns (success, stdout, stderr).
 pub fn remote_user(db: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let out = remote_bin()
@@ -406,8 +519,23 @@ pub fn remote_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_remote-proxy"))
 }
 
+/// local-proxy, with a known-remotes file of its own (never the user's real one).
 pub fn local_bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_local-proxy"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_local-proxy"));
+    cmd.env("FLOWGATE_KNOWN_REMOTES", temp_dir().join("known_remotes"));
+    cmd
+}
+
+/// local-proxy's flags for the hop `tls` describes: `--pin` for each pin, or `--plaintext`.
+pub fn hop_args(tls: &LocalTls) -> Vec<String> {
+    match tls {
+        LocalTls::Pins(pins) => pins
+            .iter()
+            .flat_map(|p| ["--pin".to_string(), p.to_string()])
+            .collect(),
+        LocalTls::Plaintext => vec!["--plaintext".into()],
+        other => panic!("tests pin or go plaintext, not {other:?}"),
+    }
 }
 
 /// A raw TCP target that streams the pattern to every client until it hangs up.
@@ -449,13 +577,13 @@ pub fn sink_target(counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Soc
 
 /// Sends one tunnel request straight to remote-proxy and returns the reply.
 pub fn tunnel_reply(
-    remote: SocketAddr,
+    p: &Pair,
     user: &str,
     pw: &str,
     target: flowgate::proto::addr::TargetAddr,
 ) -> flowgate::proto::tunnel::Reply {
     use flowgate::proto::tunnel;
-    let mut s = connect(remote);
+    let mut s = p.raw_remote();
     let req = tunnel::Request {
         tunnel_id: Some(tunnel::TunnelId(1)),
         command: tunnel::Command::Connect,
@@ -469,12 +597,12 @@ pub fn tunnel_reply(
 
 /// Like [`tunnel_reply`], just the status.
 pub fn tunnel_status(
-    remote: SocketAddr,
+    p: &Pair,
     user: &str,
     pw: &str,
     target: flowgate::proto::addr::TargetAddr,
 ) -> flowgate::proto::tunnel::Status {
-    tunnel_reply(remote, user, pw, target).status
+    tunnel_reply(p, user, pw, target).status
 }
 
 /// A raw TCP target that holds each connection open until the client closes its side, and
@@ -544,6 +672,9 @@ pub fn binary_pair(extra: &[&str]) -> BinaryPair {
     .args(["--user", "alice"])
     .args(extra)
     .env("FLOWGATE_PASSWORD", "pw");
+    if !extra.contains(&"--plaintext") {
+        lcmd.args(["--pin", &identity(&db)]);
+    }
     let (local, local_addr) = spawn_listening(lcmd);
     BinaryPair {
         remote,
@@ -625,8 +756,8 @@ pub fn reply_target(reply: &'static [u8]) -> SocketAddr {
 
 /// Asserts the server closes `s` (a FIN or a reset) within `within` without sending another
 /// byte. A read that times out fails: a server that never closes must not pass.
-pub fn assert_closed_quietly(s: &mut TcpStream, within: Duration) {
-    s.set_read_timeout(Some(within)).unwrap();
+pub fn assert_closed_quietly(s: &mut impl Deadline, within: Duration) {
+    s.read_within(within);
     let t = std::time::Instant::now();
     let mut rest = Vec::new();
     match s.read_to_end(&mut rest) {
@@ -638,9 +769,36 @@ pub fn assert_closed_quietly(s: &mut TcpStream, within: Duration) {
     assert!(t.elapsed() < within, "closed after {:?}", t.elapsed());
 }
 
+/// A connection whose reads can be given a time limit.
+pub trait Deadline: Read {
+    fn read_within(&mut self, within: Duration);
+}
+
+impl Deadline for TcpStream {
+    fn read_within(&mut self, within: Duration) {
+        self.set_read_timeout(Some(within)).unwrap();
+    }
+}
+
+impl Deadline for RawHop {
+    fn read_within(&mut self, within: Duration) {
+        self.1 = within;
+    }
+}
+
 /// Sends a health probe straight to remote-proxy; the reply status, or the read error.
-pub fn health_probe(remote: SocketAddr) -> std::io::Result<flowgate::proto::tunnel::Status> {
+pub fn health_probe(
+    remote: SocketAddr,
+    tls: &LocalTls,
+) -> std::io::Result<flowgate::proto::tunnel::Status> {
     use flowgate::proto::tunnel;
+    let trust = tls.trust().unwrap();
+    let link = Link::to(&remote.to_string(), trust.as_ref()).unwrap();
+    if let Link::Tls(_) = link {
+        use flowgate::local::upstreams::connect;
+        return connect::probe(&[remote], &link, Duration::from_secs(3))
+            .map_err(|e| std::io::Error::other(e.to_string()));
+    }
     let mut s = connect(remote);
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     tunnel::write_request(&mut s, &tunnel::Request::health(None)).map_err(|e| match e {
@@ -714,6 +872,7 @@ impl Fleet {
         let mut cmd = local_bin();
         cmd.args(["--listen", "127.0.0.1:0"])
             .args(["--health-interval", "200ms", "--health-timeout", "500ms"])
+            .args(["--pin", &identity(&self.db)])
             .args(extra);
         for a in &self.addrs {
             cmd.args(["--remote", &a.to_string()]);
