@@ -11,10 +11,12 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The first byte of every tunnel request and reply in plaintext (`FG`).
+/// The first byte of every plaintext tunnel request (`FG`).
 const PLAINTEXT_MAGIC: u8 = b'F';
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
+/// The first byte of a TLS alert record.
+const TLS_ALERT: u8 = 0x15;
 
 /// Why a TLS handshake on the hop failed.
 #[derive(Debug)]
@@ -52,8 +54,12 @@ impl std::fmt::Display for HopError {
 impl std::error::Error for HopError {}
 
 impl HopError {
+    /// The error of a failed client handshake, given the first byte the server sent: a
+    /// plaintext reply starts with its version byte where a TLS server's first record is a
+    /// handshake or an alert.
     fn from_io(e: io::Error, first_byte: Option<u8>) -> HopError {
-        if first_byte == Some(PLAINTEXT_MAGIC) {
+        use crate::proto::tunnel::{VERSION, VERSION_1};
+        if first_byte.is_some_and(|b| b == VERSION || b == VERSION_1) {
             return HopError::PlaintextPeer;
         }
         let tls = e
@@ -62,7 +68,9 @@ impl HopError {
             .cloned();
         match tls {
             Some(t) => HopError::Tls(t),
-            None if first_byte.is_some_and(|b| b != TLS_HANDSHAKE) => HopError::NotTls,
+            None if first_byte.is_some_and(|b| b != TLS_HANDSHAKE && b != TLS_ALERT) => {
+                HopError::NotTls
+            }
             None => HopError::Io(e),
         }
     }
@@ -125,8 +133,13 @@ impl Hop {
             Ok(c) => Connection::Server(c),
             Err(e) => return Err((sock, HopError::Tls(e))),
         };
-        Hop::handshake(sock, conn, within)
-            .map_err(|(sock, e, _)| (sock, HopError::from_io(e, Some(TLS_HANDSHAKE))))
+        Hop::handshake(sock, conn, within).map_err(|(sock, e, _)| {
+            let tls = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .cloned();
+            (sock, tls.map_or(HopError::Io(e), HopError::Tls))
+        })
     }
 
     /// local-proxy's side: the TLS handshake on a connected socket, checking the remote as

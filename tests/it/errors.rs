@@ -37,9 +37,13 @@ fn remote_proxy_answers_each_failure_with_its_own_status() {
     );
 }
 
-#[test]
-fn malformed_tunnel_input_gets_the_malformed_reply_and_a_close() {
-    let p = pair(&[user("alice", "pw", "unlimited")]);
+over_both_hops!(
+    malformed_tunnel_input_gets_the_malformed_reply_and_a_close,
+    malformed_tunnel_input_gets_the_malformed_reply_and_a_close_over
+);
+
+fn malformed_tunnel_input_gets_the_malformed_reply_and_a_close_over(hop: HopMode) {
+    let p = pair_with(&[user("alice", "pw", "unlimited")], hop, |_| {});
     for (garbage, want) in [
         (&b"GET / HTTP/1.1\r\n\r\n"[..], Status::Malformed),
         (&b"FG\x01\x09\x01a\x01b"[..], Status::Malformed),

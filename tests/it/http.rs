@@ -64,9 +64,13 @@ fn a_head_longer_than_one_peek_keeps_the_bytes_after_it() {
     connect_with_request_in_the_same_write(6000);
 }
 
-#[test]
-fn plain_http_is_forwarded_10mb_each_way_intact() {
-    let p = pair(&[user("alice", "pw", "unlimited")]);
+over_both_hops!(
+    plain_http_is_forwarded_10mb_each_way_intact,
+    plain_http_is_forwarded_10mb_each_way_intact_over
+);
+
+fn plain_http_is_forwarded_10mb_each_way_intact_over(hop: HopMode) {
+    let p = pair_with(&[user("alice", "pw", "unlimited")], hop, |_| {});
     let o = origin();
     let mut s = connect(p.local_addr());
     write!(

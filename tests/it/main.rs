@@ -1,6 +1,23 @@
 //! Integration tests: real listeners on 127.0.0.1 ephemeral ports, an origin in the test,
 //! nothing outside the machine.
 
+/// Runs the test body `$body(hop: HopMode)` twice: over TLS (`$name::tls`) and over
+/// `--plaintext` (`$name::plaintext`), where the splice path carries both legs.
+macro_rules! over_both_hops {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn tls() {
+                super::$body(crate::support::tls)
+            }
+            #[test]
+            fn plaintext() {
+                super::$body(crate::support::plaintext)
+            }
+        }
+    };
+}
+
 mod admission;
 mod cli;
 mod curl;
@@ -12,4 +29,5 @@ mod resources;
 mod shutdown;
 mod socks5;
 mod support;
+mod tls;
 mod upstreams;

@@ -120,9 +120,13 @@ fn one_connection_holds_the_configured_rate() {
     assert_within_5pct(got, 1_000_000.0, "1 connection");
 }
 
-#[test]
-fn four_connections_share_one_budget() {
-    let p = pair(&[user("alice", "pw", "2M")]);
+over_both_hops!(
+    four_connections_share_one_budget,
+    four_connections_share_one_budget_over
+);
+
+fn four_connections_share_one_budget_over(hop: HopMode) {
+    let p = pair_with(&[user("alice", "pw", "2M")], hop, |_| {});
     let r = Readers::start(downloads(
         p.local_addr(),
         ("alice", "pw"),
@@ -164,9 +168,13 @@ fn two_users_each_keep_their_own_rate() {
     assert_within_5pct(rb, 400_000.0, "bob");
 }
 
-#[test]
-fn upload_and_download_share_one_budget() {
-    let p = pair(&[user("alice", "pw", "1M")]);
+over_both_hops!(
+    upload_and_download_share_one_budget,
+    upload_and_download_share_one_budget_over
+);
+
+fn upload_and_download_share_one_budget_over(hop: HopMode) {
+    let p = pair_with(&[user("alice", "pw", "1M")], hop, |_| {});
     let sunk = Arc::new(AtomicU64::new(0));
     let sink = sink_target(sunk.clone());
     let down = Readers::start(downloads(

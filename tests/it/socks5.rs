@@ -6,9 +6,13 @@ use std::net::{Shutdown, SocketAddr, TcpListener};
 
 const TEN_MB: u64 = 10 * 1000 * 1000;
 
-#[test]
-fn socks5_ipv4_carries_10mb_each_way_intact() {
-    let p = pair(&[user("alice", "pw", "unlimited")]);
+over_both_hops!(
+    socks5_ipv4_carries_10mb_each_way_intact,
+    socks5_ipv4_carries_10mb_each_way_intact_over
+);
+
+fn socks5_ipv4_carries_10mb_each_way_intact_over(hop: HopMode) {
+    let p = pair_with(&[user("alice", "pw", "unlimited")], hop, |_| {});
     let o = origin();
     let mut s = socks_connect(p.local_addr(), Dest::Ip(o), None).unwrap();
     download_and_verify(&mut s, "origin", TEN_MB);
@@ -79,8 +83,12 @@ fn app_credentials_pick_the_user() {
     assert_eq!(e, 0x101, "refused in the RFC 1929 sub-negotiation");
 }
 
-#[test]
-fn half_close_is_passed_on_not_turned_into_a_reset() {
+over_both_hops!(
+    half_close_is_passed_on_not_turned_into_a_reset,
+    half_close_over
+);
+
+fn half_close_over(hop: HopMode) {
     // A target that reads until EOF, then answers with the byte count: only works if the
     // client's FIN reaches it while the other direction stays open.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -97,7 +105,7 @@ fn half_close_is_passed_on_not_turned_into_a_reset() {
         }
         let _ = c.write_all(format!("got {n}").as_bytes());
     });
-    let p = pair(&[user("alice", "pw", "unlimited")]);
+    let p = pair_with(&[user("alice", "pw", "unlimited")], hop, |_| {});
     let mut s = socks_connect(p.local_addr(), Dest::Ip(target), None).unwrap();
     s.write_all(&vec![7u8; 1_000_000]).unwrap();
     s.shutdown(Shutdown::Write).unwrap();

@@ -42,6 +42,8 @@ struct Upstream {
     // TLS (and how this remote's identity is checked) or plaintext.
     link: connect::Link,
     health: Mutex<Health>,
+    // Why the first round of probes found it down, for the start-up report.
+    first_failure: Mutex<Option<String>>,
     // Tunnels open through this remote from this local-proxy.
     open: AtomicUsize,
 }
@@ -89,6 +91,7 @@ impl Upstreams {
                     addrs: Mutex::new(connect::resolve(name).unwrap_or_default()),
                     link: connect::Link::to(name, trust)?,
                     health: Mutex::new(Health::new()),
+                    first_failure: Mutex::new(None),
                     open: AtomicUsize::new(0),
                 })
             })
@@ -234,12 +237,14 @@ impl Upstreams {
     }
 
     fn probe_one(&self, index: usize, log: bool) {
-        let note = |change| {
+        let up = &self.remotes[index];
+        let note = |change: Option<Change>| {
             if log {
                 self.note(index, change)
+            } else if let Some(Change::Down { reason, .. }) = change {
+                *up.first_failure.lock() = Some(reason);
             }
         };
-        let up = &self.remotes[index];
         // Re-resolve on every probe: a name's addresses may change while we run.
         let addrs = match connect::resolve(&up.name) {
             Ok(a) => {
@@ -284,16 +289,19 @@ impl Upstreams {
         }
     }
 
-    /// One line per remote: `remote=ADDR up` / `down` / `draining`.
+    /// One line per remote: `remote=ADDR up` / `down: WHY` / `draining`.
     pub fn describe(&self) -> Vec<String> {
         self.remotes
             .iter()
             .map(|r| {
                 let h = r.health.lock();
                 let state = match (h.is_up(), h.usable()) {
-                    (true, true) => "up",
-                    (true, false) => "draining",
-                    _ => "down",
+                    (true, true) => "up".to_string(),
+                    (true, false) => "draining".to_string(),
+                    _ => match r.first_failure.lock().as_ref() {
+                        Some(why) => format!("down: {why}"),
+                        None => "down".to_string(),
+                    },
                 };
                 format!("remote={} {state}", r.name)
             })

@@ -187,6 +187,12 @@ pub fn probe_in_pieces(
     }
 }
 
+/// How a test's pair runs its hop: TLS (the default) or `--plaintext`.
+pub type HopMode = fn(&mut RemoteConfig);
+
+/// The default hop: TLS, the remote pinned.
+pub fn tls(_: &mut RemoteConfig) {}
+
 /// Makes a pair's hop plaintext (`--plaintext` on both sides).
 pub fn plaintext(r: &mut RemoteConfig) {
     r.tls = RemoteTls::Plaintext { public: false };
