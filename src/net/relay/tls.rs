@@ -8,7 +8,11 @@
 //! one vectored write. Buffers are taken when traffic starts and given back once the tunnel
 //! has been quiet for [`QUIET`], so an idle tunnel holds rustls' state and no buffer.
 
-use super::copy::{INITIAL_BUFFER, MAX_BUFFER};
+use super::copy::INITIAL_BUFFER;
+
+/// Largest buffer of a direction: 64 records of 16 KiB, what rustls sends in one vectored
+/// write.
+const MAX_BUFFER: usize = 1024 * 1024;
 use super::{Activity, Options};
 use crate::limit::bucket::SharedBucket;
 use nix::errno::Errno;
@@ -353,15 +357,20 @@ pub(super) fn relay_tls(
     let tick = Activity::tick(opts.idle_timeout);
     let quiet = PollTimeout::try_from(QUIET).unwrap_or(PollTimeout::MAX);
     let mut holding = true;
+    // Step only after poll reported something: a step takes buffers, and after a quiet
+    // spell has given them back they must stay given back.
+    let mut ready = true;
     let mut idle_closed = false;
     let mut failed = false;
     loop {
-        if s.step().is_err() {
-            failed = true;
-            break;
-        }
-        if s.done() {
-            break;
+        if ready {
+            if s.step().is_err() {
+                failed = true;
+                break;
+            }
+            if s.done() {
+                break;
+            }
         }
         let (want_tls, want_plain) = s.interest();
         if want_tls.is_empty() && want_plain.is_empty() {
@@ -375,6 +384,7 @@ pub(super) fn relay_tls(
         if !want_plain.is_empty() {
             fds.push(PollFd::new(plain.as_fd(), want_plain));
         }
+        ready = false;
         match poll(&mut fds, if holding { quiet } else { tick }) {
             Ok(0) if holding => {
                 s.release_buffers();
@@ -386,7 +396,10 @@ pub(super) fn relay_tls(
                     break;
                 }
             }
-            Ok(_) => holding = true,
+            Ok(_) => {
+                holding = true;
+                ready = true;
+            }
             Err(Errno::EINTR) => {}
             Err(_) => {
                 failed = true;
