@@ -5,8 +5,9 @@
 //! Run through `scripts/bench.sh` (it builds in release and raises the open-file limit).
 //! Writes `bench-out/results.md`, `bench-out/results.json` and `bench-out/accuracy.svg`.
 //! `--quick` shortens every phase (for a smoke run); `--only NAME[,NAME]` picks phases
-//! (throughput, accuracy, fairness, setup, scale); `--no-reference` skips the HAProxy rows
-//! (measured when `haproxy` is installed).
+//! (throughput, curl, accuracy, fairness, setup, scale); `--no-reference` skips the HAProxy
+//! rows (measured when `haproxy` is installed). Every flowgate figure is taken twice: with
+//! TLS between the hops (the default) and with `--plaintext`.
 
 // The origin lives with the test support (it is not part of the library); its unit tests run
 // with the integration tests, not here.
@@ -517,29 +518,31 @@ fn alternate(runs: &mut [&mut dyn FnMut() -> f64]) -> Vec<f64> {
 
 fn throughput(
     opts: &Opts,
-    st: &Setup,
+    pairs: &[(&str, &Setup); 2],
     reference: Option<&Reference>,
     origin: SocketAddr,
     rep: &mut Report,
 ) {
     let size = if opts.quick { GIB / 4 } else { GIB };
-    let via = Via::Proxy(st.local.addr, "unlimited".into());
     let relay = reference.map(|r| Via::Relay(r.entry));
-    let mut rows = vec![];
-    let mut cpu = (0.0, 0.0);
-    let mut relayed = 0u64;
+    // Per mode: (local, remote) CPU seconds and bytes relayed.
+    let cpu = std::cell::RefCell::new([(0.0f64, 0.0f64, 0u64); 2]);
     // Machine busy/total ticks during the proxied runs of the current kind.
     let ticks = std::cell::Cell::new((0u64, 0u64));
-    let mut measure = |f: &mut dyn FnMut() -> f64| {
+    let measure = |m: usize, f: &dyn Fn() -> f64| {
+        let st = pairs[m].1;
         let c0 = (cpu_secs(st.local.pid()), cpu_secs(st.remote.pid()));
         let m0 = machine_ticks();
         let r = f();
         let m1 = machine_ticks();
-        cpu.0 += cpu_secs(st.local.pid()) - c0.0;
-        cpu.1 += cpu_secs(st.remote.pid()) - c0.1;
-        let t = ticks.get();
-        ticks.set((t.0 + m1.0 - m0.0, t.1 + m1.1 - m0.1));
-        relayed += size;
+        let mut c = cpu.borrow_mut();
+        c[m].0 += cpu_secs(st.local.pid()) - c0.0;
+        c[m].1 += cpu_secs(st.remote.pid()) - c0.1;
+        c[m].2 += size;
+        if m == 0 {
+            let t = ticks.get();
+            ticks.set((t.0 + m1.0 - m0.0, t.1 + m1.1 - m0.1));
+        }
         r
     };
     type Run<'a> = Box<dyn Fn(&Via) -> f64 + 'a>;
@@ -557,21 +560,25 @@ fn throughput(
             Box::new(|v: &Via| upload(v, origin, size)),
         ),
     ];
+    let vias: Vec<Via> = pairs
+        .iter()
+        .map(|(_, st)| Via::Proxy(st.local.addr, "unlimited".into()))
+        .collect();
+    let mut rows = vec![];
     for (name, run) in &kinds {
         let mut direct = || run(&Via::Direct);
-        let mut proxied = || measure(&mut || run(&via));
+        let mut tls = || measure(0, &|| run(&vias[0]));
+        let mut plain = || measure(1, &|| run(&vias[1]));
         let mut peer = || relay.as_ref().map_or(0.0, run);
-        let mut runs: Vec<&mut dyn FnMut() -> f64> = vec![&mut direct, &mut proxied];
+        let mut runs: Vec<&mut dyn FnMut() -> f64> = vec![&mut direct, &mut tls, &mut plain];
         if relay.is_some() {
             runs.push(&mut peer);
         }
         let m = alternate(&mut runs);
         let (busy, total) = ticks.replace((0, 0));
         let busy = busy as f64 / total.max(1) as f64;
-        rows.push((*name, m[0], m[1], m.get(2).copied(), busy));
+        rows.push((*name, m[0], m[1], m[2], m.get(3).copied(), busy));
     }
-    let gib = relayed as f64 / GIB as f64;
-    let (lc, rc) = (cpu.0 / gib, cpu.1 / gib);
     let _ = writeln!(
         rep.md,
         "\n## 1. Throughput, unlimited user ({} MiB per run, median of 3 alternating runs)\n",
@@ -579,29 +586,242 @@ fn throughput(
     );
     let _ = writeln!(
         rep.md,
-        "| run | direct MB/s | flowgate MB/s | ratio | cores busy (flowgate runs) | haproxy 2-hop MB/s | ratio |\n|---|---|---|---|---|---|---|"
+        "| run | direct MB/s | flowgate TLS MB/s | ratio | cores busy (TLS runs) | flowgate plaintext MB/s | ratio | haproxy 2-hop MB/s | ratio |\n|---|---|---|---|---|---|---|---|---|"
     );
-    for (name, d, p, h, busy) in rows {
+    for (name, d, t, p, h, busy) in rows {
         let peer = h.map_or("- | -".to_string(), |h| format!("{h:.0} | {:.2}", h / d));
         let _ = writeln!(
             rep.md,
-            "| {name} | {d:.0} | {p:.0} | {:.2} | {:.0}% | {peer} |",
-            p / d,
-            busy * 100.0
+            "| {name} | {d:.0} | {t:.0} | {:.2} | {:.0}% | {p:.0} | {:.2} | {peer} |",
+            t / d,
+            busy * 100.0,
+            p / d
         );
         let key = name.replace([',', ' '], "_").replace("__", "_");
         rep.num(&format!("throughput.{key}.direct_mbps"), d);
-        rep.num(&format!("throughput.{key}.flowgate_mbps"), p);
-        rep.num(&format!("throughput.{key}.ratio"), p / d);
+        rep.num(&format!("throughput.{key}.tls_mbps"), t);
+        rep.num(&format!("throughput.{key}.tls_ratio"), t / d);
+        rep.num(&format!("throughput.{key}.plaintext_mbps"), p);
+        rep.num(&format!("throughput.{key}.plaintext_ratio"), p / d);
         rep.num(&format!("throughput.{key}.machine_busy"), busy);
         if let Some(h) = h {
             rep.num(&format!("throughput.{key}.haproxy_mbps"), h);
             rep.num(&format!("throughput.{key}.haproxy_ratio"), h / d);
         }
     }
-    let _ = writeln!(rep.md, "\n## 6. CPU seconds per GiB relayed (during the throughput runs)\n\n| process | CPU s/GiB |\n|---|---|\n| local-proxy | {lc:.2} |\n| remote-proxy | {rc:.2} |");
-    rep.num("cpu.local_s_per_gib", lc);
-    rep.num("cpu.remote_s_per_gib", rc);
+    let _ = writeln!(rep.md, "\n## 6. CPU seconds per GiB relayed (during the throughput runs)\n\n| process | TLS CPU s/GiB | plaintext CPU s/GiB |\n|---|---|---|");
+    let c = cpu.borrow();
+    let per = |m: usize| {
+        let gib = c[m].2 as f64 / GIB as f64;
+        (c[m].0 / gib, c[m].1 / gib)
+    };
+    let (tls, plain) = (per(0), per(1));
+    let _ = writeln!(
+        rep.md,
+        "| local-proxy | {:.2} | {:.2} |\n| remote-proxy | {:.2} | {:.2} |",
+        tls.0, plain.0, tls.1, plain.1
+    );
+    rep.num("cpu.tls.local_s_per_gib", tls.0);
+    rep.num("cpu.tls.remote_s_per_gib", tls.1);
+    rep.num("cpu.plaintext.local_s_per_gib", plain.0);
+    rep.num("cpu.plaintext.remote_s_per_gib", plain.1);
+}
+
+/// Child processes of an external setup (nginx, shadowsocks-libev), killed on drop, and
+/// the directory that holds their files.
+struct External {
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn installed(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// Waits until something accepts on `addr`.
+fn wait_listening(addr: SocketAddr, what: &str) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < until, "{what} did not start on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One `curl` download of `url` to /dev/null, optionally through a SOCKS5 proxy with
+/// credentials; curl's own average speed in MB/s.
+fn curl_speed(url: &str, socks: Option<(SocketAddr, &str)>) -> f64 {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o", "/dev/null", "-w", "%{speed_download}"]);
+    if let Some((addr, creds)) = socks {
+        cmd.args(["--socks5-hostname", &addr.to_string()]);
+        if !creds.is_empty() {
+            cmd.args(["--proxy-user", creds]);
+        }
+    }
+    let out = cmd.arg(url).output().expect("run curl");
+    assert!(out.status.success(), "curl {url} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<f64>()
+        .expect("curl speed")
+        / 1e6
+}
+
+/// Like with like: nginx serving a file, curl downloading it in one stream, straight, through
+/// flowgate with TLS and with `--plaintext`, and through shadowsocks-libev (`aes-256-gcm`,
+/// ss-local + ss-server: the usual encrypted two-hop proxy) when it is installed.
+fn curl_nginx(opts: &Opts, pairs: &[(&str, &Setup); 2], rep: &mut Report) {
+    if !installed("nginx") || !installed("curl") {
+        let _ = writeln!(
+            rep.md,
+            "\n## 1b. nginx + curl: skipped (nginx or curl not installed)"
+        );
+        return;
+    }
+    let size = if opts.quick { GIB / 4 } else { GIB };
+    let dir = std::env::temp_dir().join(format!("flowgate-nginx-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    // A sparse file: served from the page cache, so the disk plays no part.
+    let file = std::fs::File::create(dir.join("www").join("big")).unwrap();
+    file.set_len(size).unwrap();
+    let web = free_port();
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 1024; }}\nhttp {{ access_log off; sendfile on;\n\
+         client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;\n\
+         uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+         server {{ listen {web}; root {d}/www; }} }}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let mut ext = External {
+        children: vec![],
+        dir: dir.clone(),
+    };
+    ext.children.push(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx"),
+    );
+    wait_listening(web, "nginx");
+    let ss = installed("ss-server") && installed("ss-local");
+    let ss_local = free_port();
+    if ss {
+        let server = free_port();
+        let common = |c: &mut Command| {
+            c.args(["-k", "bench-password", "-m", "aes-256-gcm"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        };
+        let mut srv = Command::new("ss-server");
+        srv.args(["-s", "127.0.0.1", "-p", &server.port().to_string()]);
+        common(&mut srv);
+        ext.children.push(srv.spawn().expect("start ss-server"));
+        let mut loc = Command::new("ss-local");
+        loc.args(["-s", "127.0.0.1", "-p", &server.port().to_string()])
+            .args(["-b", "127.0.0.1", "-l", &ss_local.port().to_string()]);
+        common(&mut loc);
+        ext.children.push(loc.spawn().expect("start ss-local"));
+        wait_listening(server, "ss-server");
+        wait_listening(ss_local, "ss-local");
+    }
+    let url = format!("http://{web}/big");
+    let rounds = if opts.quick { 3 } else { 7 };
+    // Once untimed: the first read of the file fills the page cache.
+    curl_speed(&url, None);
+    let cpu = std::cell::RefCell::new([(0.0f64, 0.0f64); 2]);
+    let via_pair = |m: usize| {
+        let st = pairs[m].1;
+        let c0 = (cpu_secs(st.local.pid()), cpu_secs(st.remote.pid()));
+        let r = curl_speed(&url, Some((st.local.addr, "unlimited:pw")));
+        let mut c = cpu.borrow_mut();
+        c[m].0 += cpu_secs(st.local.pid()) - c0.0;
+        c[m].1 += cpu_secs(st.remote.pid()) - c0.1;
+        r
+    };
+    let mut got: Vec<Vec<f64>> = vec![vec![]; 4];
+    for _ in 0..rounds {
+        got[0].push(curl_speed(&url, None));
+        got[1].push(via_pair(0));
+        got[2].push(via_pair(1));
+        if ss {
+            got[3].push(curl_speed(&url, Some((ss_local, ""))));
+        }
+    }
+    // Ratios per round (each against the direct run beside it), then their median: the
+    // machine's speed drifts between rounds more than it differs within one.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let ratio = |i: usize| {
+        median(
+            got[i]
+                .iter()
+                .zip(&got[0])
+                .map(|(x, d)| x / d)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let _ = writeln!(rep.md, "\n## 1b. nginx origin, curl client: one stream of {} MiB ({rounds} alternating rounds; median MB/s, median of per-round ratios)\n\n| path | MB/s | ratio to direct |\n|---|---|---|", size >> 20);
+    let names = [
+        "direct",
+        "flowgate TLS",
+        "flowgate plaintext",
+        "shadowsocks-libev aes-256-gcm (2 hops)",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        if got[i].is_empty() {
+            let _ = writeln!(rep.md, "| {name} | not installed | - |");
+            continue;
+        }
+        let (mbps, r) = (median(got[i].clone()), ratio(i));
+        let _ = writeln!(rep.md, "| {name} | {mbps:.0} | {r:.2} |");
+        let key = ["direct", "tls", "plaintext", "shadowsocks"][i];
+        rep.num(&format!("curl.{key}.mbps"), mbps);
+        rep.num(&format!("curl.{key}.ratio"), r);
+    }
+    if ss {
+        let vs = ratio(1) / ratio(3).max(1e-9);
+        let _ = writeln!(
+            rep.md,
+            "\nflowgate TLS reads {vs:.2}x shadowsocks-libev's ratio."
+        );
+        rep.num("curl.tls_vs_shadowsocks", vs);
+    }
+    let c = cpu.borrow();
+    let gib = (rounds as u64 * size) as f64 / GIB as f64;
+    let _ = writeln!(rep.md, "\n| process | TLS CPU s/GiB | plaintext CPU s/GiB |\n|---|---|---|\n| local-proxy | {:.2} | {:.2} |\n| remote-proxy | {:.2} | {:.2} |", c[0].0 / gib, c[1].0 / gib, c[0].1 / gib, c[1].1 / gib);
+    rep.num("curl.cpu.tls.local_s_per_gib", c[0].0 / gib);
+    rep.num("curl.cpu.tls.remote_s_per_gib", c[0].1 / gib);
+    rep.num("curl.cpu.plaintext.local_s_per_gib", c[1].0 / gib);
+    rep.num("curl.cpu.plaintext.remote_s_per_gib", c[1].1 / gib);
+    drop(ext);
 }
 
 /// Per-connection bytes in 100 ms slots.
@@ -822,7 +1042,7 @@ fn setup_round(via: &Via, origin: SocketAddr, secs: u64) -> (f64, Vec<f64>) {
 
 fn setup_rate(
     opts: &Opts,
-    st: &Setup,
+    pairs: &[(&str, &Setup); 2],
     reference: Option<&Reference>,
     origin: SocketAddr,
     rep: &mut Report,
@@ -830,14 +1050,14 @@ fn setup_rate(
     let secs = if opts.quick { 2 } else { 5 };
     let mut rows = vec![];
     // Each path with the relay processes whose CPU and context switches it costs.
-    let mut paths = vec![
-        ("direct", Via::Direct, vec![]),
-        (
-            "flowgate",
+    let mut paths = vec![("direct", Via::Direct, vec![])];
+    for (name, st) in pairs {
+        paths.push((
+            name,
             Via::Proxy(st.local.addr, "unlimited".into()),
             vec![st.local.pid(), st.remote.pid()],
-        ),
-    ];
+        ));
+    }
     if let Some(r) = reference {
         let pids = r.hops.iter().map(Child::id).collect();
         paths.push(("haproxy 2-hop (reference)", Via::Relay(r.entry), pids));
@@ -871,7 +1091,7 @@ fn setup_rate(
     for (n, r, p50, p99, relay) in &rows {
         let per = relay.map_or("- | -".into(), |(c, x)| format!("{c:.0} | {x:.1}"));
         let _ = writeln!(rep.md, "| {n} | {r:.0} | {p50:.2} | {p99:.2} | {per} |");
-        let n = n.split_whitespace().next().unwrap_or(n);
+        let n = n.replace(" (reference)", "").replace(' ', "_");
         if let Some((c, x)) = relay {
             rep.num(&format!("setup.{n}.relay_cpu_us_per_req"), *c);
             rep.num(&format!("setup.{n}.ctx_switches_per_req"), *x);
@@ -880,13 +1100,19 @@ fn setup_rate(
         rep.num(&format!("setup.{n}.ttfb_p50_ms"), *p50);
         rep.num(&format!("setup.{n}.ttfb_p99_ms"), *p99);
     }
-    let ratio = rows[1].1 / rows[0].1;
-    let extra = rows[1].3 - rows[0].3;
-    let _ = writeln!(
-        rep.md,
-        "\nratio {ratio:.2}x direct; p99 TTFB {extra:+.2} ms over direct"
-    );
-    if let Some(h) = rows.get(2) {
+    let _ = writeln!(rep.md);
+    for (i, (name, _)) in pairs.iter().enumerate() {
+        let ratio = rows[i + 1].1 / rows[0].1;
+        let extra = rows[i + 1].3 - rows[0].3;
+        let _ = writeln!(
+            rep.md,
+            "{name}: {ratio:.2}x direct; p99 TTFB {extra:+.2} ms over direct  "
+        );
+        let key = name.replace(' ', "_");
+        rep.num(&format!("setup.{key}.ratio"), ratio);
+        rep.num(&format!("setup.{key}.p99_extra_ms"), extra);
+    }
+    if let Some(h) = rows.get(3) {
         let _ = writeln!(
             rep.md,
             "haproxy 2-hop: {:.2}x direct; p99 TTFB {:+.2} ms over direct",
@@ -895,11 +1121,9 @@ fn setup_rate(
         );
         rep.num("setup.haproxy_ratio", h.1 / rows[0].1);
     }
-    rep.num("setup.ratio", ratio);
-    rep.num("setup.p99_extra_ms", extra);
 }
 
-fn scale(opts: &Opts, st: &Setup, rep: &mut Report) {
+fn scale(opts: &Opts, mode: &str, st: &Setup, rep: &mut Report) {
     let n = if opts.quick { 500 } else { 5000 };
     // A target that answers one request on each connection and then keeps it open, as a
     // keep-alive web server does, without a thread per connection: the client below opens
@@ -953,7 +1177,7 @@ fn scale(opts: &Opts, st: &Setup, rep: &mut Report) {
     let pipes = (pipe_fds(st.local.pid()), pipe_fds(st.remote.pid()));
     let ok = open_ok.len();
     let per = |b: (u64, u64), a: (u64, u64)| a.0.saturating_sub(b.0) as f64 / ok.max(1) as f64;
-    let _ = writeln!(rep.md, "\n## 5. Scale: {n} concurrent idle tunnels, each after one request and response\n\n{ok} opened, {failed} failed (open-file limit {}).\n\n| process | RSS before KiB | RSS with tunnels KiB | threads | pipe fds | KiB per tunnel |\n|---|---|---|---|---|---|", fd_limit());
+    let _ = writeln!(rep.md, "\n## 5. Scale, {mode}: {n} concurrent idle tunnels, each after one request and response\n\n{ok} opened, {failed} failed (open-file limit {}).\n\n| process | RSS before KiB | RSS with tunnels KiB | threads | pipe fds | KiB per tunnel |\n|---|---|---|---|---|---|", fd_limit());
     for (name, b, a, p) in [
         ("local-proxy", before.0, after.0, pipes.0),
         ("remote-proxy", before.1, after.1, pipes.1),
@@ -966,13 +1190,15 @@ fn scale(opts: &Opts, st: &Setup, rep: &mut Report) {
             a.1,
             per(b, a)
         );
-        rep.num(&format!("scale.{name}.pipe_fds"), p as f64);
-        rep.num(&format!("scale.{name}.kib_per_tunnel"), per(b, a));
-        rep.num(&format!("scale.{name}.threads"), a.1 as f64);
-        rep.num(&format!("scale.{name}.rss_kib"), a.0 as f64);
+        let k = format!("scale.{}.{name}", mode.replace(' ', "_"));
+        rep.num(&format!("{k}.pipe_fds"), p as f64);
+        rep.num(&format!("{k}.kib_per_tunnel"), per(b, a));
+        rep.num(&format!("{k}.threads"), a.1 as f64);
+        rep.num(&format!("{k}.rss_kib"), a.0 as f64);
     }
-    rep.num("scale.opened", ok as f64);
-    rep.num("scale.failed", failed as f64);
+    let k = mode.replace(' ', "_");
+    rep.num(&format!("scale.{k}.opened"), ok as f64);
+    rep.num(&format!("scale.{k}.failed"), failed as f64);
     drop(open_ok);
     held.lock().unwrap().clear();
 }
@@ -1110,6 +1336,8 @@ fn main() {
         .expect("origin")
         .local_addr();
     let st = Setup::start(&opts, true);
+    let plain = Setup::start(&opts, false);
+    let pairs: [(&str, &Setup); 2] = [("flowgate TLS", &st), ("flowgate plaintext", &plain)];
     let reference = (opts.reference && (opts.wants("throughput") || opts.wants("setup")))
         .then(|| Reference::start(origin))
         .flatten();
@@ -1121,17 +1349,21 @@ fn main() {
     let _ = writeln!(rep.md, "# flowgate benchmark\n\n{} cores; origin, client and both proxies on 127.0.0.1; ratios are against direct in the same run.", cores);
     let phases: &[Phase] = &[
         ("throughput", &|r| {
-            throughput(&opts, &st, reference.as_ref(), origin, r)
+            throughput(&opts, &pairs, reference.as_ref(), origin, r)
         }),
+        ("curl", &|r| curl_nginx(&opts, &pairs, r)),
         ("accuracy", &|r| {
             let runs = accuracy(&opts, &st, origin, r);
             std::fs::write(opts.out.join("accuracy.svg"), svg(&runs)).unwrap();
         }),
         ("fairness", &|r| fairness_users(&opts, &st, origin, r)),
         ("setup", &|r| {
-            setup_rate(&opts, &st, reference.as_ref(), origin, r)
+            setup_rate(&opts, &pairs, reference.as_ref(), origin, r)
         }),
-        ("scale", &|r| scale(&opts, &st, r)),
+        ("scale", &|r| {
+            scale(&opts, "TLS", &st, r);
+            scale(&opts, "plaintext", &plain, r);
+        }),
     ];
     for (name, run) in phases {
         if opts.wants(name) {

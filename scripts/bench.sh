@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark: builds in release, then benches/e2e.rs starts remote-proxy and local-proxy on
-# 127.0.0.1 with an in-process origin and prints throughput, accuracy, fairness, setup rate,
-# scale and CPU beside direct figures. Output: bench-out/results.{md,json}, accuracy.svg.
-#   scripts/bench.sh            full run (about 6 minutes)
+# 127.0.0.1 (one pair with TLS between the hops, one with --plaintext) with an in-process
+# origin, and prints throughput, accuracy, fairness, setup rate, scale and CPU beside direct
+# figures, plus one-stream downloads from nginx with curl (beside shadowsocks-libev).
+# Output: bench-out/results.{md,json}, accuracy.svg.
+#   scripts/bench.sh            full run (about 12 minutes)
 #   scripts/bench.sh --quick    short smoke run
 #   scripts/bench.sh --only throughput,setup
 #   scripts/bench.sh --no-reference   skip the HAProxy reference rows
@@ -10,12 +12,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # HAProxy (as a two-hop TCP relay) is measured beside flowgate on the same client and origin,
 # so the peer comparison holds on this machine. Installed here if missing and possible.
-if [[ " $* " != *" --no-reference "* ]] && ! command -v haproxy >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing haproxy for the reference rows"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) \
-      >/dev/null 2>&1 || echo "(could not install haproxy; reference rows skipped)"
-  fi
+# nginx and curl are the like-with-like origin and client; shadowsocks-libev is the
+# encrypted two-hop reference beside flowgate's TLS.
+missing=()
+command -v nginx >/dev/null || missing+=(nginx)
+command -v curl >/dev/null || missing+=(curl)
+if [[ " $* " != *" --no-reference "* ]]; then
+  command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v ss-server >/dev/null || missing+=(shadowsocks-libev)
+fi
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing ${missing[*]} for the reference rows"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") \
+    >/dev/null 2>&1 || echo "(could not install ${missing[*]}; those rows are skipped)"
 fi
 # The scale phase holds 5,000 tunnels, each after one request and response: 10,000 sockets
 # in each proxy, and it must fit the 20,000 open-file limit common on servers (an idle tunnel

@@ -91,7 +91,11 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
             .map_or("(from app)", |c| c.user.as_str())
     );
     for line in upstreams.describe() {
-        log::info!("{line}");
+        if line.contains(crate::tls::IDENTITY_CHANGED) {
+            log::error!("{line}");
+        } else {
+            log::info!("{line}");
+        }
     }
     // A wrong --user password is said now, not at the first app connection; the process
     // keeps running (the remote may come up, or the password be fixed there, later).

@@ -169,18 +169,31 @@ impl Hop {
             Ok(t) => t,
             Err(e) => return Err((sock, e, None)),
         };
+        // Driven by hand rather than by `complete_io`, to stop as soon as the handshake is
+        // done without sending what it left queued (the client's Finished, the server's
+        // session tickets): that leaves in one write with the tunnel request or reply, a
+        // segment and a wake-up fewer per tunnel.
         while conn.is_handshaking() {
-            if let Err(e) = conn.complete_io(&mut timed) {
+            let step = if conn.wants_write() {
+                conn.write_tls(&mut timed).map(drop)
+            } else {
+                match conn.read_tls(&mut timed) {
+                    Ok(0) => Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed during the TLS handshake",
+                    )),
+                    Ok(_) => conn
+                        .process_new_packets()
+                        .map(drop)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+                    Err(e) => Err(e),
+                }
+            };
+            if let Err(e) = step {
                 let first = timed.first_byte;
                 // Tell the peer why, if rustls has an alert for it.
                 let _ = conn.write_tls(&mut timed);
                 return Err((sock, e, first));
-            }
-        }
-        // Send what the handshake left queued (the server's session tickets).
-        while conn.wants_write() {
-            if let Err(e) = conn.write_tls(&mut timed) {
-                return Err((sock, e, None));
             }
         }
         Ok(Hop {
@@ -345,6 +358,12 @@ impl Write for Timed<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.left()?;
         (&*self.sock).write(buf)
+    }
+
+    /// rustls hands over all its queued records at once: one system call, one segment.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.left()?;
+        (&*self.sock).write_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -11,7 +11,7 @@ mod verify;
 
 pub use identity::{Identity, IDENTITY_CERT, IDENTITY_KEY};
 pub use known::{default_known_remotes_path, KnownRemotes};
-pub use verify::Refused;
+pub use verify::{Refused, IDENTITY_CHANGED};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::ServerName;

@@ -13,6 +13,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// How a changed identity's refusal starts: log lines that carry it are errors, not notes.
+pub const IDENTITY_CHANGED: &str = "WARNING: REMOTE IDENTITY HAS CHANGED";
+
 /// Why local-proxy refused a remote's identity: each case says what was seen and what to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refused {
@@ -68,10 +71,10 @@ impl fmt::Display for Refused {
                 let known: Vec<String> = known.iter().map(|k| k.to_string()).collect();
                 write!(
                     f,
-                    "WARNING: REMOTE IDENTITY HAS CHANGED for {remote}: it presented {seen}, \
-                     but {} records {}. Someone may be intercepting the connection, or the \
-                     remote's key was replaced. Refused. If the operator confirms the new \
-                     identity, run `local-proxy trust {remote}`",
+                    "{IDENTITY_CHANGED} for {remote}: it presented {seen}, but {} records {}. \
+                     Someone may be intercepting the connection, or the remote's key was \
+                     replaced. Refused. If the operator confirms the new identity, run \
+                     `local-proxy trust {remote}`",
                     file.display(),
                     known.join(", ")
                 )

@@ -278,7 +278,11 @@ impl Upstreams {
         let name = &self.remotes[index].name;
         match change {
             Some(Change::Down { reason, failures }) => {
-                log::info!("remote={name} down: {reason} ({failures} failures)")
+                if reason.contains(crate::tls::IDENTITY_CHANGED) {
+                    log::error!("remote={name} down: {reason} ({failures} failures)")
+                } else {
+                    log::info!("remote={name} down: {reason} ({failures} failures)")
+                }
             }
             Some(Change::Up { probes }) => {
                 log::info!("remote={name} up after {probes} good probes")
