@@ -130,6 +130,9 @@ impl Setup {
                 "20000",
                 "--failed-login-rate",
                 "off",
+                // The origin and targets live on loopback.
+                "--allow-dest",
+                "127.0.0.1/32",
             ])
             .args(WORKER_ARGS);
         let hop: Vec<String> = if tls {

@@ -15,7 +15,8 @@ DB="$WORK/demo.db"
 "$BIN/remote-proxy" --db "$DB" user add demo --bandwidth "$RATE" --password demo-password
 # The TLS identity users pin (made beside the database on first use, owner-only files).
 PIN=$("$BIN/remote-proxy" --db "$DB" identity 2>/dev/null)
-start remote "$BIN/remote-proxy" --db "$DB" serve --listen 127.0.0.1:0; REMOTE=$ADDR
+# The demo origin is on loopback, which remote-proxy refuses by default: open just it.
+start remote "$BIN/remote-proxy" --db "$DB" serve --listen 127.0.0.1:0 --allow-dest 127.0.0.1/32; REMOTE=$ADDR
 FLOWGATE_PASSWORD=demo-password start local "$BIN/local-proxy" --listen 127.0.0.1:0 --remote "$REMOTE" --pin "$PIN" --user demo; LOCAL=$ADDR
 start origin "$BIN/flowgate-origin" --listen 127.0.0.1:0; ORIGIN=$ADDR
 echo "== remote-proxy $REMOTE, local-proxy $LOCAL (SOCKS5 + HTTP), origin $ORIGIN"

@@ -23,7 +23,7 @@ if [ "${PLAINTEXT:-0}" = 1 ]; then
 else
   REMOTE_HOP=(); LOCAL_HOP=(--pin "$("$BIN/remote-proxy" --db "$DB" identity 2>/dev/null)")
 fi
-start remote "$BIN/remote-proxy" --db "$DB" serve --listen 127.0.0.1:0 "${REMOTE_HOP[@]}"; REMOTE=$ADDR
+start remote "$BIN/remote-proxy" --db "$DB" serve --listen 127.0.0.1:0 --allow-dest 127.0.0.1/32 "${REMOTE_HOP[@]}"; REMOTE=$ADDR
 start local "$BIN/local-proxy" --listen 127.0.0.1:0 --remote "$REMOTE" "${LOCAL_HOP[@]}"; LOCAL=$ADDR
 start origin "$BIN/flowgate-origin" --listen 127.0.0.1:0; ORIGIN=$ADDR
 URL="http://localhost:${ORIGIN##*:}/bytes/100000000000"

@@ -45,7 +45,7 @@ impl RemoteCli {
 #[derive(Debug, Subcommand)]
 pub enum RemoteCommand {
     /// Accept tunnels from local-proxies.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage users (the running server picks changes up within a second).
     #[command(subcommand)]
     User(UserCommand),
@@ -101,6 +101,17 @@ pub struct ServeArgs {
     /// Allow --plaintext on a listen address that is not loopback.
     #[arg(long, requires = "plaintext")]
     pub plaintext_on_public: bool,
+    /// Let tunnels reach this range although the built-in deny list covers it (a private
+    /// network behind the proxy; 127.0.0.1 for a local test); give it several times.
+    /// remote-proxy's own listening sockets stay refused.
+    #[arg(long, value_name = "CIDR")]
+    pub allow_dest: Vec<crate::limit::destinations::Cidr>,
+    /// Refuse tunnels to this range too, even where --allow-dest opens it; repeatable.
+    #[arg(long, value_name = "CIDR")]
+    pub deny_dest: Vec<crate::limit::destinations::Cidr>,
+    /// Refuse tunnels to this port (for example 25, against spam); repeatable.
+    #[arg(long, value_name = "PORT")]
+    pub deny_port: Vec<u16>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -513,6 +524,9 @@ impl ServeArgs {
         cfg.admission = self.common.admission();
         cfg.pool = self.common.pool()?;
         cfg.rate_per_ip = self.rate_per_ip.0;
+        cfg.destinations.allow = self.allow_dest;
+        cfg.destinations.deny = self.deny_dest;
+        cfg.destinations.deny_ports = self.deny_port;
         cfg.failed_login_rate = self.failed_login_rate.0;
         Ok(cfg)
     }

@@ -173,6 +173,9 @@ pub struct RemoteConfig {
     pub user_poll: Duration,
     /// TLS on the hop, and with which identity; or plaintext.
     pub tls: RemoteTls,
+    /// Where tunnels may go (`--allow-dest`, `--deny-dest`, `--deny-port`); remote-proxy
+    /// adds its own listening sockets at start.
+    pub destinations: crate::limit::destinations::Policy,
 }
 
 /// remote-proxy's side of the hop.
@@ -277,6 +280,7 @@ impl RemoteConfig {
             failed_login_rate: Some(DEFAULT_FAILED_LOGIN_RATE),
             user_poll: DEFAULT_USER_POLL,
             tls,
+            destinations: crate::limit::destinations::Policy::default(),
         }
     }
 }

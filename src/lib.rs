@@ -14,8 +14,9 @@
 //!    if this one does not answer.
 //! 4. On remote-proxy, `net::server` accepts again and admits, `net::hop` runs the server
 //!    side of the TLS handshake with the identity from `tls::Identity`, `remote`
-//!    (remote/mod.rs) reads the request, applies `limit::throttle`, checks the password with `users` (argon2id, cached),
-//!    and `net::connect` opens the connection to the target.
+//!    (remote/mod.rs) reads the request, applies `limit::throttle`, checks the password
+//!    with `users` (argon2id, cached), `limit::destinations` checks the resolved target against the destination policy, and
+//!    `net::connect` opens the connection to the target.
 //! 5. The tunnel reply travels back; `local::refusal` turns a refusal into the app's own
 //!    protocol, or the app is told "connected".
 //! 6. `net::relay` moves the bytes both ways on both hops: the TLS leg through rustls

@@ -83,6 +83,11 @@ fn request_status(e: &tunnel::Error) -> Status {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // A tunnel is refused "not allowed" by the remote's destination policy.
+            Refusal::Remote {
+                status: Status::NotAllowed,
+                ..
+            } => write!(f, "destination not allowed by remote-proxy's policy"),
             Refusal::Remote { status, .. } => write!(f, "{status}"),
             Refusal::Local(e) => write!(f, "{e}"),
         }

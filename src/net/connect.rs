@@ -5,12 +5,12 @@ use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-/// Resolves and connects, trying each address in turn; the last error wins.
-pub fn connect_target(target: &TargetAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let addrs = resolve(target)?;
+/// Connects to the first of `addrs` that accepts, in order; the last error wins. The caller
+/// resolved (and checked) them: nothing is resolved again here.
+pub fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
     for a in addrs {
-        match TcpStream::connect_timeout(&a, timeout) {
+        match TcpStream::connect_timeout(a, timeout) {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
         }

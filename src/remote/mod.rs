@@ -13,8 +13,9 @@ pub use registry::Registry;
 
 use crate::config::{RemoteConfig, RemoteTls};
 use crate::limit::admission::{Enter, Removed, UserGate};
+use crate::limit::destinations::Policy;
 use crate::limit::throttle::{retry_after_secs, Throttle};
-use crate::net::connect::connect_target;
+use crate::net::connect::{connect_any, resolve};
 use crate::net::handshake::HandshakeReader;
 use crate::net::hop::{Hop, HopError};
 use crate::net::relay::{self, HopEnd};
@@ -105,6 +106,8 @@ pub struct Remote {
     tls: Option<Arc<rustls::ServerConfig>>,
     // The identity local-proxies verify; `None` with `--plaintext`.
     identity: Option<crate::tls::Fingerprint>,
+    // Where tunnels may go; its own sockets are filled in once the listener is bound.
+    destinations: parking_lot::RwLock<Policy>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -256,10 +259,15 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         draining: std::sync::atomic::AtomicBool::new(false),
         tls,
         identity: identity.as_ref().map(|i| i.fingerprint),
+        destinations: parking_lot::RwLock::new(Policy {
+            own: vec![cfg.listen],
+            ..cfg.destinations.clone()
+        }),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
     let mut server = Server::bind(cfg.listen, "remote", cfg.admission, cfg.pool, service)
         .map_err(Error::Start)?;
+    remote.destinations.write().own = own_sockets(server.local_addr());
     log::info!(
         "remote-proxy listening on {} db={} signup={} max-connections={} max-queued={} \
          queue-timeout={}s rate-per-ip={} failed-login-rate={}",
@@ -310,6 +318,33 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         .map_err(|e| Error::Start(StartError::Spawn("user watcher", e)))?;
     server.attach(Box::new(stop_tx));
     Ok((server, remote))
+}
+
+/// The sockets a tunnel must never reach, or it would loop into remote-proxy itself: the
+/// listening address, and when that is the unspecified address, every address of this host
+/// with the listening port.
+fn own_sockets(listen: std::net::SocketAddr) -> Vec<std::net::SocketAddr> {
+    let mut own = vec![listen];
+    if listen.ip().is_unspecified() {
+        own.push(std::net::SocketAddr::new(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            listen.port(),
+        ));
+        own.push(std::net::SocketAddr::new(
+            std::net::Ipv6Addr::LOCALHOST.into(),
+            listen.port(),
+        ));
+        if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+            for a in addrs.filter_map(|i| i.address) {
+                if let Some(v4) = a.as_sockaddr_in() {
+                    own.push(std::net::SocketAddr::new(v4.ip().into(), listen.port()));
+                } else if let Some(v6) = a.as_sockaddr_in6() {
+                    own.push(std::net::SocketAddr::new(v6.ip().into(), listen.port()));
+                }
+            }
+        }
+    }
+    own
 }
 
 /// Who a reply and a log line are about: the connection, the tunnel id local-proxy gave it
@@ -724,14 +759,10 @@ impl Remote {
             target,
         } = p;
         let bucket = self.registry.bucket_for(&user.name, user.bandwidth);
-        let upstream = match connect_target(&target, self.cfg.timeouts.connect) {
+        let upstream = match self.open_target(&target) {
             Ok(s) => s,
-            Err(e) => {
-                let status = Status::for_connect_error(&e);
-                log::info!(
-                    "{tag} user={} target={target} failed: {status} ({e})",
-                    user.name
-                );
+            Err((status, why)) => {
+                log::info!("{tag} user={} target={target} {why}", user.name);
                 return reply(&mut stream, tag, status);
             }
         };
@@ -762,6 +793,25 @@ impl Remote {
             started.elapsed().as_secs_f64(),
             if stats.idle_closed { " idle" } else { "" }
         );
+    }
+
+    /// Connects to a tunnel's target: resolved once, and only the addresses the destination
+    /// policy passes are tried, in the resolver's order. A failure is the status to answer
+    /// and what to log.
+    fn open_target(&self, target: &TargetAddr) -> Result<TcpStream, (Status, String)> {
+        let failed = |e: std::io::Error| {
+            let status = Status::for_connect_error(&e);
+            (status, format!("failed: {status} ({e})"))
+        };
+        let addrs = resolve(target).map_err(failed)?;
+        let allowed = self.destinations.read().filter(&addrs);
+        let addrs = allowed.map_err(|rule| {
+            (
+                Status::NotAllowed,
+                format!("refused: destination not allowed ({rule})"),
+            )
+        })?;
+        connect_any(&addrs, self.cfg.timeouts.connect).map_err(failed)
     }
 
     /// One of `user`'s tunnels ended: its place passes to the user's next live waiter.

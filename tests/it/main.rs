@@ -21,6 +21,7 @@ macro_rules! over_both_hops {
 mod admission;
 mod cli;
 mod curl;
+mod destinations;
 mod errors;
 mod health;
 mod http;

@@ -20,7 +20,8 @@ fn remote_serve(db: &std::path::Path, grace: &str) -> (ChildGuard, std::net::Soc
     let mut cmd = remote_bin();
     cmd.arg("--db")
         .arg(db)
-        .args(["serve", "--listen", "127.0.0.1:0", "--grace", grace]);
+        .args(["serve", "--listen", "127.0.0.1:0", "--grace", grace])
+        .args(allow_loopback());
     spawn_listening(cmd)
 }
 

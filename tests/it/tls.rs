@@ -158,6 +158,7 @@ fn remote_binary(extra: &[&str]) -> (ChildGuard, SocketAddr, String, std::path::
     cmd.arg("--db")
         .arg(&db)
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(allow_loopback())
         .args(extra);
     let (child, addr) = spawn_listening(cmd);
     let id = identity(&db);

@@ -223,6 +223,11 @@ pub fn pair_with(
     let mut rc = RemoteConfig::new(db.clone());
     rc.listen = "127.0.0.1:0".parse().unwrap();
     rc.user_poll = Duration::from_millis(200);
+    // Targets in the tests live on loopback, which the policy refuses by default.
+    rc.destinations.allow = LOOPBACK_TARGETS
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
     remote_cfg(&mut rc);
     let (remote, state) = flowgate::remote::start_with_state(rc).unwrap();
     let tls = match state.identity() {
@@ -521,6 +526,17 @@ pub fn remote_user_ok(db: &std::path::Path, args: &[&str]) -> String {
     out
 }
 
+/// The ranges tests open for their targets (origins, holders, sinks on loopback).
+pub const LOOPBACK_TARGETS: [&str; 2] = ["127.0.0.1/32", "::1/128"];
+
+/// remote-proxy's flags opening [`LOOPBACK_TARGETS`].
+pub fn allow_loopback() -> Vec<String> {
+    LOOPBACK_TARGETS
+        .iter()
+        .flat_map(|c| ["--allow-dest".to_string(), c.to_string()])
+        .collect()
+}
+
 pub fn remote_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_remote-proxy"))
 }
@@ -649,6 +665,12 @@ pub struct BinaryPair {
 }
 
 pub fn binary_pair(extra: &[&str]) -> BinaryPair {
+    binary_pair_with_policy(&allow_loopback(), extra)
+}
+
+/// As [`binary_pair`], remote-proxy with `policy` (destination flags) instead of the
+/// loopback ranges the other tests open.
+pub fn binary_pair_with_policy(policy: &[String], extra: &[&str]) -> BinaryPair {
     let db = temp_dir().join("u.db");
     remote_user_ok(
         &db,
@@ -666,6 +688,7 @@ pub fn binary_pair(extra: &[&str]) -> BinaryPair {
     rcmd.arg("--db")
         .arg(&db)
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(policy)
         .args(extra);
     let (remote, remote_addr) = spawn_listening(rcmd);
     let mut lcmd = local_bin();
@@ -862,13 +885,10 @@ impl Fleet {
 
     fn spawn_remote(&self, listen: &str) -> (ChildGuard, SocketAddr) {
         let mut cmd = remote_bin();
-        cmd.arg("--db").arg(&self.db).args([
-            "serve",
-            "--listen",
-            listen,
-            "--failed-login-rate",
-            "off",
-        ]);
+        cmd.arg("--db")
+            .arg(&self.db)
+            .args(["serve", "--listen", listen, "--failed-login-rate", "off"])
+            .args(allow_loopback());
         spawn_listening(cmd)
     }
 
