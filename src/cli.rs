@@ -476,23 +476,97 @@ pub struct LocalArgs {
     /// Failed probes in a row that take a remote down (one failed tunnel does it at once).
     #[arg(long, default_value_t = config::DEFAULT_FALL, value_name = "N")]
     pub health_fall: u32,
-    /// Account used when an app sends no credentials. Password from --password-stdin,
-    /// FLOWGATE_PASSWORD, or a prompt. Without it, apps must send credentials.
+    /// Account used when an app sends no credentials. Password from --password-file,
+    /// --password-stdin, FLOWGATE_PASSWORD, or a prompt. Without it, apps must send
+    /// credentials.
     #[arg(long)]
     pub user: Option<String>,
     /// Read the password of --user from the first line of standard input.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "password_file")]
     pub password_stdin: bool,
+    /// Read the password of --user from the first line of this file (keep it owner-only).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
     #[command(flatten)]
     pub hop: HopArgs,
     #[command(flatten)]
     pub common: CommonArgs,
 }
 
-/// Reads a password for local-proxy: stdin flag, then FLOWGATE_PASSWORD, then a prompt.
+/// The environment variable naming the pipe [`hide_password_from_environ`] handed
+/// FLOWGATE_PASSWORD over.
+const PASSWORD_FD: &str = "FLOWGATE_PASSWORD_FD";
+
+/// FLOWGATE_PASSWORD would stay readable in /proc/PID/environ for the life of the process:
+/// the kernel shows the environment as it was at exec, whatever the process does to it
+/// later. So local-proxy execs itself once without it, handing the password over a pipe.
+/// Call first thing in `main`, before any thread. Returns only when there was nothing to
+/// hide or the exec failed (then with a warning, and the variable is used as it is).
+pub fn hide_password_from_environ() {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let Some(pw) = std::env::var_os("FLOWGATE_PASSWORD").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    if std::env::var_os(PASSWORD_FD).is_some() {
+        return;
+    }
+    let handed = || -> std::io::Result<std::os::fd::OwnedFd> {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        let (read, write) = nix::unistd::pipe()?;
+        // The writing end closes at exec, so the new process reads to the end of the pipe.
+        fcntl(&write, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        let mut line = std::os::unix::ffi::OsStrExt::as_bytes(pw.as_os_str()).to_vec();
+        line.push(b'\n');
+        std::fs::File::from(write).write_all(&line)?;
+        Ok(read)
+    };
+    let err = match (handed(), std::env::current_exe()) {
+        (Ok(read), Ok(exe)) => {
+            use std::os::fd::AsRawFd;
+            let mut args = std::env::args_os();
+            let mut cmd = std::process::Command::new(exe);
+            if let Some(arg0) = args.next() {
+                cmd.arg0(arg0);
+            }
+            cmd.args(args)
+                .env_remove("FLOWGATE_PASSWORD")
+                .env(PASSWORD_FD, read.as_raw_fd().to_string())
+                .exec()
+        }
+        (Err(e), _) | (_, Err(e)) => e,
+    };
+    eprintln!(
+        "warning: cannot hide FLOWGATE_PASSWORD from /proc/PID/environ ({err}); it stays there"
+    );
+}
+
+/// The password [`hide_password_from_environ`] handed over, if any (the pipe is closed
+/// once read).
+fn handed_password() -> Option<Result<String, String>> {
+    let fd: i32 = std::env::var(PASSWORD_FD).ok()?.parse().ok()?;
+    std::env::remove_var(PASSWORD_FD);
+    let read = std::fs::read_to_string(format!("/proc/self/fd/{fd}"));
+    let _ = nix::unistd::close(fd);
+    Some(match read {
+        Ok(text) => Ok(text.lines().next().unwrap_or("").to_string()),
+        Err(e) => Err(format!("cannot read the password handed over: {e}")),
+    })
+}
+
+/// Closes the pipe of a handed-over password nobody asked for (no --user).
+pub fn forget_handed_password() {
+    let _ = handed_password();
+}
+
+/// Reads a password for local-proxy: stdin flag, then FLOWGATE_PASSWORD (handed over a
+/// pipe by [`hide_password_from_environ`]), then a prompt.
 fn local_password(password_stdin: bool) -> Result<String, String> {
     if password_stdin {
         return read_stdin_line();
+    }
+    if let Some(p) = handed_password() {
+        return p;
     }
     if let Ok(p) = std::env::var("FLOWGATE_PASSWORD") {
         if !p.is_empty() {
@@ -500,6 +574,25 @@ fn local_password(password_stdin: bool) -> Result<String, String> {
         }
     }
     prompt("password: ")
+}
+
+/// The first line of `path` (`--password-file`), without its line ending.
+fn password_from_file(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "warning: password file {} is readable by others (chmod 600 it)",
+                path.display()
+            );
+        }
+    }
+    let line = text.lines().next().unwrap_or("").to_string();
+    if line.is_empty() {
+        return Err(format!("{}: the first line is empty", path.display()));
+    }
+    Ok(line)
 }
 
 impl ServeArgs {
@@ -540,12 +633,15 @@ impl LocalArgs {
         }
         let remotes: Vec<String> = self.remote.into_iter().map(|r| r.0).collect();
         let credentials = match self.user {
-            Some(user) => Some(Credentials::new(
-                user,
-                local_password(self.password_stdin)?,
-            )?),
-            None if self.password_stdin => {
-                return Err("--password-stdin needs --user".into());
+            Some(user) => {
+                let password = match &self.password_file {
+                    Some(f) => password_from_file(f)?,
+                    None => local_password(self.password_stdin)?,
+                };
+                Some(Credentials::new(user, password)?)
+            }
+            None if self.password_stdin || self.password_file.is_some() => {
+                return Err("--password-stdin and --password-file need --user".into());
             }
             None => None,
         };

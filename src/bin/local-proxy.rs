@@ -8,6 +8,7 @@ use flowgate::proto::tunnel::Status;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    flowgate::cli::hide_password_from_environ();
     let cli: LocalCli = flowgate::cli::parse_or_exit("local-proxy");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,6 +70,7 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
         None => {
             // A password prompt (into_config) must still answer Ctrl-C the usual way.
             let cfg = cli.run.into_config()?;
+            flowgate::cli::forget_handed_password();
             // Before any thread exists, so every thread inherits the blocked signals.
             let signals = ShutdownSignals::block()?;
             flowgate::init_logging();

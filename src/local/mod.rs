@@ -21,6 +21,7 @@ use crate::proto::addr::TargetAddr;
 use crate::proto::http::{self, ProxyRequest};
 use crate::proto::socks5::{self, Method};
 use crate::proto::tunnel::{Command, Reply, Request, Status, TunnelId};
+use crate::proto::Shown;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -103,7 +104,7 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
         match upstreams.check(creds) {
             Ok((remote, upstreams::connect::CheckAnswer::Ok(bw))) => log::info!(
                 "remote={remote} user={} credentials ok (bandwidth {})",
-                creds.user,
+                Shown(&creds.user),
                 bw.map_or("unlimited".to_string(), |b| {
                     crate::limit::rate::Bandwidth::bytes_per_sec(b).to_string()
                 })
@@ -111,9 +112,9 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
             Ok((remote, upstreams::connect::CheckAnswer::Refused(status))) => log::warn!(
                 "remote={remote} user={} credentials refused: {status}; apps without their \
                  own credentials will be refused",
-                creds.user
+                Shown(&creds.user)
             ),
-            Err(e) => log::warn!("user={} credentials not checked: {e}", creds.user),
+            Err(e) => log::warn!("user={} credentials not checked: {e}", Shown(&creds.user)),
         }
     }
     // Dropping the sender (at shutdown) ends the prober.
@@ -245,14 +246,14 @@ impl Local {
                 Ok((remote, upstreams::connect::CheckAnswer::Refused(status))) => {
                     log::info!(
                         "conn={id} socks5 auth: user={} refused by remote={remote}: {status}",
-                        creds.user
+                        Shown(&creds.user)
                     );
                     Verdict::Refused
                 }
                 Err(e) => {
                     log::debug!(
                         "conn={id} socks5 auth: cannot check user={}: {e}",
-                        creds.user
+                        Shown(&creds.user)
                     );
                     Verdict::Unknown
                 }
@@ -468,7 +469,7 @@ impl Local {
                     ask.tunnel,
                     ask.proto,
                     ask.app,
-                    ask.creds.user,
+                    Shown(&ask.creds.user),
                     ask.target,
                     lease.remote(),
                     reply.status
@@ -506,7 +507,7 @@ impl Local {
             ask.tunnel,
             ask.proto,
             ask.app,
-            ask.creds.user,
+            Shown(&ask.creds.user),
             ask.target,
             lease.remote()
         );
@@ -519,7 +520,7 @@ impl Local {
         log::info!(
             "conn={id} tunnel={} close user={} target={} up={} down={} dur={:.3}s",
             ask.tunnel,
-            ask.creds.user,
+            Shown(&ask.creds.user),
             ask.target,
             stats.up + already_up,
             stats.down,

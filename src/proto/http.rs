@@ -123,8 +123,17 @@ pub fn try_parse_head(buf: &[u8]) -> Result<Option<(usize, Head)>, Error> {
         return Err(Error::HeadTooLarge);
     }
     let text = std::str::from_utf8(&buf[..end]).map_err(|_| Error::BadSyntax("not UTF-8"))?;
+    // A CR or LF that is not part of a CRLF would end a line for some origins and not for
+    // us: a forwarded head could smuggle a header past the proxy. Other control characters
+    // (tab aside) have no business in a head either.
+    let bare = |line: &str| line.bytes().any(|b| (b < b' ' && b != b'\t') || b == 0x7f);
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
+    if bare(request_line) {
+        return Err(Error::BadSyntax(
+            "control character (bare CR or LF) in the request line",
+        ));
+    }
     let mut parts = request_line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -147,6 +156,11 @@ pub fn try_parse_head(buf: &[u8]) -> Result<Option<(usize, Head)>, Error> {
         }
         if line.starts_with([' ', '\t']) {
             return Err(Error::BadSyntax("obsolete line folding"));
+        }
+        if bare(line) {
+            return Err(Error::BadSyntax(
+                "control character (bare CR or LF) in a header",
+            ));
         }
         let (name, value) = line
             .split_once(':')
@@ -464,6 +478,12 @@ mod tests {
         assert_eq!(status("GET  HTTP/1.1\r\n\r\n"), Some(400));
         assert_eq!(status("GET / HTTP/2\r\n\r\n"), Some(400));
         assert_eq!(status("GET / HTTP/1.1\r\nno colon\r\n\r\n"), Some(400));
+        // Header injection: a bare LF or CR inside a line, or another control character.
+        assert_eq!(status("GET / HTTP/1.1\r\nA: b\nEvil: c\r\n\r\n"), Some(400));
+        assert_eq!(status("GET / HTTP/1.1\r\nA: b\rEvil: c\r\n\r\n"), Some(400));
+        assert_eq!(status("GET /\n HTTP/1.1\r\n\r\n"), Some(400));
+        assert_eq!(status("GET / HTTP/1.1\r\nA: b\x00c\r\n\r\n"), Some(400));
+        assert!(try_parse_head(b"GET / HTTP/1.1\r\nA: b\tc\r\n\r\n").is_ok());
         assert_eq!(
             status("GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n"),
             Some(400)

@@ -30,9 +30,40 @@ pub fn is_out_of_descriptors(e: &io::Error) -> bool {
     )
 }
 
+/// Text a client sent (a user name, say), shown in a log line with control characters,
+/// line breaks, bidi controls and other unprintable characters escaped, so it cannot forge
+/// a line, hide itself or drive a terminal. Valid names print unchanged.
+pub struct Shown<'a>(pub &'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            if c == ' ' || c == '"' || c == '\'' || (c.is_ascii_graphic() && c != '\\') {
+                std::fmt::Write::write_char(f, c)?;
+            } else {
+                write!(f, "{}", c.escape_debug())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_text_in_logs_cannot_break_lines_or_hide() {
+        assert_eq!(Shown("alice@example.com").to_string(), "alice@example.com");
+        assert_eq!(
+            Shown("bob\n[INFO] forged line").to_string(),
+            "bob\\n[INFO] forged line"
+        );
+        assert_eq!(Shown("a\rb\x1b[31mred").to_string(), "a\\rb\\u{1b}[31mred");
+        assert_eq!(Shown("evil\u{202e}txt").to_string(), "evil\\u{202e}txt");
+        assert_eq!(Shown("back\\slash").to_string(), "back\\\\slash");
+        assert!(!Shown("x\u{7f}\u{0}").to_string().contains(['\u{7f}', '\0']));
+    }
 
     #[test]
     fn io_errors_are_classified_by_kind_and_errno() {

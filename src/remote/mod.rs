@@ -24,6 +24,7 @@ use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
 use crate::proto::tunnel::{self, Command, Reply, Request, Status, TunnelId};
+use crate::proto::Shown;
 use crate::tls::ALPN_HEALTH;
 use crate::users::{self, AuthError, Authenticator, Store, User};
 use std::net::{IpAddr, TcpStream};
@@ -603,7 +604,7 @@ impl Remote {
             if let Some(wait) = t.wait(&ip) {
                 let why = format!(
                     "peer={peer} user={} login throttled after failures",
-                    req.user
+                    Shown(&req.user)
                 );
                 rate_limited(stream, tag, &why, wait);
                 return None;
@@ -615,7 +616,7 @@ impl Remote {
                 if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
                     t.record(ip);
                 }
-                log::info!("{tag} peer={peer} user={} auth failed", req.user);
+                log::info!("{tag} peer={peer} user={} auth failed", Shown(&req.user));
                 reply(stream, tag, Status::BadCredentials);
                 None
             }
@@ -668,7 +669,10 @@ impl Remote {
                 Status::Ok
             }
             Err(users::Error::Exists(_)) => {
-                log::info!("{tag} peer={peer} signup refused: user={} exists", req.user);
+                log::info!(
+                    "{tag} peer={peer} signup refused: user={} exists",
+                    Shown(&req.user)
+                );
                 Status::UserExists
             }
             Err(e @ (users::Error::BadName(_) | users::Error::BadPassword(_))) => {

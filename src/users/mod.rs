@@ -39,6 +39,8 @@ pub enum Error {
     Db(rusqlite::Error),
     /// Hashing failed (should not happen with valid parameters).
     Hash(String),
+    /// The database file could not be created.
+    Create(std::path::PathBuf, std::io::Error),
 }
 
 impl fmt::Display for Error {
@@ -57,6 +59,7 @@ impl fmt::Display for Error {
             ),
             Error::Db(e) => write!(f, "database: {e}"),
             Error::Hash(e) => write!(f, "password hashing: {e}"),
+            Error::Create(p, e) => write!(f, "cannot create {}: {e}", p.display()),
         }
     }
 }

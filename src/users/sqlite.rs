@@ -29,9 +29,27 @@ impl fmt::Debug for Store {
     }
 }
 
+/// Creates the database file, empty and readable by its owner only (0600), if it does not
+/// exist: it holds password hashes. SQLite gives its -wal and -shm files the database file's
+/// mode, so they are owner-only too.
+fn create_private(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::Create(path.to_path_buf(), e)),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, Error> {
+        create_private(path)?;
         let conn = Connection::open(path)?;
         // WAL lets `user set` from the CLI commit while remote-proxy reads; the busy timeout
         // makes the two wait for each other instead of failing.
@@ -255,6 +273,21 @@ fn row_to_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 mod tests {
     use super::*;
     use crate::users::temp_db;
+
+    #[test]
+    fn the_database_and_its_wal_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let db = temp_db();
+        let s = Store::open(&db).unwrap();
+        s.add("alice", "pw1", Bandwidth::UNLIMITED).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&db), 0o600);
+        for suffix in ["-wal", "-shm"] {
+            let side = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+            assert!(side.exists(), "{}", side.display());
+            assert_eq!(mode(&side), 0o600, "{}", side.display());
+        }
+    }
 
     #[test]
     fn crud_roundtrip_and_errors() {

@@ -78,8 +78,13 @@ fn every_loopback_form_is_refused_by_default_and_the_target_never_sees_it() {
         0,
         "a refused target was reached"
     );
-    let lines = remote.log_lines("refused: destination not allowed");
-    assert_eq!(lines.len(), 7, "{lines:?}");
+    let lines = || remote.log_lines("refused: destination not allowed");
+    assert!(
+        eventually(Duration::from_secs(3), || lines().len() == 7),
+        "{:?}",
+        lines()
+    );
+    let lines = lines();
     assert!(lines
         .iter()
         .all(|l| l.contains("user=alice") && l.contains("default deny")));
@@ -139,9 +144,11 @@ fn a_tunnel_to_remote_proxys_own_port_is_refused_even_when_its_range_is_open() {
         socks_connect(laddr, Dest::Ip(mapped), None).unwrap_err(),
         0x02
     );
-    assert_eq!(
-        remote.log_lines("remote-proxy's own listener").len(),
-        2,
+    assert!(
+        eventually(Duration::from_secs(3), || remote
+            .log_lines("remote-proxy's own listener")
+            .len()
+            == 2),
         "{:?}",
         remote.log_lines("refused")
     );

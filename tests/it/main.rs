@@ -23,6 +23,7 @@ mod cli;
 mod curl;
 mod destinations;
 mod errors;
+mod hardening;
 mod health;
 mod http;
 mod rate;

@@ -142,18 +142,7 @@ fn check(remote: SocketAddr, flags: &[&str], known: &std::path::Path) -> (Option
 /// remote-proxy binary with user carol on a fresh database; its address, identity, db.
 fn remote_binary(extra: &[&str]) -> (ChildGuard, SocketAddr, String, std::path::PathBuf) {
     let db = temp_dir().join("u.db");
-    remote_user_ok(
-        &db,
-        &[
-            "user",
-            "add",
-            USER,
-            "--bandwidth",
-            "unlimited",
-            "--password",
-            PASSWORD,
-        ],
-    );
+    cli_user_add(&db, USER, PASSWORD, "unlimited");
     let mut cmd = remote_bin();
     cmd.arg("--db")
         .arg(&db)

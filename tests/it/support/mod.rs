@@ -519,6 +519,22 @@ pub fn remote_user(db: &std::path::Path, args: &[&str]) -> (bool, String, String
     )
 }
 
+/// `remote-proxy --db DB user add NAME --bandwidth BW --password PW`, through the binary.
+pub fn cli_user_add(db: &std::path::Path, name: &str, password: &str, bandwidth: &str) {
+    remote_user_ok(
+        db,
+        &[
+            "user",
+            "add",
+            name,
+            "--bandwidth",
+            bandwidth,
+            "--password",
+            password,
+        ],
+    );
+}
+
 /// Like [`remote_user`], failing the test when the command fails.
 pub fn remote_user_ok(db: &std::path::Path, args: &[&str]) -> String {
     let (ok, out, err) = remote_user(db, args);
@@ -672,18 +688,7 @@ pub fn binary_pair(extra: &[&str]) -> BinaryPair {
 /// loopback ranges the other tests open.
 pub fn binary_pair_with_policy(policy: &[String], extra: &[&str]) -> BinaryPair {
     let db = temp_dir().join("u.db");
-    remote_user_ok(
-        &db,
-        &[
-            "user",
-            "add",
-            "alice",
-            "--bandwidth",
-            "unlimited",
-            "--password",
-            "pw",
-        ],
-    );
+    cli_user_add(&db, "alice", "pw", "unlimited");
     let mut rcmd = remote_bin();
     rcmd.arg("--db")
         .arg(&db)
