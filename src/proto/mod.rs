@@ -10,6 +10,9 @@ pub mod http;
 pub mod socks5;
 pub mod tunnel;
 
+#[cfg(test)]
+mod fuzz;
+
 use std::io;
 
 /// True for the errors a socket timeout produces (`SO_RCVTIMEO` gives `WouldBlock` on Linux,
