@@ -225,7 +225,10 @@ fn an_unknown_remote_is_refused_until_trusted_then_a_changed_one_is_refused_loud
         out.contains(&id) && out.contains(&other.to_string()),
         "{out}"
     );
-    assert!(remote.log_lines("credentials checked").len() == 1);
+    assert!(eventually(Duration::from_secs(3), || remote
+        .log_lines("credentials checked")
+        .len()
+        == 1));
     // trust warns before replacing it; --yes replaces without asking.
     let (ok, out) = trust("n\n");
     assert!(!ok && out.contains("WARNING"), "{out}");
@@ -373,9 +376,9 @@ fn tls_and_plaintext_mismatches_fail_fast_on_both_sides_with_the_reason() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("requires TLS"), "{out}");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
-    assert!(!tls_remote
+    assert!(eventually(Duration::from_secs(3), || !tls_remote
         .log_lines("plaintext tunnel request on a TLS listener")
-        .is_empty());
+        .is_empty()));
     assert!(tls_remote.log_lines("credentials checked").is_empty());
     // And an app through a mismatched pair gets its answer at once, not a hang.
     let p = pair_with(&[user(USER, PASSWORD, "unlimited")], plaintext, |l| {
