@@ -71,6 +71,16 @@ pub struct ServeArgs {
     /// Bandwidth of accounts created by signup.
     #[arg(long, default_value_t = config::DEFAULT_SIGNUP_BANDWIDTH, value_name = "RATE")]
     pub signup_bandwidth: Bandwidth,
+    /// Signups per client IP, as N/PERIOD (sliding window), or off.
+    #[arg(
+        long,
+        value_name = "N/PERIOD",
+        default_value_t = MaybeRate(Some(config::DEFAULT_SIGNUP_RATE))
+    )]
+    pub signup_rate: MaybeRate,
+    /// Refuse signups once the database holds this many users.
+    #[arg(long, value_name = "N")]
+    pub max_users: Option<u32>,
     /// New tunnels per client IP, as N/s, N/m, N/h or N/d (sliding window), or off.
     #[arg(long, value_name = "N/PERIOD", default_value_t = MaybeRate(None))]
     pub rate_per_ip: MaybeRate,
@@ -613,6 +623,8 @@ impl ServeArgs {
         cfg.listen = self.listen;
         cfg.allow_signup = self.allow_signup;
         cfg.signup_bandwidth = self.signup_bandwidth;
+        cfg.signup_rate = self.signup_rate.0;
+        cfg.max_users = self.max_users;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = self.common.admission();
         cfg.pool = self.common.pool()?;

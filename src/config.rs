@@ -37,6 +37,11 @@ pub const DEFAULT_FAILED_LOGIN_RATE: RequestRate = RequestRate {
     count: 10,
     per: Duration::from_secs(60),
 };
+/// Default limit on signups per client IP: 5 an hour (each account gets its own budget).
+pub const DEFAULT_SIGNUP_RATE: RequestRate = RequestRate {
+    count: 5,
+    per: Duration::from_secs(3600),
+};
 /// How often remote-proxy checks the database for `user set`/`user del`.
 pub const DEFAULT_USER_POLL: Duration = Duration::from_millis(500);
 /// Default time an idle worker beyond the spares waits for a job before it exits.
@@ -159,6 +164,10 @@ pub struct RemoteConfig {
     pub allow_signup: bool,
     /// Bandwidth given to accounts made by signup.
     pub signup_bandwidth: Bandwidth,
+    /// Signups per client IP (`None`: no limit).
+    pub signup_rate: Option<RequestRate>,
+    /// Signups are refused once the database holds this many users (`None`: no cap).
+    pub max_users: Option<u32>,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Slots, queue bound and queue timeout.
@@ -273,6 +282,8 @@ impl RemoteConfig {
             db,
             allow_signup: false,
             signup_bandwidth: DEFAULT_SIGNUP_BANDWIDTH,
+            signup_rate: Some(DEFAULT_SIGNUP_RATE),
+            max_users: None,
             timeouts: Timeouts::default(),
             admission: default_admission(),
             pool: default_pool(DEFAULT_MAX_CONNECTIONS),

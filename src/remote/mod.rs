@@ -97,6 +97,8 @@ pub struct Remote {
     ip_throttle: Option<Throttle<IpAddr>>,
     // Failed logins per client IP; when full, logins are refused without hashing.
     login_throttle: Option<Throttle<IpAddr>>,
+    // Signups per client IP.
+    signup_throttle: Option<Throttle<IpAddr>>,
     // Tunnels relaying now.
     open_tunnels: std::sync::atomic::AtomicUsize,
     // Credential checks answered so far.
@@ -255,6 +257,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         gate: UserGate::new(cfg.admission.timeout, cfg.admission.max_queued),
         ip_throttle: cfg.rate_per_ip.map(Throttle::new),
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
+        signup_throttle: cfg.signup_rate.map(Throttle::new),
         open_tunnels: std::sync::atomic::AtomicUsize::new(0),
         credential_checks: std::sync::atomic::AtomicU64::new(0),
         draining: std::sync::atomic::AtomicBool::new(false),
@@ -496,7 +499,7 @@ impl Remote {
         }
         match req.command {
             Command::Signup => {
-                self.signup(&mut stream, tag, &peer, &req);
+                self.signup(&mut stream, tag, &peer, ip, &req);
                 stream.close();
                 Handled::SlotFree
             }
@@ -645,16 +648,30 @@ impl Remote {
         let _ = stream.send(&answer);
     }
 
-    fn signup(&self, stream: &mut Hop, tag: Tag, peer: &str, req: &Request) {
+    fn signup(&self, stream: &mut Hop, tag: Tag, peer: &str, ip: Option<IpAddr>, req: &Request) {
         if !self.cfg.allow_signup {
             log::info!("{tag} peer={peer} signup refused: disabled");
             return reply(stream, tag, Status::SignupDisabled);
         }
+        if let (Some(t), Some(ip)) = (&self.signup_throttle, ip) {
+            if let Err(wait) = t.check(&ip) {
+                let why = format!("peer={peer} signup rate limited (per IP)");
+                return rate_limited(stream, tag, &why, wait);
+            }
+        }
+        if let Some(max) = self.cfg.max_users {
+            let count = self.auth.with_store(|s| s.list().map(|u| u.len()));
+            if count.is_ok_and(|n| n >= max as usize) {
+                log::warn!("{tag} peer={peer} signup refused: --max-users {max} reached");
+                return reply(stream, tag, Status::NotAllowed);
+            }
+        }
         // Hash before taking the store lock: argon2 takes tens of milliseconds, and every
-        // tunnel's authentication needs that lock.
+        // tunnel's authentication needs that lock. The hash runs in the logins' bounded
+        // working memory, so a signup burst cannot take hundreds of MiB.
         let res = users::validate_name(&req.user)
             .and_then(|()| users::validate_password(&req.password))
-            .and_then(|()| users::hash_password(&req.password))
+            .and_then(|()| self.auth.hash_new(&req.password))
             .and_then(|hash| {
                 self.auth
                     .with_store(|s| s.add_hashed(&req.user, &hash, self.cfg.signup_bandwidth))

@@ -1,7 +1,7 @@
 //! Checking credentials: argon2 behind a cache of verified passwords and single flight.
 
-use super::password::hash_password;
 use super::password::{ct_eq, verify_password_with};
+use super::password::{hash_password, hash_password_with};
 use super::{Error, User, UserStore};
 use argon2::password_hash::rand_core::OsRng;
 use argon2::Block;
@@ -131,6 +131,20 @@ impl Authenticator {
     fn slow_verify(&self, password: &str, phc: &str) -> bool {
         self.hashes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.with_hash_memory(|memory| verify_password_with(password, phc, memory))
+    }
+
+    /// Hashes a new password (signup) in the same bounded working memory as logins: at most
+    /// one argon2 run per core at once, whatever mix of logins and signups arrives.
+    ///
+    /// # Errors
+    /// `Hash` when argon2 refuses.
+    pub fn hash_new(&self, password: &str) -> Result<String, Error> {
+        self.with_hash_memory(|memory| hash_password_with(password, memory))
+    }
+
+    /// Runs `f` with one of the per-core argon2 working memories, waiting for one to be free.
+    fn with_hash_memory<T>(&self, f: impl FnOnce(&mut Vec<Block>) -> T) -> T {
         let mut memory = {
             let mut pool = self.hash_memory.lock();
             loop {
@@ -140,10 +154,10 @@ impl Authenticator {
                 self.hash_memory_freed.wait(&mut pool);
             }
         };
-        let ok = verify_password_with(password, phc, &mut memory);
+        let out = f(&mut memory);
         self.hash_memory.lock().push(memory);
         self.hash_memory_freed.notify_one();
-        ok
+        out
     }
 
     /// Returns the user when `password` is theirs.

@@ -24,6 +24,45 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
     }
 }
 
+/// Hashes a new password like [`hash_password`], computing in `memory` (grown as needed and
+/// kept by the caller), so signups share the bounded working memory logins use.
+///
+/// # Errors
+/// `Hash` when argon2 refuses (cannot happen with the default parameters).
+pub fn hash_password_with(password: &str, memory: &mut Vec<Block>) -> Result<String, Error> {
+    use argon2::password_hash::{Output, ParamsString};
+    let fail = |e: &dyn std::fmt::Display| Error::Hash(e.to_string());
+    let salt = SaltString::generate(&mut OsRng);
+    let argon = Argon2::default();
+    let params = argon.params().clone();
+    let count = params.block_count();
+    if memory.len() < count {
+        memory.resize(count, Block::default());
+    }
+    let mut raw_salt = [0u8; 64];
+    let raw_salt = salt
+        .as_salt()
+        .decode_b64(&mut raw_salt)
+        .map_err(|e| fail(&e))?;
+    let mut out = vec![0u8; params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN)];
+    argon
+        .hash_password_into_with_memory(
+            password.as_bytes(),
+            raw_salt,
+            &mut out,
+            &mut memory[..count],
+        )
+        .map_err(|e| fail(&e))?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(&params).map_err(|e| fail(&e))?,
+        salt: Some(salt.as_salt()),
+        hash: Some(Output::new(&out).map_err(|e| fail(&e))?),
+    };
+    Ok(phc.to_string())
+}
+
 /// Most argon2 memory a stored hash may ask for, in KiB (1 GiB): a hash with absurd
 /// parameters is refused rather than allowed to exhaust memory.
 const MAX_HASH_KIB: u32 = 1 << 20;
@@ -86,6 +125,18 @@ mod tests {
         assert!(!ct_eq(b"abc", b"abd"));
         assert!(!ct_eq(b"abc", b"ab"));
         assert!(ct_eq(b"", b""));
+    }
+
+    #[test]
+    fn a_hash_made_in_reused_memory_verifies_like_one_made_fresh() {
+        let mut mem = Vec::new();
+        let phc = hash_password_with("secret", &mut mem).unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$"), "{phc}");
+        assert!(verify_password("secret", &phc));
+        assert!(!verify_password("other", &phc));
+        let again = hash_password_with("secret", &mut mem).unwrap();
+        assert_ne!(again, phc, "a fresh salt each time");
+        assert!(verify_password_with("secret", &again, &mut mem));
     }
 
     #[test]

@@ -29,6 +29,7 @@ mod http;
 mod rate;
 mod resources;
 mod shutdown;
+mod signup;
 mod socks5;
 mod support;
 mod tls;

@@ -684,8 +684,8 @@ pub fn binary_pair(extra: &[&str]) -> BinaryPair {
     binary_pair_with_policy(&allow_loopback(), extra)
 }
 
-/// As [`binary_pair`], remote-proxy with `policy` (destination flags) instead of the
-/// loopback ranges the other tests open.
+/// As [`binary_pair`], remote-proxy with `policy` (its own flags: destination ranges and
+/// anything local-proxy does not take) instead of the loopback ranges the other tests open.
 pub fn binary_pair_with_policy(policy: &[String], extra: &[&str]) -> BinaryPair {
     let db = temp_dir().join("u.db");
     cli_user_add(&db, "alice", "pw", "unlimited");

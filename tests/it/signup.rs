@@ -1,0 +1,79 @@
+//! Sign-up limits: per-IP rate, a cap on users, and memory that a signup burst cannot blow.
+
+use crate::support::*;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// A pair whose remote-proxy also gets `flags` (with the loopback ranges the tests open).
+fn pair_with_remote_flags(flags: &[&str]) -> BinaryPair {
+    let mut remote = allow_loopback();
+    remote.extend(flags.iter().map(|f| f.to_string()));
+    binary_pair_with_policy(&remote, &[])
+}
+
+/// `local-proxy signup` of `user` at the pair's remote; (succeeded, what it printed).
+fn signup(remote: std::net::SocketAddr, pin: &str, user: &str) -> (bool, String) {
+    let out = local_bin()
+        .args(["signup", "--remote", &remote.to_string(), "--user", user])
+        .args(["--pin", pin])
+        .env("FLOWGATE_PASSWORD", "a-new-password")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn signups_are_throttled_per_ip_by_default() {
+    let p = pair_with_remote_flags(&["--allow-signup"]);
+    let pin = identity(&p.db);
+    for i in 0..5 {
+        let (ok, out) = signup(p.remote_addr, &pin, &format!("new{i}"));
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = signup(p.remote_addr, &pin, "new5");
+    assert!(!ok && out.contains("rate limited"), "{out}");
+    assert!(!remote_user_ok(&p.db, &["user", "list"]).contains("new5"));
+}
+
+#[test]
+fn max_users_caps_signups() {
+    // alice is already there: one more fits under --max-users 2.
+    let p = pair_with_remote_flags(&["--allow-signup", "--max-users", "2"]);
+    let pin = identity(&p.db);
+    let (ok, out) = signup(p.remote_addr, &pin, "carol");
+    assert!(ok, "{out}");
+    let (ok, out) = signup(p.remote_addr, &pin, "dave");
+    assert!(!ok && out.contains("not allowed"), "{out}");
+    assert!(eventually(Duration::from_secs(3), || !p
+        .remote
+        .log_lines("--max-users 2 reached")
+        .is_empty()));
+}
+
+#[test]
+fn sixteen_concurrent_signups_stay_under_150_mib() {
+    let p = pair_with_remote_flags(&["--allow-signup", "--signup-rate", "off"]);
+    let pin = identity(&p.db);
+    let hs: Vec<_> = (0..16)
+        .map(|i| {
+            let (remote, pin) = (p.remote_addr, pin.clone());
+            std::thread::spawn(move || signup(remote, &pin, &format!("burst{i}")))
+        })
+        .collect();
+    for h in hs {
+        let (ok, out) = h.join().unwrap();
+        assert!(ok, "{out}");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.remote.0.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(peak_kib < 150 * 1024, "peak resident {peak_kib} KiB");
+}
