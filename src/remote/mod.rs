@@ -660,7 +660,10 @@ impl Remote {
             }
         }
         if let Some(max) = self.cfg.max_users {
-            let count = self.auth.with_store(|s| s.list().map(|u| u.len()));
+            let count = Store::open(&self.cfg.db).and_then(|s| {
+                use users::UserStore;
+                s.list().map(|u| u.len())
+            });
             if count.is_ok_and(|n| n >= max as usize) {
                 log::warn!("{tag} peer={peer} signup refused: --max-users {max} reached");
                 return reply(stream, tag, Status::NotAllowed);
@@ -672,9 +675,12 @@ impl Remote {
         let res = users::validate_name(&req.user)
             .and_then(|()| users::validate_password(&req.password))
             .and_then(|()| self.auth.hash_new(&req.password))
+            // On a connection of its own: a write that waits for a locked database (a CLI
+            // `user set` in progress) must not hold the store every login goes through.
             .and_then(|hash| {
-                self.auth
-                    .with_store(|s| s.add_hashed(&req.user, &hash, self.cfg.signup_bandwidth))
+                use users::UserStore;
+                Store::open(&self.cfg.db)
+                    .and_then(|s| s.add_hashed(&req.user, &hash, self.cfg.signup_bandwidth))
             });
         let status = match res {
             Ok(()) => {

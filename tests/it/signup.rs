@@ -77,3 +77,43 @@ fn sixteen_concurrent_signups_stay_under_150_mib() {
         .unwrap();
     assert!(peak_kib < 150 * 1024, "peak resident {peak_kib} KiB");
 }
+
+#[test]
+fn a_signup_waiting_on_a_locked_database_does_not_stall_logins() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| r.allow_signup = true,
+        |_| {},
+    );
+    // alice's password is in the verification cache after one tunnel.
+    let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
+    download_and_verify(&mut s, "o", 100);
+    // Another process holds the write lock (as a long `user set` would).
+    let lock = rusqlite::Connection::open(&p.db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (remote, tls) = (p.remote_addr(), p.tls.clone());
+    let waiting = std::thread::spawn(move || {
+        let out = local_bin()
+            .args(["signup", "--remote", &remote.to_string(), "--user", "carol"])
+            .args(hop_args(&tls))
+            .env("FLOWGATE_PASSWORD", "a-new-password")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        out.status.success()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t = std::time::Instant::now();
+    let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
+    download_and_verify(&mut s, "o", 100);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a cached login took {:?} behind the signup",
+        t.elapsed()
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        waiting.join().unwrap(),
+        "the signup went through once the lock was gone"
+    );
+}
