@@ -84,14 +84,23 @@ pub struct ServeArgs {
     /// New tunnels per client IP, as N/s, N/m, N/h or N/d (sliding window), or off.
     #[arg(long, value_name = "N/PERIOD", default_value_t = MaybeRate(None))]
     pub rate_per_ip: MaybeRate,
-    /// Failed logins per client IP before further logins are refused without checking, as
-    /// N/PERIOD, or off.
+    /// Failed logins per client IP and user name before that user's further logins from
+    /// there are refused without checking, as N/PERIOD, or off.
     #[arg(
         long,
         value_name = "N/PERIOD",
         default_value_t = MaybeRate(Some(config::DEFAULT_FAILED_LOGIN_RATE))
     )]
     pub failed_login_rate: MaybeRate,
+    /// Failed logins per client IP over all user names, as N/PERIOD, or off (the limit above
+    /// is per address and user name, so one user's typos do not lock out the others behind
+    /// the same local-proxy).
+    #[arg(
+        long,
+        value_name = "N/PERIOD",
+        default_value_t = MaybeRate(Some(config::DEFAULT_FAILED_LOGIN_RATE_PER_IP))
+    )]
+    pub failed_login_rate_per_ip: MaybeRate,
     /// Use this certificate chain (PEM, end-entity first) instead of the generated
     /// identity: a CA-issued certificate, or one shared by all remotes of a fleet.
     #[arg(
@@ -633,6 +642,7 @@ impl ServeArgs {
         cfg.destinations.deny = self.deny_dest;
         cfg.destinations.deny_ports = self.deny_port;
         cfg.failed_login_rate = self.failed_login_rate.0;
+        cfg.failed_login_rate_per_ip = self.failed_login_rate_per_ip.0;
         Ok(cfg)
     }
 }

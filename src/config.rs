@@ -37,6 +37,12 @@ pub const DEFAULT_FAILED_LOGIN_RATE: RequestRate = RequestRate {
     count: 10,
     per: Duration::from_secs(60),
 };
+/// Default limit on failed logins per client IP over all user names: ten users' worth of
+/// typos behind one local-proxy before the address as a whole is held back.
+pub const DEFAULT_FAILED_LOGIN_RATE_PER_IP: RequestRate = RequestRate {
+    count: 100,
+    per: Duration::from_secs(60),
+};
 /// Default limit on signups per client IP: 5 an hour (each account gets its own budget).
 pub const DEFAULT_SIGNUP_RATE: RequestRate = RequestRate {
     count: 5,
@@ -164,6 +170,9 @@ pub struct RemoteConfig {
     pub allow_signup: bool,
     /// Bandwidth given to accounts made by signup.
     pub signup_bandwidth: Bandwidth,
+    /// Failed logins per client IP over all names (`None`: no limit); `failed_login_rate`
+    /// is per client IP and user name.
+    pub failed_login_rate_per_ip: Option<RequestRate>,
     /// Signups per client IP (`None`: no limit).
     pub signup_rate: Option<RequestRate>,
     /// Signups are refused once the database holds this many users (`None`: no cap).
@@ -176,7 +185,8 @@ pub struct RemoteConfig {
     pub pool: PoolConfig,
     /// New tunnels per client IP (`None`: no limit).
     pub rate_per_ip: Option<RequestRate>,
-    /// Failed logins per client IP before further attempts are refused unchecked.
+    /// Failed logins per client IP and user name before further attempts are refused
+    /// unchecked.
     pub failed_login_rate: Option<RequestRate>,
     /// How often to look for user changes made by other processes.
     pub user_poll: Duration,
@@ -283,6 +293,7 @@ impl RemoteConfig {
             allow_signup: false,
             signup_bandwidth: DEFAULT_SIGNUP_BANDWIDTH,
             signup_rate: Some(DEFAULT_SIGNUP_RATE),
+            failed_login_rate_per_ip: Some(DEFAULT_FAILED_LOGIN_RATE_PER_IP),
             max_users: None,
             timeouts: Timeouts::default(),
             admission: default_admission(),

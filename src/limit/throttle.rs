@@ -79,6 +79,16 @@ impl<K: Hash + Eq + Clone> SlidingLog<K> {
         }
     }
 
+    /// Takes back the entry recorded at `at` for `key` (a reservation that turned out not to
+    /// count, say a login that succeeded).
+    pub fn refund(&mut self, key: &K, at: Instant) {
+        if let Some(q) = self.log.get_mut(key) {
+            if let Some(pos) = q.iter().rposition(|&t| t == at) {
+                q.remove(pos);
+            }
+        }
+    }
+
     /// Keys currently remembered.
     pub fn len(&self) -> usize {
         self.log.len()
@@ -145,6 +155,20 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
         self.log.lock().wait(key, now)
     }
 
+    /// As [`check`](Self::check), returning when the place was taken, for [`refund`](Self::refund).
+    ///
+    /// # Errors
+    /// How long until a place frees when the key is at its rate.
+    pub fn reserve(&self, key: &K) -> Result<Instant, Duration> {
+        let now = self.clock.now();
+        self.log.lock().check(key, now).map(|()| now)
+    }
+
+    /// Gives back a place [`reserve`](Self::reserve) took at `at`.
+    pub fn refund(&self, key: &K, at: Instant) {
+        self.log.lock().refund(key, at);
+    }
+
     /// Records an event for `key` (a failed login, say).
     pub fn record(&self, key: K) {
         let now = self.clock.now();
@@ -185,6 +209,23 @@ mod tests {
             assert_eq!(t.check(&"alice"), Ok(()), "Now: {:?}", clock.now());
         }
         assert_eq!(t.check(&"alice"), Err(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_reservation_counts_until_refunded() {
+        let clock = Arc::new(ManualClock::new());
+        let t = Throttle::with_clock(rate("2/m"), clock.clone());
+        let a = t.reserve(&"k").unwrap();
+        clock.advance(Duration::from_secs(1));
+        let b = t.reserve(&"k").unwrap();
+        // Both places are taken while their checks run: a third waits.
+        assert_eq!(t.reserve(&"k"), Err(Duration::from_secs(59)));
+        t.refund(&"k", b);
+        let c = t.reserve(&"k").unwrap();
+        assert_eq!(c, b, "the freed place is taken again at the same instant");
+        t.refund(&"k", a);
+        assert!(t.reserve(&"k").is_ok());
+        assert!(t.reserve(&"k").is_err());
     }
 
     #[test]

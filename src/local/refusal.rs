@@ -88,6 +88,13 @@ impl fmt::Display for Refusal {
                 status: Status::NotAllowed,
                 ..
             } => write!(f, "destination not allowed by remote-proxy's policy"),
+            Refusal::Remote {
+                status: Status::TooManyFailedLogins,
+                retry_after,
+            } => write!(
+                f,
+                "too many failed logins for this user; retry in {retry_after}s"
+            ),
             Refusal::Remote { status, .. } => write!(f, "{status}"),
             Refusal::Local(e) => write!(f, "{e}"),
         }

@@ -314,7 +314,7 @@ pub fn status_for(status: Status) -> u16 {
         Status::Ok => 200,
         Status::BadCredentials => 407,
         Status::NotAllowed | Status::SignupDisabled | Status::UserExists => 403,
-        Status::RateLimited => 429,
+        Status::RateLimited | Status::TooManyFailedLogins => 429,
         Status::TargetRefused
         | Status::HostUnreachable
         | Status::NetworkUnreachable

@@ -79,7 +79,10 @@ impl Reply {
     pub fn for_status(status: Status) -> Reply {
         match status {
             Status::Ok => Reply::Succeeded,
-            Status::BadCredentials | Status::NotAllowed | Status::RateLimited => Reply::NotAllowed,
+            Status::BadCredentials
+            | Status::NotAllowed
+            | Status::RateLimited
+            | Status::TooManyFailedLogins => Reply::NotAllowed,
             Status::TargetRefused => Reply::ConnectionRefused,
             Status::HostUnreachable | Status::NameNotResolved => Reply::HostUnreachable,
             Status::NetworkUnreachable => Reply::NetworkUnreachable,

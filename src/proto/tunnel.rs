@@ -150,6 +150,9 @@ pub enum Status {
     /// The answer, in plaintext, to a plaintext request sent to a remote-proxy that speaks
     /// only TLS: the request was not looked at.
     TlsRequired = 0x10,
+    /// Too many failed logins for this user from this address (or from this address in
+    /// all); retry after `retry_after` seconds. The password was not checked.
+    TooManyFailedLogins = 0x11,
 }
 
 impl TryFrom<u8> for Status {
@@ -174,6 +177,7 @@ impl TryFrom<u8> for Status {
             0x0e => GeneralFailure,
             0x0f => Draining,
             0x10 => TlsRequired,
+            0x11 => TooManyFailedLogins,
             other => return Err(Error::BadStatus(other)),
         })
     }
@@ -199,6 +203,7 @@ impl fmt::Display for Status {
             Status::GeneralFailure => "general failure",
             Status::Draining => "draining (shutting down)",
             Status::TlsRequired => "remote-proxy requires TLS (this side runs --plaintext)",
+            Status::TooManyFailedLogins => "too many failed logins for this user",
         };
         f.write_str(s)
     }
@@ -690,12 +695,12 @@ mod tests {
 
     #[test]
     fn every_status_byte_roundtrips() {
-        for b in 0u8..=0x10 {
+        for b in 0u8..=0x11 {
             let s = Status::try_from(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.to_string().is_empty());
         }
-        assert!(Status::try_from(0x11).is_err());
+        assert!(Status::try_from(0x12).is_err());
     }
 
     #[test]

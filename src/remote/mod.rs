@@ -95,8 +95,11 @@ pub struct Remote {
     gate: UserGate<AuthorizedTunnel>,
     // New tunnels per client IP (`--rate-per-ip`).
     ip_throttle: Option<Throttle<IpAddr>>,
-    // Failed logins per client IP; when full, logins are refused without hashing.
-    login_throttle: Option<Throttle<IpAddr>>,
+    // Failed logins per client IP and user name, and per client IP over all names; each
+    // login reserves a failure before hashing and gives it back on success, so concurrent
+    // guesses cannot all get a check in before the first one fails.
+    login_throttle: Option<Throttle<(IpAddr, String)>>,
+    ip_login_throttle: Option<Throttle<IpAddr>>,
     // Signups per client IP.
     signup_throttle: Option<Throttle<IpAddr>>,
     // Tunnels relaying now.
@@ -257,6 +260,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         gate: UserGate::new(cfg.admission.timeout, cfg.admission.max_queued),
         ip_throttle: cfg.rate_per_ip.map(Throttle::new),
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
+        ip_login_throttle: cfg.failed_login_rate_per_ip.map(Throttle::new),
         signup_throttle: cfg.signup_rate.map(Throttle::new),
         open_tunnels: std::sync::atomic::AtomicUsize::new(0),
         credential_checks: std::sync::atomic::AtomicU64::new(0),
@@ -591,9 +595,10 @@ impl Remote {
         }
     }
 
-    /// Checks the request's credentials: refused without hashing while the address is
-    /// locked out after failed logins, and a failure counts towards that lockout. A refusal
-    /// is answered and logged here; `None` then.
+    /// Checks the request's credentials. A failure is reserved before the hash, for the
+    /// address and user name and (looser) for the address, and given back on success: past
+    /// either allowance the login is refused without hashing, concurrent guesses included.
+    /// A refusal is answered and logged here; `None` then.
     fn login(
         &self,
         stream: &mut Hop,
@@ -602,33 +607,69 @@ impl Remote {
         ip: Option<IpAddr>,
         req: &Request,
     ) -> Option<User> {
-        // Too many failed logins from this address: refuse before spending a hash on it.
-        if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
-            if let Some(wait) = t.wait(&ip) {
-                let why = format!(
-                    "peer={peer} user={} login throttled after failures",
-                    Shown(&req.user)
-                );
-                rate_limited(stream, tag, &why, wait);
-                return None;
-            }
-        }
-        match self.auth.authenticate(&req.user, &req.password) {
-            Ok(u) => Some(u),
-            Err(AuthError::BadCredentials) => {
-                if let (Some(t), Some(ip)) = (&self.login_throttle, ip) {
-                    t.record(ip);
+        let name = Shown(&req.user);
+        let key = ip.map(|ip| (ip, req.user.clone()));
+        let user_place = match (&self.login_throttle, &key) {
+            (Some(t), Some(k)) => match t.reserve(k) {
+                Ok(at) => Some((t, at)),
+                Err(wait) => {
+                    let why =
+                        format!("peer={peer} user={name} too many failed logins for this user");
+                    self.throttled_login(stream, tag, &why, wait);
+                    return None;
                 }
-                log::info!("{tag} peer={peer} user={} auth failed", Shown(&req.user));
+            },
+            _ => None,
+        };
+        let ip_place = match (&self.ip_login_throttle, ip) {
+            (Some(t), Some(ip)) => match t.reserve(&ip) {
+                Ok(at) => Some((t, ip, at)),
+                Err(wait) => {
+                    if let (Some((t, at)), Some(k)) = (user_place, &key) {
+                        t.refund(k, at);
+                    }
+                    let why =
+                        format!("peer={peer} user={name} too many failed logins from this address");
+                    self.throttled_login(stream, tag, &why, wait);
+                    return None;
+                }
+            },
+            _ => None,
+        };
+        let refund = || {
+            if let (Some((t, at)), Some(k)) = (user_place, &key) {
+                t.refund(k, at);
+            }
+            if let Some((t, ip, at)) = ip_place {
+                t.refund(&ip, at);
+            }
+        };
+        match self.auth.authenticate(&req.user, &req.password) {
+            Ok(u) => {
+                refund();
+                Some(u)
+            }
+            Err(AuthError::BadCredentials) => {
+                log::info!("{tag} peer={peer} user={name} auth failed");
                 reply(stream, tag, Status::BadCredentials);
                 None
             }
             Err(AuthError::Store(e)) => {
+                refund();
                 log::error!("{tag} user database failed: {e}");
                 reply(stream, tag, Status::GeneralFailure);
                 None
             }
         }
+    }
+
+    /// Answers a login refused unchecked after too many failures, with when to retry.
+    fn throttled_login(&self, stream: &mut Hop, tag: Tag, why: &str, wait: Duration) {
+        log::info!(
+            "{tag} {why}; login refused unchecked, retry in {}s",
+            retry_after_secs(wait)
+        );
+        reply_wait(stream, tag, Status::TooManyFailedLogins, wait);
     }
 
     /// Answers a credential check (docs/protocol.md §2.2) like a login: refused unchecked

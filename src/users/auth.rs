@@ -166,11 +166,14 @@ impl Authenticator {
     /// `BadCredentials` for an unknown user or wrong password; `Store` when SQLite fails.
     pub fn authenticate(&self, name: &str, password: &str) -> Result<User, AuthError> {
         let user = self.store.lock().get(name).map_err(AuthError::Store)?;
+        let digest = self.digest(name, password);
         let Some(user) = user else {
-            self.slow_verify(password, &self.dummy_hash);
+            // Against the dummy hash, through the same single flight as a known user's
+            // check: identical concurrent attempts share one run either way, so timing does
+            // not tell which names exist.
+            self.shared_verify(name, password, &self.dummy_hash, digest);
             return Err(AuthError::BadCredentials);
         };
-        let digest = self.digest(name, password);
         if self.is_cached(name, &user.password_hash, &digest) {
             return Ok(user);
         }

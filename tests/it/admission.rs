@@ -246,9 +246,12 @@ fn per_ip_and_per_user_throttles_are_independent() {
 }
 
 #[test]
-fn failed_logins_are_throttled_per_ip_without_hashing() {
+fn failed_logins_are_throttled_per_address_and_user_without_hashing() {
     let p = pair_with(
-        &[user("alice", "pw", "unlimited")],
+        &[
+            user("alice", "pw", "unlimited"),
+            user("bob", "pw2", "unlimited"),
+        ],
         |r| r.failed_login_rate = Some("10/m".parse().unwrap()),
         |_| {},
     );
@@ -269,15 +272,116 @@ fn failed_logins_are_throttled_per_ip_without_hashing() {
     );
     for _ in 0..20 {
         let r = tunnel_reply(&p, "alice", "guess", o.clone());
-        assert_eq!(r.status, Status::RateLimited);
+        assert_eq!(r.status, Status::TooManyFailedLogins);
         assert!(r.retry_after >= 1);
     }
-    // Even the right password waits: the address is locked out for the window.
-    assert_eq!(tunnel_status(&p, "alice", "pw", o), Status::RateLimited);
+    // Even the right password waits: alice is locked out from this address for the window.
+    assert_eq!(
+        tunnel_status(&p, "alice", "pw", o.clone()),
+        Status::TooManyFailedLogins
+    );
     assert_eq!(
         p.state.argon2_checks(),
         hashed,
         "throttled logins must be refused before any hashing"
+    );
+    // Another user behind the same local-proxy is not locked out by alice's typos.
+    assert_eq!(tunnel_status(&p, "bob", "pw2", o), Status::Ok);
+    // An HTTP app as alice is told what happened and when to retry.
+    let mut s = connect(p.local_addr());
+    write!(
+        s,
+        "CONNECT {} HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n",
+        origin()
+    )
+    .unwrap();
+    let r = read_response_head(&mut s);
+    assert_eq!(r.code, 429, "{}", r.head);
+    assert!(r.head.contains("Retry-After: "), "{}", r.head);
+    let mut body = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut body);
+    assert!(
+        body.contains("too many failed logins for this user; retry in"),
+        "{body}"
+    );
+}
+
+#[test]
+fn concurrent_wrong_passwords_beyond_the_limit_do_no_hashing() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| r.failed_login_rate = Some("10/m".parse().unwrap()),
+        |_| {},
+    );
+    let (remote, tls) = (p.remote_addr(), p.tls.clone());
+    let before = p.state.argon2_checks();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(40));
+    let hs: Vec<_> = (0..40)
+        .map(|i| {
+            let (tls, start) = (tls.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let pw = format!("guess{i}");
+                tunnel_reply_at(remote, &tls, "alice", &pw, TargetAddr::Ip(origin())).status
+            })
+        })
+        .collect();
+    let statuses: Vec<Status> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    let hashed = p.state.argon2_checks() - before;
+    assert!(
+        hashed <= 10,
+        "{hashed} argon2 checks for 40 concurrent guesses"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == Status::BadCredentials)
+            .count() as u64,
+        hashed
+    );
+    assert!(statuses
+        .iter()
+        .all(|s| matches!(s, Status::BadCredentials | Status::TooManyFailedLogins)));
+}
+
+#[test]
+fn known_and_unknown_users_answer_alike_under_concurrency() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| r.failed_login_rate = None,
+        |_| {},
+    );
+    let (remote, tls) = (p.remote_addr(), p.tls.clone());
+    // 8 identical wrong attempts at once, for a name that exists and one that does not.
+    let burst = |name: &'static str| {
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let t = Instant::now();
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let (tls, start) = (tls.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    tunnel_reply_at(remote, &tls, name, "wrong", TargetAddr::Ip(origin())).status
+                })
+            })
+            .collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), Status::BadCredentials);
+        }
+        t.elapsed()
+    };
+    let mut known = vec![];
+    let mut unknown = vec![];
+    for _ in 0..3 {
+        known.push(burst("alice"));
+        unknown.push(burst("nobody"));
+    }
+    known.sort();
+    unknown.sort();
+    let (k, u) = (known[1].as_secs_f64(), unknown[1].as_secs_f64());
+    assert!(
+        u < 2.0 * k && k < 2.0 * u,
+        "known {known:?} vs unknown {unknown:?}: timing tells names apart"
     );
 }
 

@@ -620,8 +620,19 @@ pub fn tunnel_reply(
     pw: &str,
     target: flowgate::proto::addr::TargetAddr,
 ) -> flowgate::proto::tunnel::Reply {
+    tunnel_reply_at(p.remote_addr(), &p.tls, user, pw, target)
+}
+
+/// As [`tunnel_reply`], from what a thread can carry: the remote's address and hop.
+pub fn tunnel_reply_at(
+    remote: SocketAddr,
+    tls: &LocalTls,
+    user: &str,
+    pw: &str,
+    target: flowgate::proto::addr::TargetAddr,
+) -> flowgate::proto::tunnel::Reply {
     use flowgate::proto::tunnel;
-    let mut s = p.raw_remote();
+    let mut s = RawHop::connect(remote, tls);
     let req = tunnel::Request {
         tunnel_id: Some(tunnel::TunnelId(1)),
         command: tunnel::Command::Connect,
