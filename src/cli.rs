@@ -182,6 +182,10 @@ pub struct CommonArgs {
     /// Longest time a client may take to send its whole handshake (e.g. 10s, 500ms).
     #[arg(long, default_value_t = HumanDuration(config::DEFAULT_HANDSHAKE_TIMEOUT), value_name = "DURATION")]
     pub handshake_timeout: HumanDuration,
+    /// A client that sends nothing at all is closed after this (within the handshake
+    /// timeout).
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_FIRST_BYTE_TIMEOUT), value_name = "DURATION")]
+    pub first_byte_timeout: HumanDuration,
     /// Longest wait to connect to the next hop.
     #[arg(long, default_value_t = HumanDuration(config::DEFAULT_CONNECT_TIMEOUT), value_name = "DURATION")]
     pub connect_timeout: HumanDuration,
@@ -214,6 +218,7 @@ impl CommonArgs {
     fn timeouts(&self) -> Timeouts {
         Timeouts {
             handshake: self.handshake_timeout.0,
+            first_byte: self.first_byte_timeout.0,
             connect: self.connect_timeout.0,
             idle: (!self.idle_timeout.0.is_zero()).then_some(self.idle_timeout.0),
             grace: self.grace.0,

@@ -20,6 +20,8 @@ pub const DEFAULT_DB: &str = "flowgate.db";
 pub const DEFAULT_SIGNUP_BANDWIDTH: Bandwidth = Bandwidth::bytes_per_sec(1_000_000);
 /// Default handshake timeout: a client must finish its whole handshake within it.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for a client's first byte; a socket that sends nothing is closed then.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default target (and remote-proxy) connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default idle timeout: a tunnel with no bytes either way this long is closed.
@@ -140,6 +142,8 @@ impl Upstreams {
 pub struct Timeouts {
     /// Longest time a client may take over its whole handshake (not per read: slowloris).
     pub handshake: Duration,
+    /// A client that sends nothing at all is closed after this (sooner than `handshake`).
+    pub first_byte: Duration,
     /// Longest wait to connect to the next hop.
     pub connect: Duration,
     /// Close tunnels idle this long; `None` never closes them.
@@ -152,6 +156,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             handshake: DEFAULT_HANDSHAKE_TIMEOUT,
+            first_byte: DEFAULT_FIRST_BYTE_TIMEOUT,
             connect: DEFAULT_CONNECT_TIMEOUT,
             idle: Some(DEFAULT_IDLE_TIMEOUT),
             grace: DEFAULT_GRACE,

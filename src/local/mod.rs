@@ -199,7 +199,9 @@ impl Local {
     /// stack page fewer for its whole life (docs/benchmarks.md).
     #[inline(never)]
     fn read_handshake(&self, stream: &TcpStream, id: ConnId) -> Handshake {
-        let Ok(mut d) = HandshakeReader::new(stream, self.cfg.timeouts.handshake) else {
+        let t = &self.cfg.timeouts;
+        let Ok(mut d) = HandshakeReader::awaiting_first_byte(stream, t.first_byte, t.handshake)
+        else {
             return Handshake::Done;
         };
         let first = match d.peek_byte() {

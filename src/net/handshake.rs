@@ -27,6 +27,8 @@ const REARM_SLACK: Duration = Duration::from_millis(20);
 pub struct HandshakeReader<'a> {
     stream: &'a TcpStream,
     until: std::time::Instant,
+    // The whole handshake's deadline, while `until` is the earlier first-byte deadline.
+    after_first: Option<std::time::Instant>,
     // The read timeout the socket has now.
     timeout: Duration,
     // Bytes peeked from the socket (still in it): `peeked[..len]`, of which the first `taken`
@@ -54,11 +56,31 @@ impl<'a> HandshakeReader<'a> {
         Ok(HandshakeReader {
             stream,
             until,
+            after_first: None,
             timeout: within,
             peeked: [0; PEEK_BYTES],
             len: 0,
             taken: 0,
         })
+    }
+
+    /// As [`new`](Self::new), but nothing at all may take longer than `first_byte`: a socket
+    /// that sends nothing is let go sooner than one that is slowly handshaking.
+    ///
+    /// # Errors
+    /// When the socket's timeout cannot be set.
+    pub fn awaiting_first_byte(
+        stream: &'a TcpStream,
+        first_byte: Duration,
+        within: Duration,
+    ) -> io::Result<HandshakeReader<'a>> {
+        if first_byte >= within {
+            return HandshakeReader::new(stream, within);
+        }
+        let whole = deadline(within)?;
+        let mut r = HandshakeReader::new(stream, first_byte)?;
+        r.after_first = Some(whole);
+        Ok(r)
     }
 
     /// The next byte, without taking it; `None` at end of stream.
@@ -103,6 +125,16 @@ impl<'a> HandshakeReader<'a> {
             self.timeout = left;
         }
         self.len = self.stream.peek(&mut self.peeked)?;
+        if self.len > 0 {
+            if let Some(whole) = self.after_first.take() {
+                // Something came: the rest of the handshake has the whole deadline.
+                self.until = whole;
+                let left = whole.saturating_duration_since(std::time::Instant::now());
+                self.stream
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                self.timeout = left;
+            }
+        }
         Ok(self.len > 0)
     }
 }
@@ -177,6 +209,43 @@ mod tests {
         drop(d);
         drop(s);
         trickle.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_socket_is_let_go_at_the_first_byte_deadline_and_a_talking_one_is_not() {
+        let (_c, s) = pair();
+        let t = std::time::Instant::now();
+        let mut d = HandshakeReader::awaiting_first_byte(
+            &s,
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(d.peek_byte().is_err());
+        assert!(
+            t.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            t.elapsed()
+        );
+        // One byte in time, the next after the first-byte deadline: still read.
+        let (mut c, s) = pair();
+        let writer = std::thread::spawn(move || {
+            c.write_all(b"a").unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            c.write_all(b"b").unwrap();
+            c
+        });
+        let mut d = HandshakeReader::awaiting_first_byte(
+            &s,
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let mut two = [0u8; 2];
+        d.read_exact(&mut two).unwrap();
+        assert_eq!(&two, b"ab");
+        drop(d);
+        drop(writer.join().unwrap());
     }
 
     #[test]

@@ -113,10 +113,13 @@ impl Hop {
     pub fn accept(
         sock: TcpStream,
         cfg: &Arc<ServerConfig>,
+        first_byte: Duration,
         within: Duration,
     ) -> Result<Hop, (TcpStream, HopError)> {
         // Look before handing bytes to rustls: a plaintext request is answered in kind.
-        let first = match HandshakeReader::new(&sock, within).and_then(|mut r| r.peek_byte()) {
+        let first = HandshakeReader::awaiting_first_byte(&sock, first_byte, within)
+            .and_then(|mut r| r.peek_byte());
+        let first = match first {
             Ok(Some(b)) => b,
             Ok(None) => {
                 let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before TLS");
@@ -200,6 +203,20 @@ impl Hop {
             sock,
             tls: Some(Box::new(conn)),
         })
+    }
+
+    /// As [`io`](Self::io), and a plaintext hop that has sent nothing yet must send its
+    /// first byte within `first_byte` (a TLS hop's came with its handshake).
+    ///
+    /// # Errors
+    /// When the socket's timeouts cannot be set.
+    pub fn io_first(&mut self, first_byte: Duration, within: Duration) -> io::Result<HopIo<'_>> {
+        match &mut self.tls {
+            None => Ok(HopIo::Plain(HandshakeReader::awaiting_first_byte(
+                &self.sock, first_byte, within,
+            )?)),
+            Some(_) => self.io(within),
+        }
     }
 
     /// Reads and writes on the hop that must all finish within `within` from now.

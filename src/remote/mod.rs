@@ -519,7 +519,7 @@ impl Remote {
         let Some(cfg) = &self.tls else {
             return Some(Hop::plain(stream));
         };
-        match Hop::accept(stream, cfg, within) {
+        match Hop::accept(stream, cfg, self.cfg.timeouts.first_byte, within) {
             Ok(hop) => Some(hop),
             Err((stream, HopError::PlaintextPeer)) => {
                 log::warn!(
@@ -564,7 +564,7 @@ impl Remote {
         peer: &str,
         within: Duration,
     ) -> Option<Request> {
-        let read = match stream.io(within) {
+        let read = match stream.io_first(self.cfg.timeouts.first_byte, within) {
             Ok(mut io) => tunnel::read_request(&mut io),
             Err(e) => {
                 log::debug!("conn={id} peer={peer} cannot set timeout: {e}");
