@@ -10,7 +10,7 @@ const PEEK_BYTES: usize = 1024;
 
 /// How far past the deadline a blocked read may run before the socket's timeout is re-armed.
 /// Re-arming on every read cost a `setsockopt` per field of every handshake.
-const REARM_SLACK: Duration = Duration::from_millis(20);
+pub(crate) const REARM_SLACK: Duration = Duration::from_millis(20);
 
 /// A socket whose handshake reads must all finish by one deadline, read with few system calls.
 ///
@@ -124,15 +124,28 @@ impl<'a> HandshakeReader<'a> {
             self.stream.set_read_timeout(Some(left))?;
             self.timeout = left;
         }
-        self.len = self.stream.peek(&mut self.peeked)?;
+        self.len = loop {
+            match self.stream.peek(&mut self.peeked) {
+                // The socket's timeout was set for the first byte; the handshake's own
+                // deadline is later: wait on for what is left of it. Re-armed only here, so a
+                // handshake that keeps coming costs no extra system call.
+                Err(e)
+                    if crate::proto::is_timeout(&e) && std::time::Instant::now() < self.until =>
+                {
+                    let left = self
+                        .until
+                        .saturating_duration_since(std::time::Instant::now());
+                    self.stream
+                        .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                    self.timeout = left;
+                }
+                other => break other?,
+            }
+        };
         if self.len > 0 {
             if let Some(whole) = self.after_first.take() {
                 // Something came: the rest of the handshake has the whole deadline.
                 self.until = whole;
-                let left = whole.saturating_duration_since(std::time::Instant::now());
-                self.stream
-                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-                self.timeout = left;
             }
         }
         Ok(self.len > 0)

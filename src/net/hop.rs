@@ -334,16 +334,22 @@ impl Write for HopIo<'_> {
 pub struct Timed<'a> {
     sock: &'a TcpStream,
     until: Instant,
+    // The read timeout the socket has now: lowered only when the deadline gets close, so a
+    // handshake's reads cost no `setsockopt` each (as in HandshakeReader).
+    armed: Duration,
     first_byte: Option<u8>,
 }
 
 impl<'a> Timed<'a> {
     fn new(sock: &'a TcpStream, within: Duration) -> io::Result<Timed<'a>> {
         let until = crate::net::handshake::deadline(within)?;
-        sock.set_write_timeout(Some(within.max(Duration::from_millis(1))))?;
+        let armed = within.max(Duration::from_millis(1));
+        sock.set_write_timeout(Some(armed))?;
+        sock.set_read_timeout(Some(armed))?;
         Ok(Timed {
             sock,
             until,
+            armed,
             first_byte: None,
         })
     }
@@ -362,7 +368,11 @@ impl<'a> Timed<'a> {
 
 impl Read for Timed<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.set_read_timeout(Some(self.left()?))?;
+        let left = self.left()?;
+        if left + crate::net::handshake::REARM_SLACK < self.armed {
+            self.sock.set_read_timeout(Some(left))?;
+            self.armed = left;
+        }
         let n = (&*self.sock).read(buf)?;
         if self.first_byte.is_none() && n > 0 {
             self.first_byte = Some(buf[0]);

@@ -102,7 +102,9 @@ impl Identity {
         match linked {
             Ok(()) => cert_linked.map_err(|e| Error::Io(cert_path.into(), e))?,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                // Another process made it first: wait for its certificate to appear.
+                // Another process made it first: wait for its certificate to appear. It is
+                // written by that process, so nothing here can signal it: a short poll of
+                // the file, a second at most, once per first start.
                 for _ in 0..50 {
                     if cert_path.exists() {
                         break;
