@@ -135,6 +135,20 @@ pub struct ServeArgs {
     pub common: CommonArgs,
 }
 
+/// Where local-proxy keeps the remotes it trusts (serving, and `local-proxy trust`).
+#[derive(Debug, Args)]
+pub struct KnownRemotesArg {
+    /// Without --pin or --ca, remotes must be in this file; `local-proxy trust HOST:PORT`
+    /// records one.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FLOWGATE_KNOWN_REMOTES",
+        default_value_os_t = crate::tls::default_known_remotes_path()
+    )]
+    pub known_remotes: PathBuf,
+}
+
 /// How local-proxy secures its tunnels; shared by serving and the subcommands that talk to
 /// a remote.
 #[derive(Debug, Args)]
@@ -146,15 +160,8 @@ pub struct HopArgs {
     /// Verify remotes' certificate chains and host names against this CA bundle (PEM).
     #[arg(long, value_name = "FILE", conflicts_with = "plaintext")]
     pub ca: Option<PathBuf>,
-    /// Without --pin or --ca, remotes must be in this file (add one with `local-proxy trust
-    /// HOST:PORT`).
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "FLOWGATE_KNOWN_REMOTES",
-        default_value_os_t = crate::tls::default_known_remotes_path()
-    )]
-    pub known_remotes: PathBuf,
+    #[command(flatten)]
+    pub known: KnownRemotesArg,
     /// No TLS: credentials and data cross the network in clear. Only for trusted networks
     /// (loopback, a VPN link), against a remote-proxy started with --plaintext.
     #[arg(long)]
@@ -171,7 +178,7 @@ impl HopArgs {
         } else if let Some(ca) = &self.ca {
             config::LocalTls::Ca(ca.clone())
         } else {
-            config::LocalTls::KnownRemotes(self.known_remotes.clone())
+            config::LocalTls::KnownRemotes(self.known.known_remotes.clone())
         }
     }
 }
@@ -463,14 +470,8 @@ pub enum LocalCommand {
         /// Record without asking (for scripts that got the identity another way).
         #[arg(long)]
         yes: bool,
-        /// The known-remotes file to record it in.
-        #[arg(
-            long,
-            value_name = "FILE",
-            env = "FLOWGATE_KNOWN_REMOTES",
-            default_value_os_t = crate::tls::default_known_remotes_path()
-        )]
-        known_remotes: PathBuf,
+        #[command(flatten)]
+        known: KnownRemotesArg,
     },
 }
 

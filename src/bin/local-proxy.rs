@@ -62,11 +62,9 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
                 Err("not every remote-proxy is usable with these credentials".into())
             }
         }
-        Some(LocalCommand::Trust {
-            remote,
-            yes,
-            known_remotes,
-        }) => trust(&remote.0, yes, &known_remotes),
+        Some(LocalCommand::Trust { remote, yes, known }) => {
+            trust(&remote.0, yes, &known.known_remotes)
+        }
         None => {
             // A password prompt (into_config) must still answer Ctrl-C the usual way.
             let cfg = cli.run.into_config()?;

@@ -230,12 +230,7 @@ fn an_unknown_remote_is_refused_until_trusted_then_a_changed_one_is_refused_loud
     // trust warns before replacing it; --yes replaces without asking.
     let (ok, out) = trust("n\n");
     assert!(!ok && out.contains("WARNING"), "{out}");
-    let out = local_bin()
-        .args(["trust", &addr.to_string(), "--yes"])
-        .env("FLOWGATE_KNOWN_REMOTES", &known)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    trust_yes(addr, &known);
     assert_eq!(check(addr, &[], &known).0, Some(0));
 }
 
@@ -257,17 +252,26 @@ fn a_running_local_proxy_names_an_unknown_remote_in_one_line_and_takes_a_later_t
         0x01
     );
     // Trusted while it runs: the next probes find it, without a restart.
-    let out = local_bin()
-        .args(["trust", &addr.to_string(), "--yes"])
-        .env("FLOWGATE_KNOWN_REMOTES", &known)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    trust_yes(addr, &known);
     assert!(eventually(Duration::from_secs(5), || !local
         .log_lines(&format!("remote={addr} up"))
         .is_empty()));
     let mut s = socks_connect(laddr, Dest::Ip(origin()), Some((USER, PASSWORD))).unwrap();
     download_and_verify(&mut s, "o", 10_000);
+}
+
+/// `local-proxy trust ADDR --yes` into the known-remotes file `known`; it must succeed.
+fn trust_yes(addr: SocketAddr, known: &std::path::Path) {
+    let out = local_bin()
+        .args(["trust", &addr.to_string(), "--yes"])
+        .env("FLOWGATE_KNOWN_REMOTES", known)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A CA (written to ca.pem) and, for each list of names, a certificate it signed for them

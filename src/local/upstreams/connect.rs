@@ -210,13 +210,7 @@ pub fn signup(
     creds: &Credentials,
     timeouts: &Timeouts,
 ) -> Result<Status, TunnelError> {
-    let req = Request {
-        command: Command::Signup,
-        tunnel_id: Some(TunnelId(u64::from(random_u32()))),
-        user: creds.user.clone(),
-        password: creds.password.clone(),
-        target: None,
-    };
+    let req = credential_request(Command::Signup, creds);
     let (mut hop, reply) = open_tunnel(remote, link, &req, timeouts, timeouts.handshake)?;
     hop.close();
     Ok(reply.status)
@@ -254,6 +248,18 @@ pub fn identity_of(remote: &str, timeout: Duration) -> Result<tls::Fingerprint, 
     Err(TunnelError::Remote(last))
 }
 
+/// A request that carries credentials and no target (signup, credential check), with a
+/// fresh tunnel id for the log lines.
+fn credential_request(command: Command, creds: &Credentials) -> Request {
+    Request {
+        command,
+        tunnel_id: Some(TunnelId(u64::from(random_u32()))),
+        user: creds.user.clone(),
+        password: creds.password.clone(),
+        target: None,
+    }
+}
+
 /// A random number from the OS, for tunnel ids (not a secret: ids only tell log lines apart).
 pub(crate) fn random_u32() -> u32 {
     use rand_core::RngCore;
@@ -279,13 +285,7 @@ pub fn check(
     creds: &Credentials,
     timeout: Duration,
 ) -> Result<CheckAnswer, TunnelError> {
-    let req = Request {
-        command: Command::Check,
-        tunnel_id: Some(TunnelId(u64::from(random_u32()))),
-        user: creds.user.clone(),
-        password: creds.password.clone(),
-        target: None,
-    };
+    let req = credential_request(Command::Check, creds);
     let bytes = tunnel::encode_request(&req).map_err(TunnelError::Request)?;
     let (mut hop, reply) = exchange(addrs, link, Purpose::Tunnel, &bytes, timeout, timeout)?;
     if reply.status != Status::Ok {
