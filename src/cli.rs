@@ -82,8 +82,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_users: Option<u32>,
     /// New tunnels per client IP, as N/s, N/m, N/h or N/d (sliding window), or off.
+    /// Counted when the connection is accepted, so a refused one costs no slot or worker.
     #[arg(long, value_name = "N/PERIOD", default_value_t = MaybeRate(None))]
     pub rate_per_ip: MaybeRate,
+    /// Most connections from one client IP in their handshake (not yet authenticated) at
+    /// once; more from that address wait unread, holding no thread, while other addresses
+    /// pass them (`none` = no cap).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = Cap(Some(config::DEFAULT_MAX_HANDSHAKES_PER_IP))
+    )]
+    pub max_handshakes_per_ip: Cap,
     /// Failed logins per client IP and user name before that user's further logins from
     /// there are refused without checking, as N/PERIOD, or off.
     #[arg(
@@ -254,6 +264,7 @@ impl CommonArgs {
             max_active: self.max_connections.max(1),
             max_queued: self.max_queued,
             timeout: self.queue_timeout.0,
+            max_handshakes_per_key: None,
         }
     }
 }
@@ -290,6 +301,15 @@ impl std::str::FromStr for RemoteAddr {
 /// A connection cap: a positive number, or `none` (also `off`, `0`) for no cap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cap(pub Option<u32>);
+
+impl std::fmt::Display for Cap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("none"),
+        }
+    }
+}
 
 impl std::str::FromStr for Cap {
     type Err = String;
@@ -641,7 +661,10 @@ impl ServeArgs {
         cfg.signup_rate = self.signup_rate.0;
         cfg.max_users = self.max_users;
         cfg.timeouts = self.common.timeouts();
-        cfg.admission = self.common.admission();
+        cfg.admission = Limits {
+            max_handshakes_per_key: self.max_handshakes_per_ip.0.map(|n| n as usize),
+            ..self.common.admission()
+        };
         cfg.pool = self.common.pool()?;
         cfg.rate_per_ip = self.rate_per_ip.0;
         cfg.destinations.allow = self.allow_dest;
@@ -857,7 +880,8 @@ mod tests {
         let cfg = args.into_config("x.db".into(), ".".into()).unwrap();
         assert_eq!(cfg.rate_per_ip, None);
         assert_eq!(cfg.failed_login_rate, Some("10/m".parse().unwrap()));
-        assert_eq!(cfg.admission, crate::config::default_admission());
+        assert_eq!(cfg.admission, RemoteConfig::new("x.db".into()).admission);
+        assert_eq!(cfg.admission.max_handshakes_per_key, Some(32));
         let set = RemoteCli::try_parse_from([
             "remote-proxy",
             "user",

@@ -32,6 +32,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on connections waiting for a slot; more are told "busy" at once.
 pub const DEFAULT_MAX_QUEUED: usize = 1024;
+/// Connections from one client address in their handshake at once, at remote-proxy.
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: u32 = 32;
 /// Default longest wait for a slot; then "busy".
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit on failed logins per client IP: 10 a minute.
@@ -279,12 +281,14 @@ impl LocalTls {
     }
 }
 
-/// The default admission limits.
+/// The default admission limits (no per-address handshake cap: remote-proxy sets its own,
+/// local-proxy, on loopback, serves one machine's apps and needs none).
 pub fn default_admission() -> Limits {
     Limits {
         max_active: DEFAULT_MAX_CONNECTIONS,
         max_queued: DEFAULT_MAX_QUEUED,
         timeout: DEFAULT_QUEUE_TIMEOUT,
+        max_handshakes_per_key: None,
     }
 }
 
@@ -301,7 +305,10 @@ impl RemoteConfig {
             failed_login_rate_per_ip: Some(DEFAULT_FAILED_LOGIN_RATE_PER_IP),
             max_users: None,
             timeouts: Timeouts::default(),
-            admission: default_admission(),
+            admission: Limits {
+                max_handshakes_per_key: Some(DEFAULT_MAX_HANDSHAKES_PER_IP as usize),
+                ..default_admission()
+            },
             pool: default_pool(DEFAULT_MAX_CONNECTIONS),
             rate_per_ip: None,
             failed_login_rate: Some(DEFAULT_FAILED_LOGIN_RATE),

@@ -10,6 +10,7 @@
 use crate::limit::clock::{Clock, SystemClock};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ pub struct Limits {
     pub max_queued: usize,
     /// Longest wait in the queue before an item is turned away.
     pub timeout: Duration,
+    /// Most items of one key (a client address) admitted whose handshake is not over; more
+    /// from that key wait, holding no slot, while other keys' items pass them. `None`: no cap.
+    pub max_handshakes_per_key: Option<usize>,
 }
 
 /// What happened to an arriving item.
@@ -114,7 +118,9 @@ fn pop_live<T>(
     None
 }
 
-/// Slots plus a FIFO queue.
+/// Slots plus a FIFO queue, with an optional cap per key (a client address) on items
+/// admitted whose handshake is not over yet: past it, that key's items wait and other keys'
+/// items pass them, so one address's silent sockets cannot hold every slot.
 #[derive(Debug)]
 pub struct Admission<T> {
     inner: Mutex<Inner<T>>,
@@ -126,8 +132,102 @@ struct Inner<T> {
     limits: Limits,
     // Slots in use.
     active: usize,
-    // Waiting items with their arrival time, oldest first.
-    queue: VecDeque<(T, Instant)>,
+    // Waiting items, oldest first. Invariant: while a slot is free, no waiter could take
+    // it (each is held back by its key's cap), so an arrival that may start takes it.
+    queue: VecDeque<Waiter<T>>,
+    // Per key with items in a handshake or waiting; keys at zero are forgotten.
+    keys: HashMap<IpAddr, KeyCount>,
+}
+
+#[derive(Debug)]
+struct Waiter<T> {
+    item: T,
+    since: Instant,
+    key: Option<IpAddr>,
+}
+
+#[derive(Debug, Default)]
+struct KeyCount {
+    // Admitted, handshake not over.
+    handshaking: usize,
+    waiting: usize,
+}
+
+impl<T> Inner<T> {
+    /// May an item of `key` start its handshake now, as far as its key goes?
+    fn key_may_start(&self, key: Option<IpAddr>) -> bool {
+        match (key, self.limits.max_handshakes_per_key) {
+            (Some(k), Some(cap)) => self.keys.get(&k).map_or(0, |c| c.handshaking) < cap,
+            _ => true,
+        }
+    }
+
+    /// Most waiters one key may have: a quarter of the queue, so one address cannot fill it.
+    fn key_queue_cap(&self) -> usize {
+        (self.limits.max_queued / 4).max(1)
+    }
+
+    fn count(&mut self, key: Option<IpAddr>) -> Option<&mut KeyCount> {
+        key.map(|k| self.keys.entry(k).or_default())
+    }
+
+    fn forget_if_idle(&mut self, key: Option<IpAddr>) {
+        if let Some(k) = key {
+            if self
+                .keys
+                .get(&k)
+                .is_some_and(|c| c.handshaking == 0 && c.waiting == 0)
+            {
+                self.keys.remove(&k);
+            }
+        }
+    }
+
+    /// A waiter of `key` left the queue, served or not.
+    fn left_queue(&mut self, key: Option<IpAddr>, to_handshake: bool) {
+        if let Some(c) = self.count(key) {
+            c.waiting = c.waiting.saturating_sub(1);
+            if to_handshake {
+                c.handshaking += 1;
+            }
+        }
+        self.forget_if_idle(key);
+    }
+
+    /// Takes the first live waiter whose key may start; dead and expired ones met on the
+    /// way go to `out`, ones held back by their key stay in place.
+    fn pop_startable(
+        &mut self,
+        now: Instant,
+        is_alive: &mut dyn FnMut(&T) -> bool,
+        out: &mut Removed<T>,
+    ) -> Option<T> {
+        let timeout = self.limits.timeout;
+        let mut i = 0;
+        while let Some(w) = self.queue.get(i) {
+            let (key, since) = (w.key, w.since);
+            let gone = !is_alive(&w.item);
+            let expired = now.saturating_duration_since(since) >= timeout;
+            if !gone && !expired && !self.key_may_start(key) {
+                i += 1;
+                continue;
+            }
+            let Some(w) = self.queue.remove(i) else {
+                break;
+            };
+            let served = !gone && !expired;
+            self.left_queue(key, served);
+            if served {
+                return Some(w.item);
+            }
+            if gone {
+                out.gone.push(w.item);
+            } else {
+                out.expired.push(w.item);
+            }
+        }
+        None
+    }
 }
 
 impl<T> Admission<T> {
@@ -142,32 +242,54 @@ impl<T> Admission<T> {
             inner: Mutex::new(Inner {
                 limits: Limits {
                     max_active: limits.max_active.max(1),
+                    max_handshakes_per_key: limits.max_handshakes_per_key.map(|c| c.max(1)),
                     ..limits
                 },
                 active: 0,
                 queue: VecDeque::new(),
+                keys: HashMap::new(),
             }),
             clock,
         }
     }
 
-    /// An item arrives: admitted if a slot is free and nobody waits, else queued, else full.
-    pub fn arrive(&self, item: T) -> Arrival<T> {
+    /// An item arrives, from `key` (its client's address; `None` to count it under no
+    /// key): admitted if a slot is free and its key is under its cap, else queued, else
+    /// full. An admitted keyed item counts against its key until [`handshake_over`].
+    ///
+    /// [`handshake_over`]: Self::handshake_over
+    pub fn arrive(&self, item: T, key: Option<IpAddr>) -> Arrival<T> {
         let now = self.clock.now();
         let mut st = self.inner.lock();
-        if st.active < st.limits.max_active && st.queue.is_empty() {
+        let key = key.filter(|_| st.limits.max_handshakes_per_key.is_some());
+        if st.active < st.limits.max_active && st.key_may_start(key) {
             st.active += 1;
+            if let Some(c) = st.count(key) {
+                c.handshaking += 1;
+            }
             return Arrival::Admitted(item);
         }
-        if st.queue.len() >= st.limits.max_queued {
+        let key_full = key
+            .and_then(|k| st.keys.get(&k))
+            .is_some_and(|c| c.waiting >= st.key_queue_cap());
+        if st.queue.len() >= st.limits.max_queued || key_full {
+            st.forget_if_idle(key);
             return Arrival::Full(item);
         }
-        st.queue.push_back((item, now));
+        if let Some(c) = st.count(key) {
+            c.waiting += 1;
+        }
+        st.queue.push_back(Waiter {
+            item,
+            since: now,
+            key,
+        });
         Arrival::Queued
     }
 
-    /// An admitted item is done. Its slot passes to the oldest live waiter, returned here to
-    /// be served by the caller; waiters found dead or expired on the way are in `removed`.
+    /// An admitted item is done. Its slot passes to the oldest live waiter that may start,
+    /// returned here to be served by the caller; waiters found dead or expired on the way
+    /// are in `removed`.
     pub fn finish(
         &self,
         is_alive: &mut dyn FnMut(&T) -> bool,
@@ -175,14 +297,36 @@ impl<T> Admission<T> {
     ) -> Option<T> {
         let now = self.clock.now();
         let mut st = self.inner.lock();
-        let timeout = st.limits.timeout;
-        match pop_live(&mut st.queue, now, timeout, is_alive, removed) {
+        match st.pop_startable(now, is_alive, removed) {
             Some(next) => Some(next),
             None => {
                 st.active = st.active.saturating_sub(1);
                 None
             }
         }
+    }
+
+    /// The handshake of an item admitted under `key` is over (authenticated, or the
+    /// connection ended): the key has room again, and a waiter it held back takes a free
+    /// slot, returned here to be served by the caller.
+    pub fn handshake_over(
+        &self,
+        key: IpAddr,
+        is_alive: &mut dyn FnMut(&T) -> bool,
+        removed: &mut Removed<T>,
+    ) -> Option<T> {
+        let now = self.clock.now();
+        let mut st = self.inner.lock();
+        if let Some(c) = st.keys.get_mut(&key) {
+            c.handshaking = c.handshaking.saturating_sub(1);
+        }
+        st.forget_if_idle(Some(key));
+        if st.active >= st.limits.max_active {
+            return None;
+        }
+        let next = st.pop_startable(now, is_alive, removed)?;
+        st.active += 1;
+        Some(next)
     }
 
     /// Removes waiters that expired or left. Run it periodically (see [`next_deadline`]).
@@ -193,7 +337,13 @@ impl<T> Admission<T> {
         let mut st = self.inner.lock();
         let timeout = st.limits.timeout;
         let mut out = Removed::default();
-        sweep_queue(&mut st.queue, now, timeout, is_alive, &mut out);
+        let queue = std::mem::take(&mut st.queue);
+        for w in queue {
+            match keep_if_waiting(w.item, w.since, now, timeout, is_alive, &mut out) {
+                Some(item) => st.queue.push_back(Waiter { item, ..w }),
+                None => st.left_queue(w.key, false),
+            }
+        }
         out
     }
 
@@ -201,24 +351,22 @@ impl<T> Admission<T> {
     pub fn take_where(&self, pred: &mut dyn FnMut(&T) -> bool) -> Vec<T> {
         let mut st = self.inner.lock();
         let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(st.queue.len());
-        for (item, since) in st.queue.drain(..) {
-            if pred(&item) {
-                taken.push(item);
+        let queue = std::mem::take(&mut st.queue);
+        for w in queue {
+            if pred(&w.item) {
+                st.left_queue(w.key, false);
+                taken.push(w.item);
             } else {
-                kept.push_back((item, since));
+                st.queue.push_back(w);
             }
         }
-        st.queue = kept;
         taken
     }
 
     /// When the oldest waiter expires, if anyone waits.
     pub fn next_deadline(&self) -> Option<Instant> {
         let st = self.inner.lock();
-        st.queue
-            .front()
-            .map(|(_, since)| *since + st.limits.timeout)
+        st.queue.front().map(|w| w.since + st.limits.timeout)
     }
 
     /// Slots in use.
@@ -231,9 +379,26 @@ impl<T> Admission<T> {
         self.inner.lock().queue.len()
     }
 
+    /// Items of `key` admitted whose handshake is not over.
+    pub fn handshaking(&self, key: IpAddr) -> usize {
+        self.inner
+            .lock()
+            .keys
+            .get(&key)
+            .map_or(0, |c| c.handshaking)
+    }
+
     /// Takes every waiter out (at shutdown).
     pub fn drain(&self) -> Vec<T> {
-        self.inner.lock().queue.drain(..).map(|(t, _)| t).collect()
+        let mut st = self.inner.lock();
+        let queue = std::mem::take(&mut st.queue);
+        queue
+            .into_iter()
+            .map(|w| {
+                st.left_queue(w.key, false);
+                w.item
+            })
+            .collect()
     }
 }
 
@@ -355,7 +520,19 @@ mod tests {
             max_active: active,
             max_queued: queued,
             timeout: Duration::from_secs(secs),
+            max_handshakes_per_key: None,
         }
+    }
+
+    fn per_key(active: usize, queued: usize, cap: usize) -> Limits {
+        Limits {
+            max_handshakes_per_key: Some(cap),
+            ..limits(active, queued, 30)
+        }
+    }
+
+    fn ip(last: u8) -> Option<IpAddr> {
+        Some(IpAddr::from([127, 0, 0, last]))
     }
 
     fn alive(_: &u32) -> bool {
@@ -365,10 +542,10 @@ mod tests {
     #[test]
     fn third_connection_waits_for_a_slot_then_is_served_in_order() {
         let a = Admission::new(limits(2, 10, 30));
-        assert_eq!(a.arrive(1), Arrival::Admitted(1));
-        assert_eq!(a.arrive(2), Arrival::Admitted(2));
-        assert_eq!(a.arrive(3), Arrival::Queued);
-        assert_eq!(a.arrive(4), Arrival::Queued);
+        assert_eq!(a.arrive(1, None), Arrival::Admitted(1));
+        assert_eq!(a.arrive(2, None), Arrival::Admitted(2));
+        assert_eq!(a.arrive(3, None), Arrival::Queued);
+        assert_eq!(a.arrive(4, None), Arrival::Queued);
         let mut r = Removed::default();
         assert_eq!(a.finish(&mut alive, &mut r), Some(3));
         assert_eq!(a.finish(&mut alive, &mut r), Some(4));
@@ -381,31 +558,31 @@ mod tests {
     #[test]
     fn a_newcomer_does_not_jump_the_queue() {
         let a = Admission::new(limits(1, 10, 30));
-        assert_eq!(a.arrive(1), Arrival::Admitted(1));
-        assert_eq!(a.arrive(2), Arrival::Queued);
+        assert_eq!(a.arrive(1, None), Arrival::Admitted(1));
+        assert_eq!(a.arrive(2, None), Arrival::Queued);
         // Even with a slot momentarily free, 3 waits behind 2.
         let mut r = Removed::default();
         assert_eq!(a.finish(&mut alive, &mut r), Some(2));
-        assert_eq!(a.arrive(3), Arrival::Queued);
+        assert_eq!(a.arrive(3, None), Arrival::Queued);
     }
 
     #[test]
     fn full_queue_turns_away_at_once() {
         let a = Admission::new(limits(1, 2, 30));
-        assert_eq!(a.arrive(1), Arrival::Admitted(1));
-        assert_eq!(a.arrive(2), Arrival::Queued);
-        assert_eq!(a.arrive(3), Arrival::Queued);
-        assert_eq!(a.arrive(4), Arrival::Full(4));
+        assert_eq!(a.arrive(1, None), Arrival::Admitted(1));
+        assert_eq!(a.arrive(2, None), Arrival::Queued);
+        assert_eq!(a.arrive(3, None), Arrival::Queued);
+        assert_eq!(a.arrive(4, None), Arrival::Full(4));
     }
 
     #[test]
     fn waiters_expire_after_the_timeout() {
         let clock = Arc::new(ManualClock::new());
         let a = Admission::with_clock(limits(1, 10, 5), clock.clone());
-        assert_eq!(a.arrive(1), Arrival::Admitted(1));
-        assert_eq!(a.arrive(2), Arrival::Queued);
+        assert_eq!(a.arrive(1, None), Arrival::Admitted(1));
+        assert_eq!(a.arrive(2, None), Arrival::Queued);
         clock.advance(Duration::from_secs(3));
-        assert_eq!(a.arrive(3), Arrival::Queued);
+        assert_eq!(a.arrive(3, None), Arrival::Queued);
         assert_eq!(
             a.next_deadline(),
             Some(clock.now() + Duration::from_secs(2))
@@ -425,11 +602,11 @@ mod tests {
     #[test]
     fn a_client_that_left_is_never_served() {
         let a = Admission::new(limits(1, 10, 30));
-        assert_eq!(a.arrive(1), Arrival::Admitted(1));
-        assert_eq!(a.arrive(2), Arrival::Queued);
-        assert_eq!(a.arrive(3), Arrival::Queued);
-        assert_eq!(a.arrive(4), Arrival::Queued);
-        assert_eq!(a.arrive(5), Arrival::Queued);
+        assert_eq!(a.arrive(1, None), Arrival::Admitted(1));
+        assert_eq!(a.arrive(2, None), Arrival::Queued);
+        assert_eq!(a.arrive(3, None), Arrival::Queued);
+        assert_eq!(a.arrive(4, None), Arrival::Queued);
+        assert_eq!(a.arrive(5, None), Arrival::Queued);
         let mut r = Removed::default();
         assert_eq!(a.finish(&mut |&i| i != 2, &mut r), Some(3));
         assert_eq!(r.gone, vec![2]);
@@ -443,15 +620,74 @@ mod tests {
     #[test]
     fn waiters_answered_without_a_slot_leave_the_queue_in_place() {
         let a = Admission::new(limits(1, 10, 30));
-        assert_eq!(a.arrive(1), Arrival::Admitted(1));
+        assert_eq!(a.arrive(1, None), Arrival::Admitted(1));
         for i in 2..=5 {
-            assert_eq!(a.arrive(i), Arrival::Queued);
+            assert_eq!(a.arrive(i, None), Arrival::Queued);
         }
         assert_eq!(a.take_where(&mut |&i| i % 2 == 1), vec![3, 5]);
         let mut r = Removed::default();
         assert_eq!(a.finish(&mut alive, &mut r), Some(2));
         assert_eq!(a.finish(&mut alive, &mut r), Some(4));
         assert_eq!(a.queued(), 0);
+    }
+
+    #[test]
+    fn an_address_at_its_handshake_cap_waits_while_others_pass() {
+        let a = Admission::new(per_key(100, 100, 2));
+        assert_eq!(a.arrive(1, ip(2)), Arrival::Admitted(1));
+        assert_eq!(a.arrive(2, ip(2)), Arrival::Admitted(2));
+        assert_eq!(a.arrive(3, ip(2)), Arrival::Queued);
+        // Another address is not held back by 127.0.0.2's waiter, and neither is an item
+        // counted under no key.
+        assert_eq!(a.arrive(4, ip(1)), Arrival::Admitted(4));
+        assert_eq!(a.arrive(5, None), Arrival::Admitted(5));
+        assert_eq!(a.handshaking(ip(2).unwrap()), 2);
+        // One of 127.0.0.2's handshakes ends: its waiter takes a free slot at once.
+        let mut r = Removed::default();
+        let ip2 = ip(2).unwrap();
+        assert_eq!(a.handshake_over(ip2, &mut alive, &mut r), Some(3));
+        assert_eq!((a.active(), a.queued()), (5, 0));
+        assert_eq!(a.handshaking(ip2), 2);
+        assert_eq!(a.handshake_over(ip2, &mut alive, &mut r), None);
+        assert_eq!(a.handshake_over(ip2, &mut alive, &mut r), None);
+        assert_eq!(a.handshaking(ip2), 0);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_freed_slot_skips_waiters_their_address_holds_back() {
+        let a = Admission::new(per_key(1, 100, 1));
+        assert_eq!(a.arrive(1, ip(2)), Arrival::Admitted(1));
+        assert_eq!(a.arrive(2, ip(2)), Arrival::Queued);
+        assert_eq!(a.arrive(3, ip(1)), Arrival::Queued);
+        // 1 ends while still in its handshake (its client left): 2 may not start yet, 3 may.
+        let mut r = Removed::default();
+        assert_eq!(a.finish(&mut alive, &mut r), Some(3));
+        // The handshake ends with every slot taken: 2 still waits, for the next slot.
+        assert_eq!(a.handshake_over(ip(2).unwrap(), &mut alive, &mut r), None);
+        assert_eq!(a.queued(), 1);
+        assert_eq!(a.finish(&mut alive, &mut r), Some(2));
+        assert_eq!(a.finish(&mut alive, &mut r), None);
+        assert_eq!(a.active(), 0);
+    }
+
+    #[test]
+    fn one_address_may_fill_at_most_a_quarter_of_the_queue() {
+        let a = Admission::new(per_key(100, 8, 1));
+        assert_eq!(a.arrive(1, ip(2)), Arrival::Admitted(1));
+        assert_eq!(a.arrive(2, ip(2)), Arrival::Queued);
+        assert_eq!(a.arrive(3, ip(2)), Arrival::Queued);
+        assert_eq!(a.arrive(4, ip(2)), Arrival::Full(4));
+        // Others still queue behind their own cap.
+        assert_eq!(a.arrive(5, ip(3)), Arrival::Admitted(5));
+        assert_eq!(a.arrive(6, ip(3)), Arrival::Queued);
+        // Waiters that leave, expire or are answered give their address room again.
+        let swept = a.sweep(&mut |&i| i != 2);
+        assert_eq!(swept.gone, vec![2]);
+        assert_eq!(a.take_where(&mut |&i| i == 3), vec![3]);
+        assert_eq!(a.arrive(7, ip(2)), Arrival::Queued);
+        assert_eq!(a.drain(), vec![6, 7]);
+        assert_eq!(a.arrive(8, ip(2)), Arrival::Queued);
     }
 
     #[test]

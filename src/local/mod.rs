@@ -15,7 +15,7 @@ use crate::config::{Credentials, LocalConfig};
 use crate::net::handshake::HandshakeReader;
 use crate::net::hop::Hop;
 use crate::net::relay;
-use crate::net::server::{ConnId, Handled, Server, Service, StartError};
+use crate::net::server::{Accepted, ConnId, Handled, Server, Service, StartError};
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
 use crate::proto::http::{self, ProxyRequest};
@@ -153,12 +153,18 @@ struct AppRequest {
 }
 
 impl Service for Local {
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled {
-        self.serve(stream, id, workers);
+    fn handle(&self, conn: Accepted, workers: &Workers) -> Handled {
+        let first_byte = conn.first_byte_left(self.cfg.timeouts.first_byte);
+        self.serve(conn.stream, conn.id, first_byte, workers);
         Handled::SlotFree
     }
 
-    fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16) {
+    fn first_byte_timeout(&self) -> Option<Duration> {
+        Some(self.cfg.timeouts.first_byte)
+    }
+
+    fn busy(&self, conn: Accepted, retry_after: u16) {
+        let Accepted { stream, id, .. } = conn;
         // Run the app's handshake far enough to answer in its own protocol, with a short
         // deadline: this job exists only to say "busy".
         let wait = self.cfg.timeouts.handshake.min(Duration::from_secs(2));
@@ -184,9 +190,10 @@ impl Service for Local {
 }
 
 impl Local {
-    fn serve(&self, stream: TcpStream, id: ConnId, workers: &Workers) {
+    /// Serves an app connection whose first byte is due within `first_byte`.
+    fn serve(&self, stream: TcpStream, id: ConnId, first_byte: Duration, workers: &Workers) {
         let _ = stream.set_nodelay(true);
-        match self.read_handshake(&stream, id) {
+        match self.read_handshake(&stream, id, first_byte) {
             Handshake::Socks(creds, req) => self.socks(stream, id, creds, req, workers),
             Handshake::Http(read, buf) => self.http(stream, id, read, buf, workers),
             Handshake::Done => {}
@@ -198,9 +205,9 @@ impl Local {
     /// this frame, which is gone before the relay runs, so a tunnel's thread touches one
     /// stack page fewer for its whole life (docs/benchmarks.md).
     #[inline(never)]
-    fn read_handshake(&self, stream: &TcpStream, id: ConnId) -> Handshake {
+    fn read_handshake(&self, stream: &TcpStream, id: ConnId, first_byte: Duration) -> Handshake {
         let t = &self.cfg.timeouts;
-        let Ok(mut d) = HandshakeReader::awaiting_first_byte(stream, t.first_byte, t.handshake)
+        let Ok(mut d) = HandshakeReader::awaiting_first_byte(stream, first_byte, t.handshake)
         else {
             return Handshake::Done;
         };

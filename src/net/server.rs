@@ -1,26 +1,30 @@
 //! Listening: bind, the accept loop, admission, handing each admitted socket to a worker,
 //! the sweeper, and shutdown. Shared by local-proxy, remote-proxy and the tests.
 //!
-//! Shape: one accept thread asks [`Admission`] about each socket. An admitted socket is
-//! handed through a crossbeam channel to a worker (net/workers.rs), which owns it for its
-//! whole life: handshake, then the relay. Sockets beyond `max_active` wait in the admission
-//! queue unread, holding no thread; when a tunnel ends, its worker takes the oldest live
-//! waiter itself (no second hand-off). A sweeper thread answers waiters that time out with
-//! "busy" and drops ones whose client left. A handler that panics loses neither its slot
-//! nor the process (`SlotGuard`).
+//! Shape: one accept thread asks the service whether the client's address may start a
+//! connection now ([`Service::arrival`], the per-address tunnel rate), then [`Admission`]
+//! about each socket. An admitted socket is handed through a crossbeam channel to a worker
+//! (net/workers.rs), which owns it for its whole life: handshake, then the relay. Sockets
+//! beyond `max_active`, or beyond their address's cap on handshakes in flight, wait in the
+//! admission queue unread, holding no thread; when a tunnel ends, its worker takes the
+//! oldest waiter that may start itself (no second hand-off), and when a handshake ends
+//! ([`Handshake`]) a waiter its address held back takes a free slot. A sweeper thread
+//! answers waiters that time out with "busy", and drops ones whose client left or that sent
+//! nothing within the first-byte timeout. A handler that panics loses neither its slot nor
+//! the process (`SlotGuard`).
 //!
 //! Out of scope: what a connection says (local/ and remote/ implement [`Service`]).
 
 use crate::limit::admission::{Admission, Arrival, Limits, Removed};
-use crate::net::sys::peer_alive;
+use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::{PoolConfig, Workers};
 use std::any::Any;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Short per-connection id for log lines (`conn=17`).
 pub type ConnId = u64;
@@ -79,13 +83,81 @@ pub enum Handled {
     ResumeOnSlot(Box<dyn FnOnce(&Workers) -> Handled + Send>),
 }
 
+/// A connection as the server hands it to its service.
+pub struct Accepted {
+    /// The socket, unread.
+    pub stream: TcpStream,
+    /// Its id in log lines.
+    pub id: ConnId,
+    /// The client's address, as accept saw it.
+    pub peer: SocketAddr,
+    /// When it was accepted: its first-byte deadline runs from here, time spent queued
+    /// included.
+    pub accepted_at: Instant,
+    /// What [`Service::arrival`] took for this connection (its place under the address's
+    /// tunnel rate), for the service to give back if it turns out not to count.
+    pub place: Option<Instant>,
+    /// The connection's place under its address's handshake cap.
+    pub handshake: Handshake,
+}
+
+impl Accepted {
+    /// What is left of `first_byte` (the first-byte timeout) since the accept; at least a
+    /// moment, so bytes that arrived while it was queued are still read.
+    pub fn first_byte_left(&self, first_byte: Duration) -> Duration {
+        first_byte
+            .saturating_sub(self.accepted_at.elapsed())
+            .max(Duration::from_millis(1))
+    }
+}
+
+/// A connection's place under its address's cap on handshakes in flight
+/// (`--max-handshakes-per-ip`), held from admission until the service calls
+/// [`over`](Self::over), once the client has authenticated, or drops it with the
+/// connection. The cap is what keeps one address's silent or slow sockets from holding
+/// every worker; connections of that address it held back go on when places free.
+pub struct Handshake(Option<(Arc<ServeCtx>, IpAddr)>);
+
+impl Handshake {
+    /// The client is through its handshake: it no longer counts against its address.
+    pub fn over(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if let Some((ctx, ip)) = self.0.take() {
+            ctx.handshake_over(ip);
+        }
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// What a listener does with its connections.
 pub trait Service: Send + Sync + 'static {
     /// Serves one admitted connection on a serve worker, start to end.
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled;
+    fn handle(&self, conn: Accepted, workers: &Workers) -> Handled;
     /// Tells a connection that was not admitted "server busy, retry after N seconds" in its
     /// own protocol, then closes it. Runs on a short pool job; must bound its reads.
-    fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16);
+    fn busy(&self, conn: Accepted, retry_after: u16);
+    /// Asked on accept, before admission: may a connection from `peer` start now? `Ok`
+    /// carries what was taken for it (see [`Accepted::place`]); `Err` the wait, and the
+    /// connection goes to [`refuse_arrival`](Self::refuse_arrival) without a slot.
+    fn arrival(&self, _peer: SocketAddr) -> Result<Option<Instant>, Duration> {
+        Ok(None)
+    }
+    /// Answers a connection [`arrival`](Self::arrival) refused, on a short pool job like
+    /// [`busy`](Self::busy): it must bound its reads.
+    fn refuse_arrival(&self, _conn: Accepted, _wait: Duration) {}
+    /// A connection waiting for a slot that has sent nothing this long after it was
+    /// accepted is closed (as an admitted one is by the service's own first-byte deadline).
+    fn first_byte_timeout(&self) -> Option<Duration> {
+        None
+    }
     /// Called by the sweeper a few times a second (remote/ expires parked tunnels here).
     fn sweep(&self, _workers: &Workers) {}
     /// Asked by the sweeper about a connection waiting for a slot: is it one the service
@@ -98,7 +170,7 @@ pub trait Service: Send + Sync + 'static {
     }
     /// Answers a connection [`answers_unadmitted`](Self::answers_unadmitted) picked, on a
     /// short pool job like [`busy`](Self::busy): it must bound its reads.
-    fn answer_unadmitted(&self, _stream: TcpStream, _id: ConnId) {}
+    fn answer_unadmitted(&self, _conn: Accepted) {}
 }
 
 /// What to do with a connection waiting for a slot ([`Service::answers_unadmitted`]).
@@ -114,11 +186,15 @@ pub enum Triage {
 
 /// An accepted connection on its way to a slot.
 struct Arrived {
-    stream: TcpStream,
-    id: ConnId,
-    at: std::time::Instant,
+    conn: Accepted,
+    // The address its handshake counts under, when the listener caps them per address.
+    key: Option<IpAddr>,
     // The service said it waits like any connection: the sweeper stops looking at it.
     triaged: std::cell::Cell<bool>,
+    // Bytes have arrived: the first-byte deadline no longer applies.
+    spoke: std::cell::Cell<bool>,
+    // Dropped from the queue for sending nothing in time (for the log line).
+    silent: std::cell::Cell<bool>,
 }
 
 /// Most "busy" answers being written at once; past this, turned-away sockets are just
@@ -134,6 +210,10 @@ struct ServeCtx {
     retry_after: u16,
     // "busy" answers in flight.
     busy_jobs: Arc<AtomicUsize>,
+    // Handshakes are capped per client address.
+    per_address: bool,
+    // A waiter silent this long after accept is dropped.
+    first_byte: Option<Duration>,
 }
 
 /// An admission slot held by the connection a worker is serving. Normally the worker hands
@@ -173,12 +253,15 @@ impl ServeCtx {
         loop {
             let mut slot = SlotGuard {
                 ctx: self,
-                id: arrived.id,
+                id: arrived.conn.id,
                 armed: true,
             };
-            let mut next = self
-                .service
-                .handle(arrived.stream, arrived.id, &self.workers);
+            let mut conn = arrived.conn;
+            if let Some(ip) = arrived.key {
+                // Admission counted it under its address; the guard gives the place back.
+                conn.handshake = Handshake(Some((Arc::clone(self), ip)));
+            }
+            let mut next = self.service.handle(conn, &self.workers);
             while let Handled::ResumeOnSlot(f) = next {
                 next = f(&self.workers);
             }
@@ -190,58 +273,108 @@ impl ServeCtx {
         }
     }
 
-    /// Frees a slot, or passes it to the oldest live waiter, returned to be served next.
+    /// Frees a slot, or passes it to the oldest waiter that may start, returned to be
+    /// served next.
     fn release_slot(&self) -> Option<Arrived> {
         let mut removed = Removed::default();
         let following = self
             .admission
-            .finish(&mut |a: &Arrived| peer_alive(&a.stream), &mut removed);
+            .finish(&mut |a: &Arrived| self.still_waiting(a), &mut removed);
         self.turn_away(removed);
         if let Some(a) = &following {
             log::debug!(
                 "conn={} dequeued after {}ms",
-                a.id,
-                a.at.elapsed().as_millis()
+                a.conn.id,
+                a.conn.accepted_at.elapsed().as_millis()
             );
         }
         following
     }
 
-    /// Answers expired waiters "busy" and drops departed ones.
+    /// A handshake counted under `ip` ended: a waiter of that address may take a free slot.
+    fn handshake_over(self: &Arc<Self>, ip: IpAddr) {
+        let mut removed = Removed::default();
+        let next = self.admission.handshake_over(
+            ip,
+            &mut |a: &Arrived| self.still_waiting(a),
+            &mut removed,
+        );
+        self.turn_away(removed);
+        if let Some(a) = next {
+            log::debug!(
+                "conn={} dequeued after {}ms (its address had a handshake end)",
+                a.conn.id,
+                a.conn.accepted_at.elapsed().as_millis()
+            );
+            self.dispatch(a);
+        }
+    }
+
+    /// Is a waiter worth keeping: its client still there, and (past the first-byte
+    /// deadline) it has said something? Only looks at the socket.
+    fn still_waiting(&self, a: &Arrived) -> bool {
+        if !peer_alive(&a.conn.stream) {
+            return false;
+        }
+        let Some(deadline) = self.first_byte else {
+            return true;
+        };
+        if a.spoke.get() {
+            return true;
+        }
+        if matches!(peek_now(&a.conn.stream, &mut [0u8; 1]), Ok(n) if n > 0) {
+            a.spoke.set(true);
+            return true;
+        }
+        if a.conn.accepted_at.elapsed() >= deadline {
+            a.silent.set(true);
+            return false;
+        }
+        true
+    }
+
+    /// Answers expired waiters "busy" and drops departed and silent ones.
     fn turn_away(&self, removed: Removed<Arrived>) {
         for a in removed.gone {
-            log::debug!("conn={} left the queue before being served", a.id);
+            if a.silent.get() {
+                log::debug!(
+                    "conn={} closed while queued: sent nothing within the first-byte timeout",
+                    a.conn.id
+                );
+            } else {
+                log::debug!("conn={} left the queue before being served", a.conn.id);
+            }
         }
         for a in removed.expired {
             log::info!(
                 "conn={} server busy: waited {}ms for a slot",
-                a.id,
-                a.at.elapsed().as_millis()
+                a.conn.id,
+                a.conn.accepted_at.elapsed().as_millis()
             );
-            self.send_busy(a);
+            self.send_busy(a.conn);
         }
     }
 
-    fn send_busy(&self, a: Arrived) {
-        self.spawn_short(a, |service, a, retry| service.busy(a.stream, a.id, retry));
+    fn send_busy(&self, conn: Accepted) {
+        let retry = self.retry_after;
+        self.spawn_short(conn, move |service, c| service.busy(c, retry));
     }
 
     /// Runs `job` for a connection that gets an answer without a slot, on a pool job (the
     /// answer may need a TLS handshake: a round trip the sweeper must not wait for). At most
     /// `MAX_BUSY_JOBS` run at once; beyond that the connection is just closed.
-    fn spawn_short(&self, a: Arrived, job: fn(&dyn Service, Arrived, u16)) {
+    fn spawn_short<F>(&self, conn: Accepted, job: F)
+    where
+        F: FnOnce(&dyn Service, Accepted) + Send + 'static,
+    {
         let in_flight = self.busy_jobs.fetch_add(1, Ordering::AcqRel);
         if in_flight >= MAX_BUSY_JOBS {
             self.busy_jobs.fetch_sub(1, Ordering::AcqRel);
             return; // dropping the socket closes it
         }
-        let (service, jobs, retry) = (
-            Arc::clone(&self.service),
-            Arc::clone(&self.busy_jobs),
-            self.retry_after,
-        );
+        let (service, jobs) = (Arc::clone(&self.service), Arc::clone(&self.busy_jobs));
         self.workers.spawn(move || {
-            job(&*service, a, retry);
+            job(&*service, conn);
             jobs.fetch_sub(1, Ordering::AcqRel);
         });
     }
@@ -261,13 +394,13 @@ impl ServeCtx {
             }
             let removed = self
                 .admission
-                .sweep(&mut |a: &Arrived| peer_alive(&a.stream));
+                .sweep(&mut |a: &Arrived| self.still_waiting(a));
             self.turn_away(removed);
             let answered = self.admission.take_where(&mut |a: &Arrived| {
                 if a.triaged.get() {
                     return false;
                 }
-                match self.service.answers_unadmitted(&a.stream) {
+                match self.service.answers_unadmitted(&a.conn.stream) {
                     Triage::Answer => true,
                     Triage::Wait => {
                         a.triaged.set(true);
@@ -277,8 +410,8 @@ impl ServeCtx {
                 }
             });
             for a in answered {
-                log::debug!("conn={} answered while queued", a.id);
-                self.spawn_short(a, |service, a, _| service.answer_unadmitted(a.stream, a.id));
+                log::debug!("conn={} answered while queued", a.conn.id);
+                self.spawn_short(a.conn, |service, c| service.answer_unadmitted(c));
             }
             self.service.sweep(&self.workers);
             self.workers.tidy();
@@ -303,11 +436,13 @@ impl Server {
         let local_addr = listener.local_addr().map_err(bind_err)?;
         let workers = Workers::new(name, pool);
         let ctx = Arc::new(ServeCtx {
+            first_byte: service.first_byte_timeout(),
             service,
             workers: workers.clone(),
             admission: Admission::new(limits),
             retry_after: crate::limit::throttle::retry_after_secs(limits.timeout),
             busy_jobs: Arc::new(AtomicUsize::new(0)),
+            per_address: limits.max_handshakes_per_key.is_some(),
         });
         let ctx_for_server = Arc::clone(&ctx);
         let stopping = Arc::new(AtomicBool::new(false));
@@ -478,18 +613,38 @@ fn accept_loop(listener: TcpListener, ctx: Arc<ServeCtx>, stopping: Arc<AtomicBo
     let mut accept_log = EveryInterval::new(Duration::from_secs(1));
     loop {
         match listener.accept() {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 consecutive_errors = 0;
                 if stopping.load(Ordering::SeqCst) {
                     break;
                 }
-                let arrived = Arrived {
+                let mut conn = Accepted {
                     stream,
                     id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
-                    at: std::time::Instant::now(),
-                    triaged: std::cell::Cell::new(false),
+                    peer,
+                    accepted_at: Instant::now(),
+                    place: None,
+                    handshake: Handshake(None),
                 };
-                match ctx.admission.arrive(arrived) {
+                match ctx.service.arrival(peer) {
+                    Ok(place) => conn.place = place,
+                    Err(wait) => {
+                        ctx.spawn_short(conn, move |service, c| service.refuse_arrival(c, wait));
+                        continue;
+                    }
+                }
+                // A v4 client of a dual-stack listener counts under its v4 address.
+                let key = ctx
+                    .per_address
+                    .then(|| crate::limit::destinations::canonical(peer.ip()));
+                let arrived = Arrived {
+                    conn,
+                    key,
+                    triaged: std::cell::Cell::new(false),
+                    spoke: std::cell::Cell::new(false),
+                    silent: std::cell::Cell::new(false),
+                };
+                match ctx.admission.arrive(arrived, key) {
                     Arrival::Admitted(a) => ctx.dispatch(a),
                     Arrival::Queued => log::debug!(
                         "{name}: connection queued (active={} queued={})",
@@ -497,8 +652,8 @@ fn accept_loop(listener: TcpListener, ctx: Arc<ServeCtx>, stopping: Arc<AtomicBo
                         ctx.admission.queued()
                     ),
                     Arrival::Full(a) => {
-                        log::info!("conn={} server busy: queue full", a.id);
-                        ctx.send_busy(a);
+                        log::info!("conn={} server busy: queue full", a.conn.id);
+                        ctx.send_busy(a.conn);
                     }
                 }
             }
@@ -532,7 +687,8 @@ mod tests {
     struct Panicky;
 
     impl Service for Panicky {
-        fn handle(&self, stream: TcpStream, _id: ConnId, _workers: &Workers) -> Handled {
+        fn handle(&self, conn: Accepted, _workers: &Workers) -> Handled {
+            let stream = conn.stream;
             let mut b = [0u8; 1];
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
             if (&stream).read_exact(&mut b).is_ok() {
@@ -542,8 +698,8 @@ mod tests {
             Handled::SlotFree
         }
 
-        fn busy(&self, stream: TcpStream, _id: ConnId, _retry_after: u16) {
-            let _ = (&stream).write_all(b"busy");
+        fn busy(&self, conn: Accepted, _retry_after: u16) {
+            let _ = (&conn.stream).write_all(b"busy");
         }
     }
 
@@ -576,6 +732,7 @@ mod tests {
             max_active: 1,
             max_queued: 8,
             timeout: Duration::from_secs(3),
+            max_handshakes_per_key: None,
         };
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),

@@ -13,13 +13,15 @@ pub use registry::Registry;
 
 use crate::config::{RemoteConfig, RemoteTls};
 use crate::limit::admission::{Enter, Removed, UserGate};
-use crate::limit::destinations::Policy;
+use crate::limit::destinations::{canonical, Policy};
 use crate::limit::throttle::{retry_after_secs, Throttle};
 use crate::net::connect::{connect_any, resolve};
 use crate::net::handshake::HandshakeReader;
 use crate::net::hop::{Hop, HopError};
 use crate::net::relay::{self, HopEnd};
-use crate::net::server::{ConnId, Handled, Server, Service, StartError, Triage};
+use crate::net::server::{
+    Accepted, ConnId, Handled, Handshake, Server, Service, StartError, Triage,
+};
 use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::Workers;
 use crate::proto::addr::TargetAddr;
@@ -27,7 +29,7 @@ use crate::proto::tunnel::{self, Command, Reply, Request, Status, TunnelId};
 use crate::proto::Shown;
 use crate::tls::ALPN_HEALTH;
 use crate::users::{self, AuthError, Authenticator, Store, User};
-use std::net::{IpAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -126,20 +128,52 @@ impl std::fmt::Debug for Remote {
 struct RemoteService(Arc<Remote>);
 
 impl Service for RemoteService {
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled {
-        self.0.handle(stream, id, workers)
+    fn handle(&self, conn: Accepted, workers: &Workers) -> Handled {
+        self.0.handle(conn, workers)
     }
 
-    fn busy(&self, stream: TcpStream, id: ConnId, retry_after: u16) {
-        // Read the request first: replying to unread bytes and closing would send a reset
-        // that can destroy the reply before local-proxy reads it.
-        let wait = self.0.cfg.timeouts.handshake.min(Duration::from_secs(2));
-        let Some(mut hop) = self.0.open_hop(stream, id, "", wait) else {
+    fn first_byte_timeout(&self) -> Option<Duration> {
+        Some(self.0.cfg.timeouts.first_byte)
+    }
+
+    fn arrival(&self, peer: SocketAddr) -> Result<Option<Instant>, Duration> {
+        // Counted here, not once the request is read, so an address over its rate costs
+        // no slot and no worker; a probe or credential check gives its place back.
+        match &self.0.ip_throttle {
+            Some(t) => t.reserve(&canonical(peer.ip())).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn refuse_arrival(&self, conn: Accepted, wait: Duration) {
+        let peer = conn.peer;
+        let Some((mut hop, req, tag)) = self.0.read_unslotted(conn) else {
             return;
         };
-        let read = hop.io(wait).map(|mut io| tunnel::read_request(&mut io));
-        if let Ok(Ok(req)) = read {
-            let tag = Tag::of(id, &req);
+        match req.command {
+            // Neither opens a tunnel, so the tunnel rate does not apply to them.
+            Command::Health => self.0.answer_health(hop, tag),
+            Command::Check => {
+                let ip = Some(canonical(peer.ip()));
+                self.0.check(&mut hop, tag, &peer.to_string(), ip, &req);
+                hop.close();
+            }
+            Command::Connect | Command::Signup => {
+                rate_limited(
+                    &mut hop,
+                    tag,
+                    &format!("peer={peer} rate limited (per IP)"),
+                    wait,
+                );
+                hop.close();
+            }
+        }
+    }
+
+    fn busy(&self, conn: Accepted, retry_after: u16) {
+        // Read the request first: replying to unread bytes and closing would send a reset
+        // that can destroy the reply before local-proxy reads it.
+        if let Some((mut hop, req, tag)) = self.0.read_unslotted(conn) {
             if req.command == Command::Health {
                 // A busy remote is not a dead one: probes get their answer, not "busy".
                 return self.0.answer_health(hop, tag);
@@ -184,20 +218,17 @@ impl Service for RemoteService {
         }
     }
 
-    fn answer_unadmitted(&self, stream: TcpStream, id: ConnId) {
+    fn answer_unadmitted(&self, conn: Accepted) {
         if self.0.tls.is_some() {
-            let wait = self.0.cfg.timeouts.handshake.min(Duration::from_secs(2));
-            let Some(mut hop) = self.0.open_hop(stream, id, "", wait) else {
-                return;
-            };
-            let read = hop.io(wait).map(|mut io| tunnel::read_request(&mut io));
-            if let Ok(Ok(req)) = read {
+            if let Some((hop, req, tag)) = self.0.read_unslotted(conn) {
                 if req.command == Command::Health {
-                    self.0.answer_health(hop, Tag::of(id, &req));
+                    self.0.answer_health(hop, tag);
                 }
             }
             return;
         }
+        self.0.give_back(conn.peer, conn.place);
+        let (stream, id) = (conn.stream, conn.id);
         let mut head = [0u8; tunnel::HEALTH_PROBE_LEN];
         // The probe is all there (the sweeper peeked it): take it, so the close is a FIN.
         let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
@@ -462,44 +493,85 @@ impl Remote {
         self.open_tunnels.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn handle(&self, stream: TcpStream, id: ConnId, workers: &Workers) -> Handled {
-        let peer_addr = stream.peer_addr().ok();
-        let peer = peer_addr.map_or_else(|| "?".into(), |a| a.to_string());
+    /// Reads the request of a connection answered without a slot (on a short job, so with a
+    /// short deadline): the TLS handshake, then the request. It opens no tunnel, so its
+    /// place under the address's tunnel rate is given back.
+    fn read_unslotted(&self, conn: Accepted) -> Option<(Hop, Request, Tag)> {
+        let Accepted {
+            stream,
+            id,
+            peer,
+            place,
+            ..
+        } = conn;
+        self.give_back(peer, place);
+        let within = self.cfg.timeouts.handshake.min(Duration::from_secs(2));
+        let mut hop = self.open_hop(stream, id, &peer.to_string(), within, within)?;
+        let req = hop
+            .io(within)
+            .map(|mut io| tunnel::read_request(&mut io))
+            .ok()?
+            .ok()?;
+        let tag = Tag::of(id, &req);
+        Some((hop, req, tag))
+    }
+
+    /// Gives back the place a connection took under its address's tunnel rate at accept.
+    fn give_back(&self, peer: SocketAddr, place: Option<Instant>) {
+        if let (Some(t), Some(at)) = (&self.ip_throttle, place) {
+            t.refund(&canonical(peer.ip()), at);
+        }
+    }
+
+    fn handle(&self, conn: Accepted, workers: &Workers) -> Handled {
+        // The socket's first byte is due within the first-byte timeout of the accept, time
+        // spent queued included; after a TLS handshake, the request's within that timeout.
+        let first_byte = conn.first_byte_left(self.cfg.timeouts.first_byte);
+        let Accepted {
+            stream,
+            id,
+            peer: peer_addr,
+            place,
+            handshake,
+            ..
+        } = conn;
+        let peer = peer_addr.to_string();
         let _ = stream.set_nodelay(true);
         // One deadline for the TLS handshake and the tunnel request together.
         let until = Instant::now() + self.cfg.timeouts.handshake;
-        let Some(mut stream) = self.open_hop(stream, id, &peer, self.cfg.timeouts.handshake) else {
+        let within = self.cfg.timeouts.handshake;
+        let Some(mut stream) = self.open_hop(stream, id, &peer, first_byte, within) else {
             return Handled::SlotFree;
         };
         let left = until.saturating_duration_since(Instant::now());
-        let Some(req) = self.read_request(&mut stream, id, &peer, left) else {
+        let first_byte = match self.tls {
+            Some(_) => self.cfg.timeouts.first_byte,
+            None => first_byte,
+        };
+        let Some(req) = self.read_request(&mut stream, id, &peer, first_byte, left) else {
             return Handled::SlotFree;
         };
         let tag = Tag::of(id, &req);
+        let ip = Some(canonical(peer_addr.ip()));
         if req.command == Command::Health {
             // Before every throttle: a probe counts against no address's or user's limits.
+            self.give_back(peer_addr, place);
             self.answer_health(stream, tag);
             return Handled::SlotFree;
         }
         if req.command == Command::Check {
             // A check opens no tunnel, so the per-IP tunnel rate does not apply; it is a
             // login, so the failed-login lockout does.
-            self.check(&mut stream, tag, &peer, peer_addr.map(|a| a.ip()), &req);
+            self.give_back(peer_addr, place);
+            self.check(&mut stream, tag, &peer, ip, &req);
             stream.close();
             return Handled::SlotFree;
         }
         if self.is_draining() {
+            self.give_back(peer_addr, place);
             log::info!("{tag} peer={peer} refused: draining");
             reply(&mut stream, tag, Status::Draining);
             return Handled::SlotFree;
-        }
-        let ip = peer_addr.map(|a| a.ip());
-        if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
-            if let Err(wait) = t.check(&ip) {
-                let why = format!("peer={peer} rate limited (per IP)");
-                rate_limited(&mut stream, tag, &why, wait);
-                return Handled::SlotFree;
-            }
         }
         match req.command {
             Command::Signup => {
@@ -508,18 +580,25 @@ impl Remote {
                 Handled::SlotFree
             }
             Command::Health | Command::Check => Handled::SlotFree, // answered above
-            Command::Connect => self.connect(stream, tag, peer, ip, req, workers),
+            Command::Connect => self.connect(stream, tag, peer_addr, req, handshake, workers),
         }
     }
 
     /// The hop on an admitted connection: the TLS handshake within `within`, or, with
     /// `--plaintext`, the socket as it is. A client speaking the other mode is answered in
     /// its own (a plaintext request gets a plaintext `tls required`, unread) and logged.
-    fn open_hop(&self, stream: TcpStream, id: ConnId, peer: &str, within: Duration) -> Option<Hop> {
+    fn open_hop(
+        &self,
+        stream: TcpStream,
+        id: ConnId,
+        peer: &str,
+        first_byte: Duration,
+        within: Duration,
+    ) -> Option<Hop> {
         let Some(cfg) = &self.tls else {
             return Some(Hop::plain(stream));
         };
-        match Hop::accept(stream, cfg, self.cfg.timeouts.first_byte, within) {
+        match Hop::accept(stream, cfg, first_byte, within) {
             Ok(hop) => Some(hop),
             Err((stream, HopError::PlaintextPeer)) => {
                 log::warn!(
@@ -562,9 +641,10 @@ impl Remote {
         stream: &mut Hop,
         id: ConnId,
         peer: &str,
+        first_byte: Duration,
         within: Duration,
     ) -> Option<Request> {
-        let read = match stream.io_first(self.cfg.timeouts.first_byte, within) {
+        let read = match stream.io_first(first_byte, within) {
             Ok(mut io) => tunnel::read_request(&mut io),
             Err(e) => {
                 log::debug!("conn={id} peer={peer} cannot set timeout: {e}");
@@ -755,11 +835,12 @@ impl Remote {
         &self,
         mut stream: Hop,
         tag: Tag,
-        peer: String,
-        ip: Option<IpAddr>,
+        peer_addr: SocketAddr,
         req: Request,
+        handshake: Handshake,
         workers: &Workers,
     ) -> Handled {
+        let (peer, ip) = (peer_addr.to_string(), Some(canonical(peer_addr.ip())));
         let Some(target) = req.target.clone() else {
             reply(&mut stream, tag, Status::Malformed);
             return Handled::SlotFree;
@@ -767,6 +848,8 @@ impl Remote {
         let Some(user) = self.login(&mut stream, tag, &peer, ip, &req) else {
             return Handled::SlotFree;
         };
+        // Authenticated: from here the tunnel counts against its user, not its address.
+        handshake.over();
         if let Some(rate) = user.rate {
             if let Err(wait) = self.registry.check_rate(&user.name, rate) {
                 let why = format!("user={} rate limited ({rate})", user.name);

@@ -407,3 +407,107 @@ fn local_proxy_has_its_own_slots() {
     assert_eq!(r.code, 503, "{}", r.head);
     assert!(r.head.contains("Retry-After: "));
 }
+
+#[test]
+fn an_address_at_its_handshake_cap_waits_unread_while_others_pass() {
+    let first_byte = Duration::from_millis(1500);
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| {
+            r.admission.max_handshakes_per_key = Some(2);
+            r.timeouts.first_byte = first_byte;
+        },
+        |_| {},
+    );
+    let o = TargetAddr::Ip(origin());
+    let two = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let t = Instant::now();
+    let _silent = [
+        connect_from(two, p.remote_addr()),
+        connect_from(two, p.remote_addr()),
+    ];
+    assert!(eventually(Duration::from_secs(1), || p.remote.active() == 2));
+    // A third connection from 127.0.0.2 waits for one of those handshakes to end: without a
+    // slot, so without a worker.
+    let (tx, rx) = mpsc::channel();
+    let (remote, tls) = (p.remote_addr(), p.tls.clone());
+    std::thread::spawn(move || {
+        let hop = RawHop::connect_from(two, remote, &tls);
+        let _ = tx.send((tunnel_reply_on(hop, "alice", "pw", o).status, t.elapsed()));
+    });
+    // Another address is served at once meanwhile.
+    let mine = Instant::now();
+    assert_eq!(
+        tunnel_status(&p, "alice", "pw", TargetAddr::Ip(origin())),
+        Status::Ok
+    );
+    assert!(
+        mine.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        mine.elapsed()
+    );
+    assert!(
+        rx.try_recv().is_err(),
+        "127.0.0.2's third connection passed its cap"
+    );
+    // Once the finished tunnel's slot is back, the silent two hold the only ones in use.
+    assert!(
+        eventually(Duration::from_millis(500), || p.remote.active() == 2),
+        "the waiting connection holds a slot"
+    );
+    assert!(rx.try_recv().is_err());
+    // The silent two are closed at the first-byte timeout; then the third goes on.
+    let (status, at) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(status, Status::Ok);
+    assert!(
+        at >= first_byte - Duration::from_millis(100),
+        "served after {at:?}"
+    );
+}
+
+#[test]
+fn a_burst_of_200_tunnels_from_one_address_is_all_served() {
+    // Everyone behind one local-proxy shares its address: the handshake cap (default 32)
+    // makes the burst take turns, it turns nobody away.
+    let p = pair(&[user("alice", "pw", "unlimited")]);
+    let threads: Vec<_> = (0..200)
+        .map(|_| {
+            let local = p.local_addr();
+            std::thread::spawn(move || {
+                let mut s = socks_connect(local, Dest::Ip(origin()), None)?;
+                download_and_verify(&mut s, "o", 2000);
+                Ok::<(), u16>(())
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), Ok(()));
+    }
+}
+
+#[test]
+fn the_per_address_tunnel_rate_is_applied_at_accept_without_a_slot() {
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| {
+            r.rate_per_ip = Some("1/m".parse().unwrap());
+            // One slot, no queue: a connection that needed a slot to be refused would be
+            // told "busy" instead.
+            limits(r, 1, 0, 1000);
+        },
+        |_| {},
+    );
+    let o = TargetAddr::Ip(origin());
+    let hold = hold_target(Arc::new(AtomicUsize::new(0)));
+    let _held = socks_connect(p.local_addr(), Dest::Ip(hold), None).unwrap();
+    assert_eq!(p.remote.active(), 1);
+    // The tunnel above took the address's one a minute: the next is refused by the rate,
+    // at once, though no slot is free to read its request on.
+    let t = Instant::now();
+    let r = tunnel_reply(&p, "alice", "pw", o.clone());
+    assert_eq!(r.status, Status::RateLimited);
+    assert!(r.retry_after > 0);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // Probes are still answered, from the same address, though it is over its rate.
+    assert_eq!(health_probe(p.remote_addr(), &p.tls).unwrap(), Status::Ok);
+}

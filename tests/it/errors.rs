@@ -307,60 +307,48 @@ fn a_client_trickling_its_handshake_is_cut_at_the_deadline() {
 
 #[test]
 fn silent_sockets_are_closed_at_the_first_byte_timeout_and_others_are_served_meanwhile() {
-    use std::net::SocketAddr;
+    let first_byte = Duration::from_secs(2);
     let p = pair_with(
         &[user("alice", "pw", "unlimited")],
         |r| {
-            r.timeouts.first_byte = Duration::from_millis(500);
+            r.timeouts.first_byte = first_byte;
             r.timeouts.handshake = Duration::from_secs(10);
+            // Fewer slots than silent sockets: without the per-address handshake cap
+            // (default 32) they would hold every slot, and the real tunnel would wait.
+            r.admission.max_active = 40;
         },
         |l| {
-            l.timeouts.first_byte = Duration::from_millis(500);
+            l.timeouts.first_byte = first_byte;
             l.timeouts.handshake = Duration::from_secs(10);
         },
     );
-    // 100 sockets from 127.0.0.2 that never say a word, to each proxy.
-    let from: SocketAddr = "127.0.0.2:0".parse().unwrap();
-    let silent: Vec<TcpStream> = [p.remote_addr(), p.local_addr()]
-        .iter()
-        .flat_map(|&to| {
-            (0..50).map(move |_| {
-                let s = nix::sys::socket::socket(
-                    nix::sys::socket::AddressFamily::Inet,
-                    nix::sys::socket::SockType::Stream,
-                    nix::sys::socket::SockFlag::empty(),
-                    None,
-                )
-                .unwrap();
-                let s = TcpStream::from(s);
-                let bind = nix::sys::socket::SockaddrIn::from(match from {
-                    SocketAddr::V4(a) => a,
-                    SocketAddr::V6(_) => unreachable!(),
-                });
-                nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&s), &bind).unwrap();
-                let to = nix::sys::socket::SockaddrIn::from(match to {
-                    SocketAddr::V4(a) => a,
-                    SocketAddr::V6(_) => unreachable!(),
-                });
-                nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&s), &to).unwrap();
-                s
-            })
-        })
-        .collect();
-    // A real tunnel from 127.0.0.1 is served at once meanwhile.
+    // 100 sockets from 127.0.0.2 that never say a word to the remote, and 50 to local-proxy.
+    let from = std::net::Ipv4Addr::new(127, 0, 0, 2);
     let t = Instant::now();
+    let silent: Vec<TcpStream> = std::iter::repeat_n(p.remote_addr(), 100)
+        .chain(std::iter::repeat_n(p.local_addr(), 50))
+        .map(|to| connect_from(from, to))
+        .collect();
+    assert!(eventually(Duration::from_secs(2), || p.remote.active() >= 32));
+    // A real tunnel from 127.0.0.1 is served at once meanwhile.
+    let served = Instant::now();
     let mut s = socks_connect(p.local_addr(), Dest::Ip(origin()), None).unwrap();
     download_and_verify(&mut s, "o", 1000);
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-    // Every silent one is closed well before the 10 s handshake timeout.
-    let t = Instant::now();
+    assert!(
+        served.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        served.elapsed()
+    );
+    // Every silent one, the ones held back by the cap included, is closed at the first-byte
+    // timeout after its connect, well before the 10 s handshake timeout.
     for mut s in silent {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "a silent socket got an answer");
     }
     assert!(
-        t.elapsed() < Duration::from_secs(3),
+        t.elapsed() < first_byte + Duration::from_secs(1),
         "closed after {:?}",
         t.elapsed()
     );

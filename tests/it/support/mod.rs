@@ -106,7 +106,15 @@ pub struct RawHop(pub Hop, pub Duration);
 
 impl RawHop {
     pub fn connect(remote: SocketAddr, tls: &LocalTls) -> RawHop {
-        let s = connect(remote);
+        RawHop::over(connect(remote), remote, tls)
+    }
+
+    /// As [`connect`](Self::connect), from the loopback address `from`.
+    pub fn connect_from(from: std::net::Ipv4Addr, remote: SocketAddr, tls: &LocalTls) -> RawHop {
+        RawHop::over(connect_from(from, remote), remote, tls)
+    }
+
+    fn over(s: TcpStream, remote: SocketAddr, tls: &LocalTls) -> RawHop {
         let trust = tls.trust().unwrap();
         match Link::to(&remote.to_string(), trust.as_ref()).unwrap() {
             Link::Plaintext => RawHop(Hop::plain(s), IO_TIMEOUT),
@@ -261,6 +269,31 @@ pub fn pair_with(
 
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s
+}
+
+/// Connects to `to` from the loopback address `from` (127.0.0.2, say: another client
+/// address as the servers see it), with the test I/O timeouts.
+pub fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    assert!(from.is_loopback(), "tests stay on loopback");
+    let SocketAddr::V4(to) = to else {
+        panic!("connect_from is for IPv4 listeners")
+    };
+    let fd = sock::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .expect("socket");
+    let s = TcpStream::from(fd);
+    let bind = SockaddrIn::from(std::net::SocketAddrV4::new(from, 0));
+    sock::bind(s.as_raw_fd(), &bind).expect("bind the source address");
+    sock::connect(s.as_raw_fd(), &SockaddrIn::from(to)).expect("connect");
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     s
@@ -631,8 +664,17 @@ pub fn tunnel_reply_at(
     pw: &str,
     target: flowgate::proto::addr::TargetAddr,
 ) -> flowgate::proto::tunnel::Reply {
+    tunnel_reply_on(RawHop::connect(remote, tls), user, pw, target)
+}
+
+/// Sends one tunnel request on `s` and returns the reply.
+pub fn tunnel_reply_on(
+    mut s: RawHop,
+    user: &str,
+    pw: &str,
+    target: flowgate::proto::addr::TargetAddr,
+) -> flowgate::proto::tunnel::Reply {
     use flowgate::proto::tunnel;
-    let mut s = RawHop::connect(remote, tls);
     let req = tunnel::Request {
         tunnel_id: Some(tunnel::TunnelId(1)),
         command: tunnel::Command::Connect,
