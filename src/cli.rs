@@ -49,6 +49,9 @@ pub enum RemoteCommand {
     /// Manage users (the running server picks changes up within a second).
     #[command(subcommand)]
     User(UserCommand),
+    /// Manage signup invite tokens (`local-proxy signup --invite TOKEN`).
+    #[command(subcommand)]
+    Invite(InviteCommand),
     /// Print this server's TLS identity (`sha256:...`), the value users pin with
     /// `local-proxy --pin` or compare when they run `local-proxy trust`. Makes the identity
     /// first if there is none yet.
@@ -81,6 +84,9 @@ pub struct ServeArgs {
     /// Refuse signups once the database holds this many users.
     #[arg(long, value_name = "N")]
     pub max_users: Option<u32>,
+    /// Refuse signups that bring no valid invite token (`remote-proxy invite create`).
+    #[arg(long, requires = "allow_signup")]
+    pub signup_requires_invite: bool,
     /// New tunnels per client IP, as N/s, N/m, N/h or N/d (sliding window), or off.
     /// Counted when the connection is accepted, so a refused one costs no slot or worker.
     #[arg(long, value_name = "N/PERIOD", default_value_t = MaybeRate(None))]
@@ -387,6 +393,42 @@ pub enum UserCommand {
     List,
 }
 
+/// `remote-proxy invite ...`.
+#[derive(Debug, Subcommand)]
+pub enum InviteCommand {
+    /// Make an invite token and print it (it is shown this once; the database keeps only
+    /// its hash).
+    Create {
+        /// Signups the token allows.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: u32,
+        /// How long it stays valid, as a duration (`7d`, `12h`, at most `30d`), or `never`.
+        #[arg(long, value_name = "DURATION", default_value = "7d")]
+        expires: Expiry,
+    },
+    /// List invites: id, uses left, expiry (the tokens themselves are not stored).
+    List,
+    /// Delete an invite by the id `invite list` shows; its token stops working at once.
+    Revoke {
+        /// The invite's id.
+        id: String,
+    },
+}
+
+/// How long an invite stays valid: a duration, or `never`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expiry(pub Option<Duration>);
+
+impl std::str::FromStr for Expiry {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "never" | "none" => Ok(Expiry(None)),
+            d => parse_duration(d).map(|d| Expiry(Some(d))),
+        }
+    }
+}
+
 /// Where a password comes from.
 #[derive(Debug, Args)]
 pub struct PasswordArgs {
@@ -462,6 +504,14 @@ pub enum LocalCommand {
         /// Read the password from the first line of standard input.
         #[arg(long)]
         password_stdin: bool,
+        /// An invite token from the remote's operator (`remote-proxy invite create`).
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "FLOWGATE_INVITE",
+            hide_env_values = true
+        )]
+        invite: Option<String>,
         #[command(flatten)]
         hop: HopArgs,
     },
@@ -660,6 +710,7 @@ impl ServeArgs {
         cfg.signup_bandwidth = self.signup_bandwidth;
         cfg.signup_rate = self.signup_rate.0;
         cfg.max_users = self.max_users;
+        cfg.signup_requires_invite = self.signup_requires_invite;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = Limits {
             max_handshakes_per_key: self.max_handshakes_per_ip.0.map(|n| n as usize),

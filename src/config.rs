@@ -184,6 +184,8 @@ pub struct RemoteConfig {
     pub signup_rate: Option<RequestRate>,
     /// Signups are refused once the database holds this many users (`None`: no cap).
     pub max_users: Option<u32>,
+    /// Signups must bring a valid invite token.
+    pub signup_requires_invite: bool,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Slots, queue bound and queue timeout.
@@ -304,6 +306,7 @@ impl RemoteConfig {
             signup_rate: Some(DEFAULT_SIGNUP_RATE),
             failed_login_rate_per_ip: Some(DEFAULT_FAILED_LOGIN_RATE_PER_IP),
             max_users: None,
+            signup_requires_invite: false,
             timeouts: Timeouts::default(),
             admission: Limits {
                 max_handshakes_per_key: Some(DEFAULT_MAX_HANDSHAKES_PER_IP as usize),

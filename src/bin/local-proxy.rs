@@ -25,6 +25,7 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
             remote,
             user,
             password_stdin,
+            invite,
             hop,
         }) => {
             let remote = remote.0;
@@ -32,13 +33,28 @@ fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
             let link = link_to(&remote, &hop)?;
             let creds = LocalCommand::signup_credentials(&user, password_stdin)?;
             let timeouts = flowgate::config::Timeouts::default();
-            match flowgate::local::signup(&remote, &link, &creds, &timeouts)? {
+            match flowgate::local::signup(&remote, &link, &creds, invite.as_deref(), &timeouts)? {
                 Status::Ok => {
                     println!("signed up user {user} at {remote}");
                     Ok(())
                 }
                 Status::SignupDisabled => Err(format!(
                     "{remote} does not allow signup (remote-proxy needs --allow-signup)"
+                )
+                .into()),
+                Status::InviteRequired if invite.is_none() => Err(format!(
+                    "{remote} takes signups only with an invite: ask its operator for one \
+                     (`remote-proxy invite create`) and give it with --invite TOKEN"
+                )
+                .into()),
+                Status::InviteRequired => Err(format!(
+                    "signup refused: {remote} does not accept that invite (unknown, used up \
+                     or expired); ask its operator for a new one"
+                )
+                .into()),
+                Status::NotAllowed => Err(format!(
+                    "signup refused by {remote}: the name or password is not allowed there, \
+                     or it has reached its user limit"
                 )
                 .into()),
                 other => Err(format!("signup refused: {other}").into()),

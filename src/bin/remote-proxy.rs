@@ -1,6 +1,7 @@
-//! remote-proxy: `serve` tunnels, and `user add|set|del|list` on the same database.
+//! remote-proxy: `serve` tunnels, and `user add|set|del|list` and `invite create|list|revoke`
+//! on the same database.
 
-use flowgate::cli::{RemoteCli, RemoteCommand, UserCommand};
+use flowgate::cli::{InviteCommand, RemoteCli, RemoteCommand, UserCommand};
 use flowgate::net::server::drain;
 use flowgate::net::sys::ShutdownSignals;
 use flowgate::users::{Changes, Store, UserStore};
@@ -46,6 +47,7 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         RemoteCommand::User(cmd) => user(cmd, &cli.db),
+        RemoteCommand::Invite(cmd) => invite(cmd, &cli.db),
         RemoteCommand::Identity { tls_cert } => {
             let fingerprint = match tls_cert {
                 Some(cert) => {
@@ -135,6 +137,51 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
                     flowgate::cli::utc_timestamp(u.created_at)
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn invite(cmd: InviteCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    use flowgate::cli::utc_timestamp;
+    use flowgate::users::invites;
+    let expiry = |at: Option<i64>| at.map_or("never".into(), utc_timestamp);
+    match cmd {
+        InviteCommand::Create { uses, expires } => {
+            let token = invites::new_token();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let expires_at = expires.0.map(|d| now + d.as_secs() as i64);
+            let made =
+                Store::open(db)?.add_invite(&invites::token_hash(&token), uses, expires_at)?;
+            // The token on stdout alone, for scripts; what it allows on stderr.
+            println!("{token}");
+            eprintln!(
+                "invite {} allows {uses} signup{}, expires {} (UTC); the token is shown only now",
+                made.id,
+                if uses == 1 { "" } else { "s" },
+                expiry(expires_at)
+            );
+        }
+        InviteCommand::List => {
+            println!(
+                "{:<14} {:>9}  {:<19}  CREATED (UTC)",
+                "ID", "USES-LEFT", "EXPIRES (UTC)"
+            );
+            for i in Store::open(db)?.invites()? {
+                println!(
+                    "{:<14} {:>9}  {:<19}  {}",
+                    i.id,
+                    i.uses_left,
+                    expiry(i.expires_at),
+                    utc_timestamp(i.created_at)
+                );
+            }
+        }
+        InviteCommand::Revoke { id } => {
+            Store::open(db)?.revoke_invite(&id)?;
+            println!("revoked invite {id}");
         }
     }
     Ok(())

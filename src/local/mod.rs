@@ -459,6 +459,7 @@ impl Local {
             user: ask.creds.user.clone(),
             password: ask.creds.password.clone(),
             target: Some(ask.target.clone()),
+            invite: None,
         };
         // remote-proxy may queue us (its queue timeout is assumed to be like ours) and then
         // spend its connect timeout on the target.

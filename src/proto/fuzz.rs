@@ -73,13 +73,22 @@ mod properties {
             target(),
             any::<u64>(),
             any::<bool>(),
+            // A signup (with or without an invite token) instead of a connect.
+            prop::option::of(prop::option::of("[ -~]{1,255}")),
         )
-            .prop_map(|(user, password, target, id, v2)| tunnel::Request {
-                command: tunnel::Command::Connect,
-                tunnel_id: v2.then_some(tunnel::TunnelId(id)),
-                user,
-                password,
-                target: Some(target),
+            .prop_map(|(user, password, target, id, v2, signup)| {
+                let (command, target, invite) = match signup {
+                    Some(invite) => (tunnel::Command::Signup, None, invite),
+                    None => (tunnel::Command::Connect, Some(target), None),
+                };
+                tunnel::Request {
+                    command,
+                    tunnel_id: v2.then_some(tunnel::TunnelId(id)),
+                    user,
+                    password,
+                    target,
+                    invite,
+                }
             })
     }
 

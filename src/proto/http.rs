@@ -313,7 +313,10 @@ pub fn status_for(status: Status) -> u16 {
     match status {
         Status::Ok => 200,
         Status::BadCredentials => 407,
-        Status::NotAllowed | Status::SignupDisabled | Status::UserExists => 403,
+        Status::NotAllowed
+        | Status::SignupDisabled
+        | Status::UserExists
+        | Status::InviteRequired => 403,
         Status::RateLimited | Status::TooManyFailedLogins => 429,
         Status::TargetRefused
         | Status::HostUnreachable

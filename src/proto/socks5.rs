@@ -93,6 +93,7 @@ impl Reply {
             | Status::UnsupportedVersion
             | Status::SignupDisabled
             | Status::UserExists
+            | Status::InviteRequired
             | Status::GeneralFailure
             | Status::TlsRequired => Reply::GeneralFailure,
         }

@@ -33,6 +33,9 @@ pub const HEALTH_PROBE_LEN: usize = 12;
 pub const HEALTH_PROBE_START: [u8; 4] = [b'F', b'G', VERSION, Command::Health as u8];
 /// Longest user name and password on the wire, in bytes.
 pub const MAX_CREDENTIAL: usize = 255;
+/// The command byte of a signup that carries an invite token (§2.3): a code of its own, so
+/// a remote-proxy from before invites answers `malformed` instead of ignoring the token.
+pub const SIGNUP_WITH_INVITE: u8 = 5;
 
 /// What the request asks for (docs/protocol.md §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +78,8 @@ pub struct Request {
     pub password: String,
     /// Where to connect; `None` for `Signup`.
     pub target: Option<TargetAddr>,
+    /// The invite token of a `Signup` (`remote-proxy invite create`); `None` otherwise.
+    pub invite: Option<String>,
 }
 
 impl Request {
@@ -86,6 +91,7 @@ impl Request {
             user: String::new(),
             password: String::new(),
             target: None,
+            invite: None,
         }
     }
 
@@ -107,6 +113,7 @@ impl fmt::Debug for Request {
             .field("user", &self.user)
             .field("password", &"<redacted>")
             .field("target", &self.target)
+            .field("invite", &self.invite.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -153,6 +160,9 @@ pub enum Status {
     /// Too many failed logins for this user from this address (or from this address in
     /// all); retry after `retry_after` seconds. The password was not checked.
     TooManyFailedLogins = 0x11,
+    /// A signup without a valid invite token where one is required, or with a token that
+    /// is unknown, used up or expired.
+    InviteRequired = 0x12,
 }
 
 impl TryFrom<u8> for Status {
@@ -178,6 +188,7 @@ impl TryFrom<u8> for Status {
             0x0f => Draining,
             0x10 => TlsRequired,
             0x11 => TooManyFailedLogins,
+            0x12 => InviteRequired,
             other => return Err(Error::BadStatus(other)),
         })
     }
@@ -204,6 +215,7 @@ impl fmt::Display for Status {
             Status::Draining => "draining (shutting down)",
             Status::TlsRequired => "remote-proxy requires TLS (this side runs --plaintext)",
             Status::TooManyFailedLogins => "too many failed logins for this user",
+            Status::InviteRequired => "signup needs a valid invite token",
         };
         f.write_str(s)
     }
@@ -334,14 +346,24 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>, Error> {
     let mut out = Vec::with_capacity(8 + req.user.len() + req.password.len() + 260);
     out.extend_from_slice(&MAGIC);
     out.push(req.version());
-    out.push(req.command as u8);
+    let invite = req
+        .invite
+        .as_ref()
+        .filter(|_| req.command == Command::Signup);
+    out.push(match invite {
+        Some(_) => SIGNUP_WITH_INVITE,
+        None => req.command as u8,
+    });
     if let Some(id) = req.tunnel_id {
         out.extend_from_slice(&id.0.to_be_bytes());
     }
     if req.command == Command::Health {
         return Ok(out); // no credentials, no target
     }
-    for s in [&req.user, &req.password] {
+    for s in [Some(&req.user), Some(&req.password), invite]
+        .into_iter()
+        .flatten()
+    {
         let len = u8::try_from(s.len()).map_err(|_| Error::CredentialTooLong)?;
         out.push(len);
         out.extend_from_slice(s.as_bytes());
@@ -383,7 +405,11 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
         return Err(Error::UnsupportedVersion(version));
     }
     r.read_exact(&mut head[3..4])?;
-    let command = Command::try_from(head[3])?;
+    let with_invite = head[3] == SIGNUP_WITH_INVITE;
+    let command = match with_invite {
+        true => Command::Signup,
+        false => Command::try_from(head[3])?,
+    };
     let tunnel_id = if version == VERSION {
         let mut id = [0u8; 8];
         r.read_exact(&mut id)?;
@@ -399,6 +425,10 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
     }
     let user = read_credential(r)?;
     let password = read_credential(r)?;
+    let invite = match with_invite {
+        true => Some(read_credential(r)?),
+        false => None,
+    };
     let target = match command {
         Command::Connect => Some(TargetAddr::decode(r, false)?),
         Command::Signup | Command::Health | Command::Check => None,
@@ -409,6 +439,7 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
         user,
         password,
         target,
+        invite,
     })
 }
 
@@ -496,6 +527,7 @@ mod tests {
             user: "alice".into(),
             password: "s3cret".into(),
             target: Some(TargetAddr::parse_authority(target, None).unwrap()),
+            invite: None,
         }
     }
 
@@ -526,9 +558,18 @@ mod tests {
             user: "bob".into(),
             password: "pw".into(),
             target: None,
+            invite: None,
         };
         let bytes = encode_request(&signup).unwrap();
         assert_eq!(read_request(&mut &bytes[..]).unwrap(), signup);
+        let invited = Request {
+            invite: Some("fgi-0123".into()),
+            ..signup
+        };
+        let bytes = encode_request(&invited).unwrap();
+        assert_eq!(bytes, b"FG\x01\x05\x03bob\x02pw\x08fgi-0123");
+        assert_eq!(read_request(&mut OneByte(&bytes)).unwrap(), invited);
+        assert!(!format!("{invited:?}").contains("fgi-0123"));
     }
 
     #[test]
@@ -605,6 +646,7 @@ mod tests {
             user: "alice".into(),
             password: "pw".into(),
             target: None,
+            invite: None,
         };
         let bytes = encode_request(&check).unwrap();
         assert_eq!(&bytes[..4], b"FG\x02\x04");
@@ -695,12 +737,12 @@ mod tests {
 
     #[test]
     fn every_status_byte_roundtrips() {
-        for b in 0u8..=0x11 {
+        for b in 0u8..=0x12 {
             let s = Status::try_from(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.to_string().is_empty());
         }
-        assert!(Status::try_from(0x12).is_err());
+        assert!(Status::try_from(0x13).is_err());
     }
 
     #[test]

@@ -312,7 +312,11 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
          queue-timeout={}s rate-per-ip={} failed-login-rate={}",
         server.local_addr(),
         cfg.db.display(),
-        if cfg.allow_signup { "on" } else { "off" },
+        match (cfg.allow_signup, cfg.signup_requires_invite) {
+            (false, _) => "off",
+            (true, false) => "on",
+            (true, true) => "invite-only",
+        },
         cfg.admission.max_active,
         cfg.admission.max_queued,
         cfg.admission.timeout.as_secs_f64(),
@@ -790,6 +794,13 @@ impl Remote {
                 return reply(stream, tag, Status::NotAllowed);
             }
         }
+        // The token is a secret: log lines name an invite by its id, never by the token.
+        let invite = req.invite.as_deref().map(users::invites::token_hash);
+        let invite_id = invite.as_deref().map(users::invites::id_of);
+        if self.cfg.signup_requires_invite && invite.is_none() {
+            log::info!("{tag} peer={peer} signup refused: no invite token (one is required)");
+            return reply(stream, tag, Status::InviteRequired);
+        }
         // Hash before taking the store lock: argon2 takes tens of milliseconds, and every
         // tunnel's authentication needs that lock. The hash runs in the logins' bounded
         // working memory, so a signup burst cannot take hundreds of MiB.
@@ -800,17 +811,28 @@ impl Remote {
             // `user set` in progress) must not hold the store every login goes through.
             .and_then(|hash| {
                 use users::UserStore;
-                Store::open(&self.cfg.db)
-                    .and_then(|s| s.add_hashed(&req.user, &hash, self.cfg.signup_bandwidth))
+                let bandwidth = self.cfg.signup_bandwidth;
+                Store::open(&self.cfg.db).and_then(|s| match &invite {
+                    Some(token) => s.add_hashed_invited(&req.user, &hash, bandwidth, token),
+                    None => s.add_hashed(&req.user, &hash, bandwidth),
+                })
             });
         let status = match res {
             Ok(()) => {
                 log::info!(
-                    "{tag} peer={peer} signup user={} bandwidth={}",
+                    "{tag} peer={peer} signup user={} bandwidth={}{}",
                     req.user,
-                    self.cfg.signup_bandwidth
+                    self.cfg.signup_bandwidth,
+                    invite_id.map_or(String::new(), |id| format!(" invite={id}"))
                 );
                 Status::Ok
+            }
+            Err(users::Error::Invite(why)) => {
+                log::info!(
+                    "{tag} peer={peer} signup refused: {why} (invite={})",
+                    invite_id.as_deref().unwrap_or("?")
+                );
+                Status::InviteRequired
             }
             Err(users::Error::Exists(_)) => {
                 log::info!(

@@ -7,6 +7,7 @@
 //! [`UserStore::data_version`] and applies them).
 
 mod auth;
+pub mod invites;
 mod password;
 mod sqlite;
 
@@ -41,6 +42,10 @@ pub enum Error {
     Hash(String),
     /// The database file could not be created.
     Create(std::path::PathBuf, std::io::Error),
+    /// A signup's invite token did not allow it.
+    Invite(invites::Refused),
+    /// `invite revoke` of an id no invite has.
+    NoSuchInvite(String),
 }
 
 impl fmt::Display for Error {
@@ -60,6 +65,8 @@ impl fmt::Display for Error {
             Error::Db(e) => write!(f, "database: {e}"),
             Error::Hash(e) => write!(f, "password hashing: {e}"),
             Error::Create(p, e) => write!(f, "cannot create {}: {e}", p.display()),
+            Error::Invite(why) => write!(f, "{why}"),
+            Error::NoSuchInvite(id) => write!(f, "no invite with id {id:?} (see `invite list`)"),
         }
     }
 }
@@ -135,6 +142,33 @@ pub trait UserStore: Send {
     /// # Errors
     /// `BadName`, or `Exists` when the name is taken.
     fn add_hashed(&self, name: &str, hash: &str, bandwidth: Bandwidth) -> Result<(), Error>;
+    /// As [`add_hashed`](Self::add_hashed), spending one use of the invite whose token
+    /// hashes to `token_hash` ([`invites::token_hash`]) in the same transaction: both
+    /// happen, or neither (a taken name spends no use).
+    ///
+    /// # Errors
+    /// `Invite` when the token is unknown, used up or expired; as `add_hashed` otherwise.
+    fn add_hashed_invited(
+        &self,
+        name: &str,
+        hash: &str,
+        bandwidth: Bandwidth,
+        token_hash: &str,
+    ) -> Result<(), Error>;
+    /// Stores a new invite for the token hashing to `token_hash`.
+    fn add_invite(
+        &self,
+        token_hash: &str,
+        uses: u32,
+        expires_at: Option<i64>,
+    ) -> Result<invites::Invite, Error>;
+    /// Every invite, newest first, spent and expired ones included.
+    fn invites(&self) -> Result<Vec<invites::Invite>, Error>;
+    /// Deletes the invite `id` ([`invites::Invite::id`]).
+    ///
+    /// # Errors
+    /// `NoSuchInvite` when no invite has that id.
+    fn revoke_invite(&self, id: &str) -> Result<(), Error>;
     /// Applies `changes` to a user, all or nothing.
     ///
     /// # Errors

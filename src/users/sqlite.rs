@@ -1,5 +1,6 @@
 //! The SQLite user store: schema, migrations, parameterized CRUD.
 
+use super::invites::{self, Invite};
 use super::password::hash_password;
 use super::{validate_name, validate_password, Changes, Error, User, UserStore};
 use crate::limit::rate::{Bandwidth, RequestRate};
@@ -9,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes; older databases are migrated on open.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -89,6 +90,20 @@ impl Store {
                  ALTER TABLE users ADD COLUMN rate_count INTEGER;
                  ALTER TABLE users ADD COLUMN rate_per_secs INTEGER;
                  PRAGMA user_version = 2;
+                 COMMIT;",
+            )?;
+        }
+        if version < 3 {
+            // v3: signup invites, stored by the SHA-256 of their token (never the token).
+            self.conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS invites (
+                     token_hash TEXT PRIMARY KEY NOT NULL,
+                     uses_left  INTEGER NOT NULL,
+                     expires_at INTEGER,               -- unix seconds; NULL = never
+                     created_at INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 3;
                  COMMIT;",
             )?;
         }
@@ -192,6 +207,92 @@ impl UserStore for Store {
         }
     }
 
+    fn add_hashed_invited(
+        &self,
+        name: &str,
+        hash: &str,
+        bandwidth: Bandwidth,
+        token_hash: &str,
+    ) -> Result<(), Error> {
+        let tx = self.conn.unchecked_transaction()?;
+        let now = unix_now();
+        let spent = self.conn.execute(
+            "UPDATE invites SET uses_left = uses_left - 1
+             WHERE token_hash = ?1 AND uses_left > 0 AND (expires_at IS NULL OR expires_at > ?2)",
+            params![token_hash, now],
+        )?;
+        if spent == 0 {
+            let found: Option<(i64, Option<i64>)> = self
+                .conn
+                .query_row(
+                    "SELECT uses_left, expires_at FROM invites WHERE token_hash = ?1",
+                    params![token_hash],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            return Err(Error::Invite(match found {
+                None => invites::Refused::Unknown,
+                Some((uses, _)) if uses <= 0 => invites::Refused::UsedUp,
+                Some(_) => invites::Refused::Expired,
+            }));
+        }
+        self.add_hashed(name, hash, bandwidth)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn add_invite(
+        &self,
+        token_hash: &str,
+        uses: u32,
+        expires_at: Option<i64>,
+    ) -> Result<Invite, Error> {
+        let now = unix_now();
+        self.conn.execute(
+            "INSERT INTO invites (token_hash, uses_left, expires_at, created_at)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![token_hash, uses, expires_at, now],
+        )?;
+        Ok(Invite {
+            id: invites::id_of(token_hash),
+            uses_left: uses,
+            expires_at,
+            created_at: now,
+        })
+    }
+
+    fn invites(&self) -> Result<Vec<Invite>, Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT token_hash, uses_left, expires_at, created_at FROM invites
+             ORDER BY created_at DESC, token_hash",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Invite {
+                id: invites::id_of(&r.get::<_, String>(0)?),
+                uses_left: r.get::<_, i64>(1)?.clamp(0, u32::MAX as i64) as u32,
+                expires_at: r.get(2)?,
+                created_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn revoke_invite(&self, id: &str) -> Result<(), Error> {
+        let id = id.trim().to_ascii_lowercase();
+        let well_formed = id.len() == invites::ID_LEN && id.bytes().all(|b| b.is_ascii_hexdigit());
+        let n = match well_formed {
+            true => self.conn.execute(
+                "DELETE FROM invites WHERE substr(token_hash, 1, ?2) = ?1",
+                params![id, invites::ID_LEN as i64],
+            )?,
+            false => 0,
+        };
+        if n == 0 {
+            return Err(Error::NoSuchInvite(id));
+        }
+        Ok(())
+    }
+
     /// Applies `changes` to a user, all or nothing.
     ///
     /// # Errors
@@ -287,6 +388,53 @@ mod tests {
             assert!(side.exists(), "{}", side.display());
             assert_eq!(mode(&side), 0o600, "{}", side.display());
         }
+    }
+
+    #[test]
+    fn an_invite_allows_its_uses_until_spent_expired_or_revoked() {
+        use invites::Refused;
+        let s = Store::open(&temp_db()).unwrap();
+        let bw = Bandwidth::UNLIMITED;
+        let (token, other) = (invites::new_token(), invites::new_token());
+        let h = invites::token_hash(&token);
+        let made = s.add_invite(&h, 2, None).unwrap();
+        assert_eq!((made.uses_left, made.id.len()), (2, invites::ID_LEN));
+        s.add_hashed_invited("a1", "hash", bw, &h).unwrap();
+        // A taken name spends no use: the transaction is all or nothing.
+        assert!(matches!(
+            s.add_hashed_invited("a1", "hash", bw, &h),
+            Err(Error::Exists(_))
+        ));
+        assert_eq!(s.invites().unwrap()[0].uses_left, 1);
+        s.add_hashed_invited("a2", "hash", bw, &h).unwrap();
+        let refused = |name: &str, hash: &str| match s.add_hashed_invited(name, "hash", bw, hash) {
+            Err(Error::Invite(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused("a3", &h), Refused::UsedUp);
+        assert_eq!(
+            refused("a3", &invites::token_hash(&other)),
+            Refused::Unknown
+        );
+        assert!(s.get("a3").unwrap().is_none());
+        // Past its expiry it allows nothing.
+        let old = invites::token_hash(&other);
+        s.add_invite(&old, 5, Some(unix_now() - 1)).unwrap();
+        assert_eq!(refused("b1", &old), Refused::Expired);
+        // Revoked, it is gone; a made-up id is refused.
+        let id = invites::id_of(&old);
+        s.revoke_invite(&id.to_uppercase()).unwrap();
+        assert_eq!(refused("b1", &old), Refused::Unknown);
+        assert!(matches!(s.revoke_invite(&id), Err(Error::NoSuchInvite(_))));
+        assert!(matches!(s.revoke_invite("%"), Err(Error::NoSuchInvite(_))));
+        assert_eq!(s.invites().unwrap().len(), 1);
+        // Nothing in the database is the token itself.
+        let c = Connection::open(s.conn.path().unwrap()).unwrap();
+        let stored: String = c
+            .query_row("SELECT token_hash FROM invites", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, h);
+        assert!(!stored.contains(&token[invites::TOKEN_PREFIX.len()..]));
     }
 
     #[test]

@@ -133,6 +133,7 @@ fn a_client_that_leaves_the_queue_is_never_served() {
             user: "alice".into(),
             password: "pw".into(),
             target: Some(TargetAddr::Ip(counted)),
+            invite: None,
         };
         flowgate::proto::tunnel::write_request(&mut s, &req).unwrap();
         std::thread::sleep(Duration::from_millis(200));

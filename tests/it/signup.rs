@@ -1,4 +1,5 @@
-//! Sign-up limits: per-IP rate, a cap on users, and memory that a signup burst cannot blow.
+//! Sign-up limits: per-IP rate, a cap on users, invites, and memory that a signup burst
+//! cannot blow.
 
 use crate::support::*;
 use std::process::Stdio;
@@ -13,9 +14,20 @@ fn pair_with_remote_flags(flags: &[&str]) -> BinaryPair {
 
 /// `local-proxy signup` of `user` at the pair's remote; (succeeded, what it printed).
 fn signup(remote: std::net::SocketAddr, pin: &str, user: &str) -> (bool, String) {
+    signup_invited(remote, pin, user, None)
+}
+
+/// As [`signup`], with `--invite TOKEN` when there is a token.
+fn signup_invited(
+    remote: std::net::SocketAddr,
+    pin: &str,
+    user: &str,
+    invite: Option<&str>,
+) -> (bool, String) {
     let out = local_bin()
         .args(["signup", "--remote", &remote.to_string(), "--user", user])
         .args(["--pin", pin])
+        .args(invite.map(|t| ["--invite", t]).into_iter().flatten())
         .env("FLOWGATE_PASSWORD", "a-new-password")
         .stdin(Stdio::null())
         .output()
@@ -52,6 +64,65 @@ fn max_users_caps_signups() {
         .remote
         .log_lines("--max-users 2 reached")
         .is_empty()));
+}
+
+#[test]
+fn signups_can_require_an_invite_whose_uses_and_revocation_hold() {
+    let p = pair_with_remote_flags(&[
+        "--allow-signup",
+        "--signup-requires-invite",
+        "--signup-rate",
+        "20/h",
+    ]);
+    let pin = identity(&p.db);
+    let made = remote_bin()
+        .arg("--db")
+        .arg(&p.db)
+        .args(["invite", "create", "--uses", "2", "--expires", "1h"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let token = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("fgi-"), "{token}");
+    // Without a token, or with a wrong one: refused, and told what to do.
+    let (ok, out) = signup_invited(p.remote_addr, &pin, "nia", None);
+    assert!(!ok && out.contains("--invite TOKEN"), "{out}");
+    let (ok, out) = signup_invited(p.remote_addr, &pin, "nia", Some("fgi-0000"));
+    assert!(!ok && out.contains("unknown, used up or expired"), "{out}");
+    // Two uses: two signups, and the third is refused.
+    for name in ["ivy", "ian"] {
+        let (ok, out) = signup_invited(p.remote_addr, &pin, name, Some(&token));
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = signup_invited(p.remote_addr, &pin, "ira", Some(&token));
+    assert!(!ok && out.contains("does not accept that invite"), "{out}");
+    let users = remote_user_ok(&p.db, &["user", "list"]);
+    assert!(users.contains("ivy") && users.contains("ian") && !users.contains("ira"));
+    assert!(!users.contains("nia"));
+    // The operator sees why, by the invite's id, and never the token.
+    assert!(eventually(Duration::from_secs(3), || !p
+        .remote
+        .log_lines("signup refused: invite used up")
+        .is_empty()));
+    assert!(p.remote.log_lines(&token).is_empty());
+    // `invite list` shows it spent; a revoked invite lets nobody in.
+    let list = remote_user_ok(&p.db, &["invite", "list"]);
+    let row = list.lines().nth(1).unwrap_or_default().to_string();
+    assert!(row.split_whitespace().nth(1) == Some("0"), "{list}");
+    let made = remote_bin()
+        .arg("--db")
+        .arg(&p.db)
+        .args(["invite", "create"])
+        .output()
+        .unwrap();
+    let fresh = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    // "invite ID allows 1 signup, ...", on stderr.
+    let said = String::from_utf8(made.stderr).unwrap();
+    let id = said.split_whitespace().nth(1).unwrap().to_string();
+    assert!(remote_user_ok(&p.db, &["invite", "list"]).contains(&id));
+    remote_user_ok(&p.db, &["invite", "revoke", &id]);
+    let (ok, out) = signup_invited(p.remote_addr, &pin, "ivo", Some(&fresh));
+    assert!(!ok && out.contains("does not accept that invite"), "{out}");
 }
 
 #[test]

@@ -200,7 +200,8 @@ pub fn probe(addrs: &[SocketAddr], link: &Link, timeout: Duration) -> Result<Sta
     Ok(reply.status)
 }
 
-/// Asks remote-proxy to create an account (`local-proxy signup`).
+/// Asks remote-proxy to create an account (`local-proxy signup`), with the operator's
+/// invite token if there is one.
 ///
 /// # Errors
 /// As [`open_tunnel`]; a refusal is an `Ok` reply with a non-`Ok` status.
@@ -208,9 +209,13 @@ pub fn signup(
     remote: &str,
     link: &Link,
     creds: &Credentials,
+    invite: Option<&str>,
     timeouts: &Timeouts,
 ) -> Result<Status, TunnelError> {
-    let req = credential_request(Command::Signup, creds);
+    let req = Request {
+        invite: invite.map(|t| t.trim().to_string()),
+        ..credential_request(Command::Signup, creds)
+    };
     let (mut hop, reply) = open_tunnel(remote, link, &req, timeouts, timeouts.handshake)?;
     hop.close();
     Ok(reply.status)
@@ -257,6 +262,7 @@ fn credential_request(command: Command, creds: &Credentials) -> Request {
         user: creds.user.clone(),
         password: creds.password.clone(),
         target: None,
+        invite: None,
     }
 }
 

@@ -681,6 +681,7 @@ pub fn tunnel_reply_on(
         user: user.into(),
         password: pw.into(),
         target: Some(target),
+        invite: None,
     };
     tunnel::write_request(&mut s, &req).unwrap();
     tunnel::read_reply(&mut s).unwrap()
