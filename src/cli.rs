@@ -100,6 +100,18 @@ pub struct ServeArgs {
         default_value_t = Cap(Some(config::DEFAULT_MAX_HANDSHAKES_PER_IP))
     )]
     pub max_handshakes_per_ip: Cap,
+    /// Most idle warm connections (local-proxy's `--warm`) from one client IP; more are
+    /// closed (`none` = no cap).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = Cap(Some(config::DEFAULT_MAX_IDLE_PER_IP))
+    )]
+    pub max_idle_per_ip: Cap,
+    /// How long a warm connection may wait for its app before it is closed (local-proxy
+    /// replaces it).
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_WARM_IDLE_TIMEOUT), value_name = "DURATION")]
+    pub warm_idle_timeout: HumanDuration,
     /// Failed logins per client IP and user name before that user's further logins from
     /// there are refused without checking, as N/PERIOD, or off.
     #[arg(
@@ -271,6 +283,7 @@ impl CommonArgs {
             max_queued: self.max_queued,
             timeout: self.queue_timeout.0,
             max_handshakes_per_key: None,
+            max_idle_per_key: None,
         }
     }
 }
@@ -710,10 +723,12 @@ impl ServeArgs {
         cfg.signup_bandwidth = self.signup_bandwidth;
         cfg.signup_rate = self.signup_rate.0;
         cfg.max_users = self.max_users;
+        cfg.warm_idle_timeout = self.warm_idle_timeout.0;
         cfg.signup_requires_invite = self.signup_requires_invite;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = Limits {
             max_handshakes_per_key: self.max_handshakes_per_ip.0.map(|n| n as usize),
+            max_idle_per_key: self.max_idle_per_ip.0.map(|n| n as usize),
             ..self.common.admission()
         };
         cfg.pool = self.common.pool()?;

@@ -32,6 +32,10 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on connections waiting for a slot; more are told "busy" at once.
 pub const DEFAULT_MAX_QUEUED: usize = 1024;
+/// Idle warm connections from one client address, at remote-proxy.
+pub const DEFAULT_MAX_IDLE_PER_IP: u32 = 64;
+/// How long remote-proxy keeps a warm connection that no app has taken.
+pub const DEFAULT_WARM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections from one client address in their handshake at once, at remote-proxy.
 pub const DEFAULT_MAX_HANDSHAKES_PER_IP: u32 = 32;
 /// Default longest wait for a slot; then "busy".
@@ -186,6 +190,8 @@ pub struct RemoteConfig {
     pub max_users: Option<u32>,
     /// Signups must bring a valid invite token.
     pub signup_requires_invite: bool,
+    /// How long a warm connection waits, parked, for its tunnel request.
+    pub warm_idle_timeout: Duration,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Slots, queue bound and queue timeout.
@@ -291,6 +297,7 @@ pub fn default_admission() -> Limits {
         max_queued: DEFAULT_MAX_QUEUED,
         timeout: DEFAULT_QUEUE_TIMEOUT,
         max_handshakes_per_key: None,
+        max_idle_per_key: None,
     }
 }
 
@@ -307,9 +314,11 @@ impl RemoteConfig {
             failed_login_rate_per_ip: Some(DEFAULT_FAILED_LOGIN_RATE_PER_IP),
             max_users: None,
             signup_requires_invite: false,
+            warm_idle_timeout: DEFAULT_WARM_IDLE_TIMEOUT,
             timeouts: Timeouts::default(),
             admission: Limits {
                 max_handshakes_per_key: Some(DEFAULT_MAX_HANDSHAKES_PER_IP as usize),
+                max_idle_per_key: Some(DEFAULT_MAX_IDLE_PER_IP as usize),
                 ..default_admission()
             },
             pool: default_pool(DEFAULT_MAX_CONNECTIONS),

@@ -26,6 +26,8 @@ pub struct Limits {
     /// Most items of one key (a client address) admitted whose handshake is not over; more
     /// from that key wait, holding no slot, while other keys' items pass them. `None`: no cap.
     pub max_handshakes_per_key: Option<usize>,
+    /// Most idle (parked) connections of one key; more are closed. `None`: no cap.
+    pub max_idle_per_key: Option<usize>,
 }
 
 /// What happened to an arriving item.
@@ -521,6 +523,7 @@ mod tests {
             max_queued: queued,
             timeout: Duration::from_secs(secs),
             max_handshakes_per_key: None,
+            max_idle_per_key: None,
         }
     }
 

@@ -264,6 +264,12 @@ impl Hop {
         }
     }
 
+    /// A hop from what [`into_parts`](Self::into_parts) gave (a connection taken up again
+    /// after waiting parked).
+    pub fn from_parts(sock: TcpStream, tls: Option<Box<Connection>>) -> Hop {
+        Hop { sock, tls }
+    }
+
     /// The socket and the TLS state, for the relay.
     pub fn into_parts(self) -> (TcpStream, Option<Box<Connection>>) {
         (self.sock, self.tls)

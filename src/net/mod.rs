@@ -1,7 +1,7 @@
 //! The only code that owns sockets: listening and accepting (`server`), the worker threads
 //! (`workers`), reading a handshake under a deadline (`handshake`), connecting out
-//! (`connect`), moving bytes between two sockets (`relay`), and thin system-call wrappers
-//! (`sys`).
+//! (`connect`), moving bytes between two sockets (`relay`), idle connections waiting in an
+//! epoll set (`parking`), and thin system-call wrappers (`sys`).
 //!
 //! What a connection says is parsed by proto/; what to do about it is decided by local/ and
 //! remote/, which implement [`server::Service`].
@@ -9,6 +9,7 @@
 pub mod connect;
 pub mod handshake;
 pub mod hop;
+pub mod parking;
 pub mod relay;
 pub mod server;
 pub mod sys;

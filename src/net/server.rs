@@ -16,6 +16,7 @@
 //! Out of scope: what a connection says (local/ and remote/ implement [`Service`]).
 
 use crate::limit::admission::{Admission, Arrival, Limits, Removed};
+use crate::net::parking::{Parking, Woke};
 use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::{PoolConfig, Workers};
 use std::any::Any;
@@ -74,13 +75,35 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// What a handler wants done after it returns: nothing, or more work on the same slot
-/// (a tunnel of the same user that was parked waiting for this one to end).
+/// What a handler wants done after it returns: nothing, more work on the same slot (a
+/// tunnel of the same user that was waiting for this one to end), or keep the connection
+/// idle until it speaks again.
 pub enum Handled {
     /// The slot is free.
     SlotFree,
     /// Run this on the same slot, then look again.
     ResumeOnSlot(Box<dyn FnOnce(&Workers) -> Handled + Send>),
+    /// Free the slot and the worker, and park the connection (net/parking.rs) until its
+    /// next byte arrives, when it is admitted again like a new one, or until its deadline,
+    /// when [`Service::expired`] closes it.
+    Park(Parked),
+}
+
+/// A connection a service parks: what it needs to take it up again.
+pub struct Parked {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Its id in log lines, kept across the wait.
+    pub id: ConnId,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// When it was first accepted.
+    pub accepted_at: Instant,
+    /// What the service had done with it (a finished TLS handshake), handed back in
+    /// [`Accepted::resume`].
+    pub resume: Option<Box<dyn Any + Send>>,
+    /// When it is closed if it has said nothing more.
+    pub until: Instant,
 }
 
 /// A connection as the server hands it to its service.
@@ -99,6 +122,15 @@ pub struct Accepted {
     pub place: Option<Instant>,
     /// The connection's place under its address's handshake cap.
     pub handshake: Handshake,
+    /// What the service left with it when it parked it ([`Parked::resume`]); `None` for a
+    /// new connection.
+    pub resume: Option<Box<dyn Any + Send>>,
+}
+
+impl std::os::fd::AsFd for Accepted {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
 }
 
 impl Accepted {
@@ -153,6 +185,9 @@ pub trait Service: Send + Sync + 'static {
     /// Answers a connection [`arrival`](Self::arrival) refused, on a short pool job like
     /// [`busy`](Self::busy): it must bound its reads.
     fn refuse_arrival(&self, _conn: Accepted, _wait: Duration) {}
+    /// Closes a parked connection whose deadline passed, in its own protocol (a TLS
+    /// close_notify). Runs on the parking thread: must not block for long.
+    fn expired(&self, _conn: Accepted) {}
     /// A connection waiting for a slot that has sent nothing this long after it was
     /// accepted is closed (as an admitted one is by the service's own first-byte deadline).
     fn first_byte_timeout(&self) -> Option<Duration> {
@@ -214,6 +249,8 @@ struct ServeCtx {
     per_address: bool,
     // A waiter silent this long after accept is dropped.
     first_byte: Option<Duration>,
+    // Idle connections between two steps.
+    parking: Parking<Accepted>,
 }
 
 /// An admission slot held by the connection a worker is serving. Normally the worker hands
@@ -262,13 +299,107 @@ impl ServeCtx {
                 conn.handshake = Handshake(Some((Arc::clone(self), ip)));
             }
             let mut next = self.service.handle(conn, &self.workers);
-            while let Handled::ResumeOnSlot(f) = next {
-                next = f(&self.workers);
+            loop {
+                match next {
+                    Handled::ResumeOnSlot(f) => next = f(&self.workers),
+                    Handled::Park(p) => break self.park(p),
+                    Handled::SlotFree => break,
+                }
             }
             slot.armed = false;
             match self.release_slot() {
                 Some(a) => arrived = a,
                 None => return,
+            }
+        }
+    }
+
+    /// Parks a connection its service is done with for now; past its address's cap it is
+    /// closed instead.
+    fn park(&self, p: Parked) {
+        let conn = Accepted {
+            stream: p.stream,
+            id: p.id,
+            peer: p.peer,
+            accepted_at: p.accepted_at,
+            place: None,
+            handshake: Handshake(None),
+            resume: p.resume,
+        };
+        let key = Some(crate::limit::destinations::canonical(conn.peer.ip()));
+        match self.parking.park(conn, key, p.until) {
+            Ok(()) => log::debug!("conn={} parked", p.id),
+            Err(conn) => {
+                log::info!(
+                    "conn={} closed: its address has the most idle connections allowed",
+                    conn.id
+                );
+                self.service.expired(conn);
+            }
+        }
+    }
+
+    /// Takes up parked connections that spoke again, and closes those whose time ran out,
+    /// until the server stops.
+    fn park_loop(self: &Arc<Self>, stopping: Arc<AtomicBool>) {
+        // New deadlines are at least a first-byte timeout away: seen in time at this pace.
+        const MAX_WAIT: Duration = Duration::from_millis(500);
+        while !stopping.load(Ordering::SeqCst) {
+            for woke in self.parking.wait(MAX_WAIT) {
+                match woke {
+                    Woke::Ready(conn) => {
+                        // Readable because it closed, with nothing to say: just let it go.
+                        if matches!(peek_now(&conn.stream, &mut [0u8; 1]), Ok(0)) {
+                            log::debug!("conn={} closed while parked", conn.id);
+                            continue;
+                        }
+                        log::debug!("conn={} woke", conn.id);
+                        self.admit(conn);
+                    }
+                    Woke::Expired(conn) => {
+                        log::debug!("conn={} idle too long; closed", conn.id);
+                        self.service.expired(conn);
+                    }
+                }
+            }
+        }
+        for conn in self.parking.drain() {
+            self.service.expired(conn);
+        }
+    }
+
+    /// A connection arrives, new or woken from parking: the service's say on its address,
+    /// then a slot or the queue.
+    fn admit(self: &Arc<Self>, mut conn: Accepted) {
+        let peer = conn.peer;
+        match self.service.arrival(peer) {
+            Ok(place) => conn.place = place,
+            Err(wait) => {
+                self.spawn_short(conn, move |service, c| service.refuse_arrival(c, wait));
+                return;
+            }
+        }
+        // A v4 client of a dual-stack listener counts under its v4 address.
+        let key = self
+            .per_address
+            .then(|| crate::limit::destinations::canonical(peer.ip()));
+        let arrived = Arrived {
+            spoke: std::cell::Cell::new(conn.resume.is_some()),
+            conn,
+            key,
+            triaged: std::cell::Cell::new(false),
+            silent: std::cell::Cell::new(false),
+        };
+        match self.admission.arrive(arrived, key) {
+            Arrival::Admitted(a) => self.dispatch(a),
+            Arrival::Queued => log::debug!(
+                "connection queued (active={} queued={})",
+                self.admission.active(),
+                self.admission.queued()
+            ),
+            Arrival::Full(a) => {
+                log::info!("conn={} server busy: queue full", a.conn.id);
+                self.send_busy(a.conn);
             }
         }
     }
@@ -443,6 +574,8 @@ impl Server {
             retry_after: crate::limit::throttle::retry_after_secs(limits.timeout),
             busy_jobs: Arc::new(AtomicUsize::new(0)),
             per_address: limits.max_handshakes_per_key.is_some(),
+            parking: Parking::new(limits.max_idle_per_key)
+                .map_err(|e| StartError::Spawn("parking", e))?,
         });
         let ctx_for_server = Arc::clone(&ctx);
         let stopping = Arc::new(AtomicBool::new(false));
@@ -453,6 +586,13 @@ impl Server {
                 .name(format!("{name}-sweep"))
                 .spawn(move || ctx.sweep_loop(stop_rx))
                 .map_err(|e| StartError::Spawn("queue sweeper", e))?;
+        }
+        {
+            let (ctx, stop) = (Arc::clone(&ctx), Arc::clone(&stopping));
+            std::thread::Builder::new()
+                .name(format!("{name}-park"))
+                .spawn(move || ctx.park_loop(stop))
+                .map_err(|e| StartError::Spawn("parking", e))?;
         }
         let stop = Arc::clone(&stopping);
         let label = name.to_string();
@@ -618,44 +758,15 @@ fn accept_loop(listener: TcpListener, ctx: Arc<ServeCtx>, stopping: Arc<AtomicBo
                 if stopping.load(Ordering::SeqCst) {
                     break;
                 }
-                let mut conn = Accepted {
+                ctx.admit(Accepted {
                     stream,
                     id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
                     peer,
                     accepted_at: Instant::now(),
                     place: None,
                     handshake: Handshake(None),
-                };
-                match ctx.service.arrival(peer) {
-                    Ok(place) => conn.place = place,
-                    Err(wait) => {
-                        ctx.spawn_short(conn, move |service, c| service.refuse_arrival(c, wait));
-                        continue;
-                    }
-                }
-                // A v4 client of a dual-stack listener counts under its v4 address.
-                let key = ctx
-                    .per_address
-                    .then(|| crate::limit::destinations::canonical(peer.ip()));
-                let arrived = Arrived {
-                    conn,
-                    key,
-                    triaged: std::cell::Cell::new(false),
-                    spoke: std::cell::Cell::new(false),
-                    silent: std::cell::Cell::new(false),
-                };
-                match ctx.admission.arrive(arrived, key) {
-                    Arrival::Admitted(a) => ctx.dispatch(a),
-                    Arrival::Queued => log::debug!(
-                        "{name}: connection queued (active={} queued={})",
-                        ctx.admission.active(),
-                        ctx.admission.queued()
-                    ),
-                    Arrival::Full(a) => {
-                        log::info!("conn={} server busy: queue full", a.conn.id);
-                        ctx.send_busy(a.conn);
-                    }
-                }
+                    resume: None,
+                });
             }
             Err(e) => {
                 if stopping.load(Ordering::SeqCst) {
@@ -733,6 +844,7 @@ mod tests {
             max_queued: 8,
             timeout: Duration::from_secs(3),
             max_handshakes_per_key: None,
+            max_idle_per_key: None,
         };
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),

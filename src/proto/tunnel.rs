@@ -50,6 +50,10 @@ pub enum Command {
     /// Are these credentials good? Answered like a login (counted by the failed-login
     /// throttle), with the user's bandwidth after an `ok` reply (§2.2); opens nothing.
     Check = 4,
+    /// A warm connection (§2.4): nothing follows now and nothing is answered; the
+    /// connection's real request comes later, when an app connection takes it. Version 2
+    /// only.
+    Warm = 6,
 }
 
 impl TryFrom<u8> for Command {
@@ -60,6 +64,7 @@ impl TryFrom<u8> for Command {
             2 => Ok(Command::Signup),
             3 => Ok(Command::Health),
             4 => Ok(Command::Check),
+            6 => Ok(Command::Warm),
             other => Err(Error::BadCommand(other)),
         }
     }
@@ -92,6 +97,14 @@ impl Request {
             password: String::new(),
             target: None,
             invite: None,
+        }
+    }
+
+    /// The announcement that opens a warm connection (§2.4).
+    pub fn warm() -> Request {
+        Request {
+            command: Command::Warm,
+            ..Request::health(Some(TunnelId(0)))
         }
     }
 
@@ -357,7 +370,7 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>, Error> {
     if let Some(id) = req.tunnel_id {
         out.extend_from_slice(&id.0.to_be_bytes());
     }
-    if req.command == Command::Health {
+    if matches!(req.command, Command::Health | Command::Warm) {
         return Ok(out); // no credentials, no target
     }
     for s in [Some(&req.user), Some(&req.password), invite]
@@ -417,11 +430,14 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
     } else {
         None
     };
-    if command == Command::Health {
+    if matches!(command, Command::Health | Command::Warm) {
         if tunnel_id.is_none() {
-            return Err(Error::BadCommand(Command::Health as u8)); // version 2 only
+            return Err(Error::BadCommand(command as u8)); // version 2 only
         }
-        return Ok(Request::health(tunnel_id));
+        return Ok(Request {
+            command,
+            ..Request::health(tunnel_id)
+        });
     }
     let user = read_credential(r)?;
     let password = read_credential(r)?;
@@ -431,7 +447,7 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, Error> {
     };
     let target = match command {
         Command::Connect => Some(TargetAddr::decode(r, false)?),
-        Command::Signup | Command::Health | Command::Check => None,
+        Command::Signup | Command::Health | Command::Check | Command::Warm => None,
     };
     Ok(Request {
         command,
@@ -635,6 +651,24 @@ mod tests {
         assert!(matches!(
             read_request(&mut &b"FG\x01\x03"[..]),
             Err(Error::BadCommand(3))
+        ));
+    }
+
+    #[test]
+    fn a_warm_announcement_is_twelve_bytes_and_version_2_only() {
+        let warm = Request::warm();
+        let bytes = encode_request(&warm).unwrap();
+        assert_eq!(bytes, b"FG\x02\x06\x00\x00\x00\x00\x00\x00\x00\x00");
+        assert_eq!(read_request(&mut OneByte(&bytes)).unwrap(), warm);
+        // Followed by the real request on the same connection, each is read whole.
+        let mut both = bytes.clone();
+        both.extend_from_slice(&encode_request(&connect("1.2.3.4:80")).unwrap());
+        let mut r = &both[..];
+        assert_eq!(read_request(&mut r).unwrap(), warm);
+        assert_eq!(read_request(&mut r).unwrap(), connect("1.2.3.4:80"));
+        assert!(matches!(
+            read_request(&mut &b"FG\x01\x06"[..]),
+            Err(Error::BadCommand(6))
         ));
     }
 

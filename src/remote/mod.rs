@@ -20,7 +20,7 @@ use crate::net::handshake::HandshakeReader;
 use crate::net::hop::{Hop, HopError};
 use crate::net::relay::{self, HopEnd};
 use crate::net::server::{
-    Accepted, ConnId, Handled, Handshake, Server, Service, StartError, Triage,
+    Accepted, ConnId, Handled, Handshake, Parked, Server, Service, StartError, Triage,
 };
 use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::Workers;
@@ -136,6 +136,13 @@ impl Service for RemoteService {
         Some(self.0.cfg.timeouts.first_byte)
     }
 
+    fn expired(&self, conn: Accepted) {
+        // A warm connection says close_notify, so local-proxy sees a clean end.
+        if let Ok(mut hop) = resumed(conn.stream, conn.resume) {
+            hop.close();
+        }
+    }
+
     fn arrival(&self, peer: SocketAddr) -> Result<Option<Instant>, Duration> {
         // Counted here, not once the request is read, so an address over its rate costs
         // no slot and no worker; a probe or credential check gives its place back.
@@ -158,7 +165,8 @@ impl Service for RemoteService {
                 self.0.check(&mut hop, tag, &peer.to_string(), ip, &req);
                 hop.close();
             }
-            Command::Connect | Command::Signup => {
+            // A warm connection refused now is closed with the answer; local-proxy drops it.
+            Command::Connect | Command::Signup | Command::Warm => {
                 rate_limited(
                     &mut hop,
                     tag,
@@ -432,6 +440,18 @@ fn refuse_plaintext(stream: TcpStream, within: Duration) {
     let _ = std::io::Write::write_all(&mut &stream, &tunnel::encode_reply(&reply, version));
 }
 
+/// The hop of a connection that was parked after its TLS handshake; the bare socket back
+/// when there is none to resume (a new connection, or a plaintext one).
+fn resumed(
+    stream: TcpStream,
+    resume: Option<Box<dyn std::any::Any + Send>>,
+) -> Result<Hop, TcpStream> {
+    match resume.map(|r| r.downcast::<Box<rustls::Connection>>()) {
+        Some(Ok(tls)) => Ok(Hop::from_parts(stream, Some(*tls))),
+        _ => Err(stream),
+    }
+}
+
 /// Answers a request that could not be read: in this build's version.
 fn reply_unread(stream: &mut Hop, status: Status) {
     let _ = stream.send(&tunnel::encode_reply(
@@ -506,11 +526,15 @@ impl Remote {
             id,
             peer,
             place,
+            resume,
             ..
         } = conn;
         self.give_back(peer, place);
         let within = self.cfg.timeouts.handshake.min(Duration::from_secs(2));
-        let mut hop = self.open_hop(stream, id, &peer.to_string(), within, within)?;
+        let mut hop = match resumed(stream, resume) {
+            Ok(hop) => hop,
+            Err(stream) => self.open_hop(stream, id, &peer.to_string(), within, within)?,
+        };
         let req = hop
             .io(within)
             .map(|mut io| tunnel::read_request(&mut io))
@@ -535,16 +559,21 @@ impl Remote {
             stream,
             id,
             peer: peer_addr,
+            accepted_at,
             place,
             handshake,
-            ..
+            resume,
         } = conn;
         let peer = peer_addr.to_string();
         let _ = stream.set_nodelay(true);
         // One deadline for the TLS handshake and the tunnel request together.
         let until = Instant::now() + self.cfg.timeouts.handshake;
         let within = self.cfg.timeouts.handshake;
-        let Some(mut stream) = self.open_hop(stream, id, &peer, first_byte, within) else {
+        let hop = match resumed(stream, resume) {
+            Ok(hop) => Some(hop),
+            Err(stream) => self.open_hop(stream, id, &peer, first_byte, within),
+        };
+        let Some(mut stream) = hop else {
             return Handled::SlotFree;
         };
         let left = until.saturating_duration_since(Instant::now());
@@ -557,6 +586,20 @@ impl Remote {
         };
         let tag = Tag::of(id, &req);
         let ip = Some(canonical(peer_addr.ip()));
+        if req.command == Command::Warm {
+            // A local-proxy's spare connection: it waits without a worker, a slot or a
+            // place under the address's tunnel rate, until its real request comes.
+            self.give_back(peer_addr, place);
+            let (stream, tls) = stream.into_parts();
+            return Handled::Park(Parked {
+                stream,
+                id,
+                peer: peer_addr,
+                accepted_at,
+                resume: tls.map(|t| Box::new(t) as Box<dyn std::any::Any + Send>),
+                until: Instant::now() + self.cfg.warm_idle_timeout,
+            });
+        }
         if req.command == Command::Health {
             // Before every throttle: a probe counts against no address's or user's limits.
             self.give_back(peer_addr, place);
@@ -583,7 +626,8 @@ impl Remote {
                 stream.close();
                 Handled::SlotFree
             }
-            Command::Health | Command::Check => Handled::SlotFree, // answered above
+            // Answered above.
+            Command::Health | Command::Check | Command::Warm => Handled::SlotFree,
             Command::Connect => self.connect(stream, tag, peer_addr, req, handshake, workers),
         }
     }

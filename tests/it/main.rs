@@ -34,3 +34,4 @@ mod socks5;
 mod support;
 mod tls;
 mod upstreams;
+mod warm;
