@@ -584,6 +584,10 @@ pub struct LocalArgs {
     /// Failed probes in a row that take a remote down (one failed tunnel does it at once).
     #[arg(long, default_value_t = config::DEFAULT_FALL, value_name = "N")]
     pub health_fall: u32,
+    /// Connections kept open and ready (TCP connected, TLS done) to each healthy remote,
+    /// so a new tunnel sends its request at once; 0 turns them off.
+    #[arg(long, default_value_t = config::DEFAULT_WARM, value_name = "N")]
+    pub warm: usize,
     /// Account used when an app sends no credentials. Password from --password-file,
     /// --password-stdin, FLOWGATE_PASSWORD, or a prompt. Without it, apps must send
     /// credentials.
@@ -768,6 +772,7 @@ impl LocalArgs {
         cfg.upstreams.health_timeout = self.health_timeout.0.max(Duration::from_millis(10));
         cfg.upstreams.rise = self.health_rise.max(1);
         cfg.upstreams.fall = self.health_fall.max(1);
+        cfg.upstreams.warm = self.warm.min(config::MAX_WARM);
         cfg.listen = self.listen;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = self.common.admission();

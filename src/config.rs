@@ -66,6 +66,10 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default good probes in a row that bring a down remote back (HAProxy's `rise`).
 pub const DEFAULT_RISE: u32 = 2;
+/// Warm connections local-proxy keeps to each healthy remote.
+pub const DEFAULT_WARM: usize = 4;
+/// Most warm connections per remote (`--warm` above this is lowered to it).
+pub const MAX_WARM: usize = 64;
 /// Default failed probes in a row that take a remote down (HAProxy's `fall`).
 pub const DEFAULT_FALL: u32 = 3;
 /// Longest duration any flag accepts: 30 days. Far beyond any sensible timeout, and far
@@ -127,6 +131,8 @@ pub struct Upstreams {
     pub rise: u32,
     /// Failed probes in a row that take an up remote down.
     pub fall: u32,
+    /// Warm connections kept to each healthy remote (0: none).
+    pub warm: usize,
 }
 
 impl Upstreams {
@@ -138,6 +144,7 @@ impl Upstreams {
             health_interval: DEFAULT_HEALTH_INTERVAL,
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             rise: DEFAULT_RISE,
+            warm: DEFAULT_WARM,
             fall: DEFAULT_FALL,
         }
     }

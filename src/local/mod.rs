@@ -117,8 +117,15 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
             Err(e) => log::warn!("user={} credentials not checked: {e}", Shown(&creds.user)),
         }
     }
-    // Dropping the sender (at shutdown) ends the prober.
+    // Dropping the sender (at shutdown) ends the prober and the warmer.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    {
+        let (upstreams, stop_rx) = (Arc::clone(&upstreams), stop_rx.clone());
+        std::thread::Builder::new()
+            .name("local-warm".into())
+            .spawn(move || upstreams.keep_warm(stop_rx))
+            .map_err(|e| Error::Start(StartError::Spawn("warm connections", e)))?;
+    }
     std::thread::Builder::new()
         .name("local-health".into())
         .spawn(move || upstreams.watch(stop_rx))

@@ -264,6 +264,18 @@ impl Hop {
         }
     }
 
+    /// True when bytes from the peer wait inside the hop, where the socket's readiness
+    /// cannot show them: decrypted plaintext, or whole TLS records read but not processed.
+    /// A plaintext hop reads no further than it parses, so it never holds any.
+    pub fn has_buffered_input(&mut self) -> bool {
+        match &mut self.tls {
+            None => false,
+            Some(conn) => conn
+                .process_new_packets()
+                .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
+        }
+    }
+
     /// A hop from what [`into_parts`](Self::into_parts) gave (a connection taken up again
     /// after waiting parked).
     pub fn from_parts(sock: TcpStream, tls: Option<Box<Connection>>) -> Hop {

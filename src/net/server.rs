@@ -117,9 +117,6 @@ pub struct Accepted {
     /// When it was accepted: its first-byte deadline runs from here, time spent queued
     /// included.
     pub accepted_at: Instant,
-    /// What [`Service::arrival`] took for this connection (its place under the address's
-    /// tunnel rate), for the service to give back if it turns out not to count.
-    pub place: Option<Instant>,
     /// The connection's place under its address's handshake cap.
     pub handshake: Handshake,
     /// What the service left with it when it parked it ([`Parked::resume`]); `None` for a
@@ -176,11 +173,11 @@ pub trait Service: Send + Sync + 'static {
     /// Tells a connection that was not admitted "server busy, retry after N seconds" in its
     /// own protocol, then closes it. Runs on a short pool job; must bound its reads.
     fn busy(&self, conn: Accepted, retry_after: u16);
-    /// Asked on accept, before admission: may a connection from `peer` start now? `Ok`
-    /// carries what was taken for it (see [`Accepted::place`]); `Err` the wait, and the
-    /// connection goes to [`refuse_arrival`](Self::refuse_arrival) without a slot.
-    fn arrival(&self, _peer: SocketAddr) -> Result<Option<Instant>, Duration> {
-        Ok(None)
+    /// Asked on accept (and when a parked connection wakes), before admission: may a
+    /// connection from `peer` start now? `Err` carries the wait, and the connection goes to
+    /// [`refuse_arrival`](Self::refuse_arrival) without a slot.
+    fn arrival(&self, _peer: SocketAddr) -> Result<(), Duration> {
+        Ok(())
     }
     /// Answers a connection [`arrival`](Self::arrival) refused, on a short pool job like
     /// [`busy`](Self::busy): it must bound its reads.
@@ -251,6 +248,8 @@ struct ServeCtx {
     first_byte: Option<Duration>,
     // Idle connections between two steps.
     parking: Parking<Accepted>,
+    // Parked connections taken up again since start.
+    woken: AtomicU64,
 }
 
 /// An admission slot held by the connection a worker is serving. Normally the worker hands
@@ -322,7 +321,6 @@ impl ServeCtx {
             id: p.id,
             peer: p.peer,
             accepted_at: p.accepted_at,
-            place: None,
             handshake: Handshake(None),
             resume: p.resume,
         };
@@ -354,6 +352,7 @@ impl ServeCtx {
                             continue;
                         }
                         log::debug!("conn={} woke", conn.id);
+                        self.woken.fetch_add(1, Ordering::Relaxed);
                         self.admit(conn);
                     }
                     Woke::Expired(conn) => {
@@ -370,10 +369,10 @@ impl ServeCtx {
 
     /// A connection arrives, new or woken from parking: the service's say on its address,
     /// then a slot or the queue.
-    fn admit(self: &Arc<Self>, mut conn: Accepted) {
+    fn admit(self: &Arc<Self>, conn: Accepted) {
         let peer = conn.peer;
         match self.service.arrival(peer) {
-            Ok(place) => conn.place = place,
+            Ok(()) => {}
             Err(wait) => {
                 self.spawn_short(conn, move |service, c| service.refuse_arrival(c, wait));
                 return;
@@ -576,6 +575,7 @@ impl Server {
             per_address: limits.max_handshakes_per_key.is_some(),
             parking: Parking::new(limits.max_idle_per_key)
                 .map_err(|e| StartError::Spawn("parking", e))?,
+            woken: AtomicU64::new(0),
         });
         let ctx_for_server = Arc::clone(&ctx);
         let stopping = Arc::new(AtomicBool::new(false));
@@ -623,6 +623,16 @@ impl Server {
     /// Connections holding a slot now (in their handshake or relaying).
     pub fn active(&self) -> usize {
         self.ctx.admission.active()
+    }
+
+    /// Connections parked now (warm connections waiting for their app).
+    pub fn parked(&self) -> usize {
+        self.ctx.parking.len()
+    }
+
+    /// Parked connections that spoke again and were taken up, since start.
+    pub fn woken(&self) -> u64 {
+        self.ctx.woken.load(Ordering::Relaxed)
     }
 
     /// Blocks until the accept loop ends (it ends only on shutdown).
@@ -763,7 +773,6 @@ fn accept_loop(listener: TcpListener, ctx: Arc<ServeCtx>, stopping: Arc<AtomicBo
                     id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
                     peer,
                     accepted_at: Instant::now(),
-                    place: None,
                     handshake: Handshake(None),
                     resume: None,
                 });

@@ -143,12 +143,18 @@ impl Service for RemoteService {
         }
     }
 
-    fn arrival(&self, peer: SocketAddr) -> Result<Option<Instant>, Duration> {
-        // Counted here, not once the request is read, so an address over its rate costs
-        // no slot and no worker; a probe or credential check gives its place back.
-        match &self.0.ip_throttle {
-            Some(t) => t.reserve(&canonical(peer.ip())).map(Some),
-            None => Ok(None),
+    fn arrival(&self, peer: SocketAddr) -> Result<(), Duration> {
+        // Looked at here, so an address over its rate costs no slot and no worker; counted
+        // only when a tunnel is asked for, so probes, checks and warm connections (which
+        // may be accepted at the same moment as a tunnel) take nothing.
+        match self
+            .0
+            .ip_throttle
+            .as_ref()
+            .and_then(|t| t.wait(&canonical(peer.ip())))
+        {
+            Some(wait) => Err(wait),
+            None => Ok(()),
         }
     }
 
@@ -235,7 +241,6 @@ impl Service for RemoteService {
             }
             return;
         }
-        self.0.give_back(conn.peer, conn.place);
         let (stream, id) = (conn.stream, conn.id);
         let mut head = [0u8; tunnel::HEALTH_PROBE_LEN];
         // The probe is all there (the sweeper peeked it): take it, so the close is a FIN.
@@ -518,18 +523,15 @@ impl Remote {
     }
 
     /// Reads the request of a connection answered without a slot (on a short job, so with a
-    /// short deadline): the TLS handshake, then the request. It opens no tunnel, so its
-    /// place under the address's tunnel rate is given back.
+    /// short deadline): the TLS handshake, then the request.
     fn read_unslotted(&self, conn: Accepted) -> Option<(Hop, Request, Tag)> {
         let Accepted {
             stream,
             id,
             peer,
-            place,
             resume,
             ..
         } = conn;
-        self.give_back(peer, place);
         let within = self.cfg.timeouts.handshake.min(Duration::from_secs(2));
         let mut hop = match resumed(stream, resume) {
             Ok(hop) => hop,
@@ -544,13 +546,6 @@ impl Remote {
         Some((hop, req, tag))
     }
 
-    /// Gives back the place a connection took under its address's tunnel rate at accept.
-    fn give_back(&self, peer: SocketAddr, place: Option<Instant>) {
-        if let (Some(t), Some(at)) = (&self.ip_throttle, place) {
-            t.refund(&canonical(peer.ip()), at);
-        }
-    }
-
     fn handle(&self, conn: Accepted, workers: &Workers) -> Handled {
         // The socket's first byte is due within the first-byte timeout of the accept, time
         // spent queued included; after a TLS handshake, the request's within that timeout.
@@ -560,7 +555,6 @@ impl Remote {
             id,
             peer: peer_addr,
             accepted_at,
-            place,
             handshake,
             resume,
         } = conn;
@@ -581,15 +575,23 @@ impl Remote {
             Some(_) => self.cfg.timeouts.first_byte,
             None => first_byte,
         };
-        let Some(req) = self.read_request(&mut stream, id, &peer, first_byte, left) else {
+        let Some(mut req) = self.read_request(&mut stream, id, &peer, first_byte, left) else {
             return Handled::SlotFree;
         };
+        // A warm connection taken as soon as it was made: its real request may be read
+        // already, into TLS's buffer, where no readiness would ever wake a parked socket.
+        while req.command == Command::Warm && stream.has_buffered_input() {
+            let left = until.saturating_duration_since(Instant::now());
+            let Some(next) = self.read_request(&mut stream, id, &peer, first_byte, left) else {
+                return Handled::SlotFree;
+            };
+            req = next;
+        }
         let tag = Tag::of(id, &req);
         let ip = Some(canonical(peer_addr.ip()));
         if req.command == Command::Warm {
             // A local-proxy's spare connection: it waits without a worker, a slot or a
             // place under the address's tunnel rate, until its real request comes.
-            self.give_back(peer_addr, place);
             let (stream, tls) = stream.into_parts();
             return Handled::Park(Parked {
                 stream,
@@ -602,23 +604,28 @@ impl Remote {
         }
         if req.command == Command::Health {
             // Before every throttle: a probe counts against no address's or user's limits.
-            self.give_back(peer_addr, place);
             self.answer_health(stream, tag);
             return Handled::SlotFree;
         }
         if req.command == Command::Check {
             // A check opens no tunnel, so the per-IP tunnel rate does not apply; it is a
             // login, so the failed-login lockout does.
-            self.give_back(peer_addr, place);
             self.check(&mut stream, tag, &peer, ip, &req);
             stream.close();
             return Handled::SlotFree;
         }
         if self.is_draining() {
-            self.give_back(peer_addr, place);
             log::info!("{tag} peer={peer} refused: draining");
             reply(&mut stream, tag, Status::Draining);
             return Handled::SlotFree;
+        }
+        if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
+            // Counted now; a burst accepted together may find the rate used up meanwhile.
+            if let Err(wait) = t.check(&ip) {
+                let why = format!("peer={peer} rate limited (per IP)");
+                rate_limited(&mut stream, tag, &why, wait);
+                return Handled::SlotFree;
+            }
         }
         match req.command {
             Command::Signup => {

@@ -145,33 +145,61 @@ pub fn exchange(
     connect_timeout: Duration,
     reply_wait: Duration,
 ) -> Result<(Hop, Reply), TunnelError> {
+    let (mut hop, connected) = dial(addrs, link, purpose, connect_timeout, reply_wait)?;
+    let left = (connected + reply_wait).saturating_duration_since(Instant::now());
+    let reply = request_on(&mut hop, bytes, left)?;
+    Ok((hop, reply))
+}
+
+/// Connects to the first of `addrs` that accepts and runs the TLS handshake when `link`
+/// says so, within `within` of the connect; the hop and when it connected.
+///
+/// # Errors
+/// `Remote` when no address accepts, `Tls` when the handshake fails or the remote's
+/// identity is refused.
+pub fn dial(
+    addrs: &[SocketAddr],
+    link: &Link,
+    purpose: Purpose,
+    connect_timeout: Duration,
+    within: Duration,
+) -> Result<(Hop, Instant), TunnelError> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "remote address did not resolve");
     for a in addrs {
         match TcpStream::connect_timeout(a, connect_timeout) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                let until = Instant::now() + reply_wait;
-                let mut hop = match link {
+                let connected = Instant::now();
+                let hop = match link {
                     Link::Plaintext => Hop::plain(s),
                     Link::Tls(dial) => {
                         let cfg = match purpose {
                             Purpose::Tunnel => &dial.tunnel,
                             Purpose::Health => &dial.health,
                         };
-                        Hop::connect(s, cfg, &dial.name, reply_wait).map_err(TunnelError::Tls)?
+                        Hop::connect(s, cfg, &dial.name, within).map_err(TunnelError::Tls)?
                     }
                 };
-                let left = until.saturating_duration_since(Instant::now());
-                let reply = send_and_read_reply(&mut hop, bytes, left)?;
-                if reply.status == Status::TlsRequired {
-                    return Err(TunnelError::TlsRequired);
-                }
-                return Ok((hop, reply));
+                return Ok((hop, connected));
             }
             Err(e) => last = e,
         }
     }
     Err(TunnelError::Remote(last))
+}
+
+/// Sends the encoded request `bytes` on an open hop (a fresh one, or a warm one taken from
+/// the pool) and reads the reply within `wait`.
+///
+/// # Errors
+/// `Remote` when the remote closed or went silent, `TlsRequired` when a plaintext request
+/// reached a TLS remote, `Protocol` for bad replies.
+pub fn request_on(hop: &mut Hop, bytes: &[u8], wait: Duration) -> Result<Reply, TunnelError> {
+    let reply = send_and_read_reply(hop, bytes, wait)?;
+    if reply.status == Status::TlsRequired {
+        return Err(TunnelError::TlsRequired);
+    }
+    Ok(reply)
 }
 
 /// Sends a request and reads its reply in their own frame (the plaintext reader's peek

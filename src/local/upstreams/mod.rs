@@ -1,6 +1,7 @@
 //! local-proxy's remote-proxies: which one a tunnel goes to (choice.rs), whether each may
-//! take tunnels (health.rs, fed by a probing thread and by tunnels that failed), and opening
-//! a tunnel with failover (connect.rs does one attempt).
+//! take tunnels (health.rs, fed by a probing thread and by tunnels that failed), spare
+//! connections kept open to each (warm.rs, refilled by a warmer thread), and opening a
+//! tunnel with failover (connect.rs does one attempt).
 //!
 //! Failover is invisible to the app: a remote that refuses the connection, times out, or
 //! does not answer the tunnel request is marked down and the next remote in the user's order
@@ -11,6 +12,7 @@
 pub mod choice;
 pub mod connect;
 pub mod health;
+pub mod warm;
 
 use crate::config::{self, Balance};
 use crate::net::hop::Hop;
@@ -31,6 +33,11 @@ pub struct Upstreams {
     remotes: Vec<Upstream>,
     // Advanced once per tunnel, for round-robin and least-connections ties.
     turn: AtomicUsize,
+    // A tunnel took a warm connection: the warmer refills (never blocks: bounded, try_send).
+    warm_taken: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
 }
 
 #[derive(Debug)]
@@ -46,6 +53,8 @@ struct Upstream {
     first_failure: Mutex<Option<String>>,
     // Tunnels open through this remote from this local-proxy.
     open: AtomicUsize,
+    // Connections open and ready for the next tunnels.
+    spares: warm::Spares,
 }
 
 /// A tunnel's hold on its remote, for least-connections: dropping it counts the tunnel
@@ -93,6 +102,7 @@ impl Upstreams {
                     health: Mutex::new(Health::new()),
                     first_failure: Mutex::new(None),
                     open: AtomicUsize::new(0),
+                    spares: warm::Spares::default(),
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -100,6 +110,7 @@ impl Upstreams {
             cfg,
             remotes,
             turn: AtomicUsize::new(0),
+            warm_taken: crossbeam_channel::bounded(1),
         })
     }
 
@@ -133,15 +144,18 @@ impl Upstreams {
                 upstreams: Arc::clone(self),
                 index,
             };
-            let purpose = connect::Purpose::Tunnel;
-            match connect::exchange(
-                &addrs,
-                &up.link,
-                purpose,
-                &bytes,
-                connect_timeout,
-                reply_wait,
-            ) {
+            let answer = match self.on_spare(index, &bytes, reply_wait) {
+                Some(answer) => answer,
+                None => connect::exchange(
+                    &addrs,
+                    &up.link,
+                    connect::Purpose::Tunnel,
+                    &bytes,
+                    connect_timeout,
+                    reply_wait,
+                ),
+            };
+            match answer {
                 Ok((_, reply)) if reply.status == Status::Draining => {
                     // Shutting down, not refusing the user: the next remote takes it.
                     let change = up.health.lock().probe_ok(true, self.thresholds());
@@ -156,6 +170,73 @@ impl Upstreams {
             }
         }
         Err(last)
+    }
+
+    /// Sends the request on one of remote `index`'s warm connections, if it has one. `None`
+    /// when there is none, or when the one taken turned out closed before it answered (the
+    /// remote expired it, or restarted): the caller opens a fresh connection then, so the
+    /// app never sees it. Nothing of the app's has been sent at that point.
+    fn on_spare(
+        &self,
+        index: usize,
+        bytes: &[u8],
+        reply_wait: Duration,
+    ) -> Option<Result<(Hop, Reply), TunnelError>> {
+        let up = &self.remotes[index];
+        let mut hop = up.spares.take()?;
+        let _ = self.warm_taken.0.try_send(());
+        match connect::request_on(&mut hop, bytes, reply_wait) {
+            Ok(reply) => Some(Ok((hop, reply))),
+            Err(TunnelError::Remote(e)) => {
+                log::debug!(
+                    "remote={} warm connection closed before answering ({e}); using a new one",
+                    up.name
+                );
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Keeps `--warm` spare connections open to each usable remote until `stop` closes:
+    /// refills when a tunnel takes one, and looks again every second for ones the remote
+    /// closed. Connections are opened here, never on a tunnel's path.
+    pub fn keep_warm(&self, stop: crossbeam_channel::Receiver<()>) {
+        const LOOK_AGAIN: Duration = Duration::from_secs(1);
+        let want = self.cfg.warm;
+        if want == 0 {
+            return;
+        }
+        let timeout = self.cfg.health_timeout.max(Duration::from_secs(2));
+        loop {
+            for up in &self.remotes {
+                if !up.health.lock().usable() {
+                    up.spares.clear();
+                    continue;
+                }
+                let addrs = up.addrs.lock().clone();
+                for _ in 0..up.spares.missing(want) {
+                    match warm::open(&addrs, &up.link, timeout) {
+                        Ok(hop) => up.spares.put(hop),
+                        Err(e) => {
+                            // The health checker judges the remote; try again later.
+                            log::debug!("remote={} warm connection failed: {e}", up.name);
+                            break;
+                        }
+                    }
+                }
+            }
+            crossbeam_channel::select! {
+                recv(self.warm_taken.1) -> _ => {}
+                recv(stop) -> _ => return,
+                default(LOOK_AGAIN) => {}
+            }
+        }
+    }
+
+    /// Warm connections held to each remote now, in configured order.
+    pub fn spares(&self) -> Vec<usize> {
+        self.remotes.iter().map(|r| r.spares.len()).collect()
     }
 
     /// Checks `creds` with the remote their user's tunnels would go to (failing over like a

@@ -79,6 +79,8 @@ pub fn user(name: &'static str, password: &'static str, bandwidth: &str) -> User
 /// remote-proxy and local-proxy in this process, on ephemeral ports.
 pub struct Pair {
     pub remote: Server,
+    /// The remote's configuration, listening on the port it got, for a restart.
+    pub remote_cfg: RemoteConfig,
     pub state: std::sync::Arc<flowgate::remote::Remote>,
     pub local: Server,
     pub db: PathBuf,
@@ -93,6 +95,14 @@ impl Pair {
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote.local_addr()
     }
+    /// Stops remote-proxy and starts it again on the same port and identity.
+    pub fn restart_remote(&mut self) {
+        self.remote.shutdown();
+        let (remote, state) = flowgate::remote::start_with_state(self.remote_cfg.clone()).unwrap();
+        self.remote = remote;
+        self.state = state;
+    }
+
     /// A connection to remote-proxy as local-proxy opens it (TLS with the pin, or
     /// plaintext), for tests that speak the tunnel protocol themselves.
     pub fn raw_remote(&self) -> RawHop {
@@ -237,7 +247,11 @@ pub fn pair_with(
         .map(|c| c.parse().unwrap())
         .collect();
     remote_cfg(&mut rc);
-    let (remote, state) = flowgate::remote::start_with_state(rc).unwrap();
+    let (remote, state) = flowgate::remote::start_with_state(rc.clone()).unwrap();
+    let remote_cfg = RemoteConfig {
+        listen: remote.local_addr(),
+        ..rc
+    };
     let tls = match state.identity() {
         Some(fp) => LocalTls::Pins(vec![fp]),
         None => LocalTls::Plaintext,
@@ -260,6 +274,7 @@ pub fn pair_with(
     assert!(eventually(Duration::from_secs(5), || remote.active() == 0));
     Pair {
         remote,
+        remote_cfg,
         state,
         local,
         db,
