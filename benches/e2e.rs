@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "e2e/slowlink.rs"]
+mod slowlink;
+
 const GIB: u64 = 1 << 30;
 const SLOT: Duration = Duration::from_millis(100);
 
@@ -1313,6 +1316,124 @@ fn json(map: &BTreeMap<String, String>) -> String {
     format!("{{\n{}\n}}\n", body.join(",\n"))
 }
 
+/// The latency phase: time to first byte of 1 KiB requests on new connections over a slow
+/// link between the hops, against the client going straight to the origin over the same
+/// link. One request at a time, variants taking turns, so each sees the same machine.
+fn latency(opts: &Opts, pairs: &[(&str, &Setup); 2], origin: SocketAddr, rep: &mut Report) {
+    let ms: u64 = std::env::var("FLOWGATE_BENCH_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let delay = Duration::from_millis(ms);
+    let direct = slowlink::SlowLink::start(origin, delay);
+    let local_over = |st: &Setup, tls: bool, warm: &str| {
+        let link = slowlink::SlowLink::start(st.remote.addr, delay);
+        let mut l = Command::new(opts.bin.join("local-proxy"));
+        l.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--remote",
+            &link.addr.to_string(),
+        ])
+        .args(["--warm", warm]);
+        if tls {
+            let out = Command::new(opts.bin.join("remote-proxy"))
+                .arg("--db")
+                .arg(&st.db)
+                .arg("identity")
+                .output()
+                .expect("remote-proxy identity");
+            l.args(["--pin", String::from_utf8_lossy(&out.stdout).trim()]);
+        } else {
+            l.arg("--plaintext");
+        }
+        (link, spawn(l))
+    };
+    let (tls, plain) = (pairs[0].1, pairs[1].1);
+    let warm_tls = local_over(tls, true, "4");
+    let cold_tls = local_over(tls, true, "0");
+    let warm_plain = local_over(plain, false, "4");
+    let cold_plain = local_over(plain, false, "0");
+    let user = "unlimited".to_string();
+    let variants: Vec<(&str, Via)> = vec![
+        ("direct over the link", Via::Relay(direct.addr)),
+        (
+            "flowgate TLS, warm on",
+            Via::Proxy(warm_tls.1.addr, user.clone()),
+        ),
+        (
+            "flowgate TLS, warm off",
+            Via::Proxy(cold_tls.1.addr, user.clone()),
+        ),
+        (
+            "flowgate plaintext, warm on",
+            Via::Proxy(warm_plain.1.addr, user.clone()),
+        ),
+        (
+            "flowgate plaintext, warm off",
+            Via::Proxy(cold_plain.1.addr, user),
+        ),
+    ];
+    // Spares made, credentials checked and remembered, before anything is timed.
+    std::thread::sleep(Duration::from_secs(1));
+    let one = |via: &Via| -> Option<f64> {
+        let t = Instant::now();
+        let mut s = open(via, origin).ok()?;
+        let got = get(&mut s, 1024).ok()?;
+        let ttfb = t.elapsed().as_secs_f64() * 1000.0;
+        (drain(&mut s, 1024, got).ok()? == 1024).then_some(ttfb)
+    };
+    for (_, via) in &variants {
+        let _ = one(via);
+    }
+    let rounds = if opts.quick { 10 } else { 40 };
+    let mut samples = vec![Vec::new(); variants.len()];
+    for _ in 0..rounds {
+        for (i, (_, via)) in variants.iter().enumerate() {
+            if let Some(ms) = one(via) {
+                samples[i].push(ms);
+            }
+            // Time for a used spare to be replaced, as between a page's requests.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = writeln!(rep.md, "
+## Latency over a slow link: {ms} ms each way between the hops ({} ms round trip), 1 KiB requests on new connections, one at a time, {rounds} rounds
+
+| path | TTFB p50 ms | TTFB p90 ms | p50 over direct ms |
+|---|---|---|---|", 2 * ms);
+    let q = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let direct_p50 = q(&mut samples[0], 0.5);
+    for (i, (name, _)) in variants.iter().enumerate() {
+        let (p50, p90) = (q(&mut samples[i], 0.5), q(&mut samples[i], 0.9));
+        let _ = writeln!(
+            rep.md,
+            "| {name} | {p50:.1} | {p90:.1} | {:+.1} |",
+            p50 - direct_p50
+        );
+        let key = name.replace([' ', ','], "_");
+        rep.num(&format!("latency.{key}.ttfb_p50_ms"), p50);
+        rep.num(&format!("latency.{key}.ttfb_p90_ms"), p90);
+    }
+    let warm_p50 = q(&mut samples[1], 0.5);
+    let _ = writeln!(
+        rep.md,
+        "
+Target: TLS with warm connections at most direct + 5 ms at the median: {:+.1} ms ({}).",
+        warm_p50 - direct_p50,
+        if warm_p50 <= direct_p50 + 5.0 {
+            "met"
+        } else {
+            "not met"
+        }
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut opts = Opts {
@@ -1355,6 +1476,7 @@ fn main() {
             throughput(&opts, &pairs, reference.as_ref(), origin, r)
         }),
         ("curl", &|r| curl_nginx(&opts, &pairs, r)),
+        ("latency", &|r| latency(&opts, &pairs, origin, r)),
         ("accuracy", &|r| {
             let runs = accuracy(&opts, &st, origin, r);
             std::fs::write(opts.out.join("accuracy.svg"), svg(&runs)).unwrap();

@@ -2,7 +2,10 @@
 # Benchmark: builds in release, then benches/e2e.rs starts remote-proxy and local-proxy on
 # 127.0.0.1 (one pair with TLS between the hops, one with --plaintext) with an in-process
 # origin, and prints throughput, accuracy, fairness, setup rate, scale and CPU beside direct
-# figures, plus one-stream downloads from nginx with curl (beside shadowsocks-libev).
+# figures, plus one-stream downloads from nginx with curl (beside shadowsocks-libev), and
+# time to first byte over a slow link between the hops (FLOWGATE_BENCH_DELAY_MS each way,
+# default 20: a forwarder of the benchmark's own, as the machine has no netem), warm
+# connections on and off, against the client going straight to the origin over that link.
 # Output: bench-out/results.{md,json}, accuracy.svg.
 #   scripts/bench.sh            full run (about 12 minutes)
 #   scripts/bench.sh --quick    short smoke run
