@@ -161,6 +161,15 @@ struct AppRequest {
 
 impl Service for Local {
     fn handle(&self, conn: Accepted, workers: &Workers) -> Handled {
+        let conn = match conn.unless_silent(
+            self.cfg
+                .timeouts
+                .first_byte
+                .min(self.cfg.timeouts.handshake),
+        ) {
+            Ok(conn) => conn,
+            Err(parked) => return parked,
+        };
         let first_byte = conn.first_byte_left(self.cfg.timeouts.first_byte);
         self.serve(conn.stream, conn.id, first_byte, workers);
         Handled::SlotFree

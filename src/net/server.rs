@@ -130,7 +130,33 @@ impl std::os::fd::AsFd for Accepted {
     }
 }
 
+/// How long a new connection may stay silent on its worker before it is parked until its
+/// first byte: a client that connects and sends at once never waits for the parking thread,
+/// one that says nothing (a browser's speculative connection, a port scanner, a flood)
+/// holds a descriptor, not a worker.
+pub const SILENT_LINGER: Duration = Duration::from_millis(20);
+
 impl Accepted {
+    /// The connection itself when it has bytes to read within [`SILENT_LINGER`] (or was
+    /// taken up after parking); otherwise it is parked until its first byte arrives or its
+    /// first-byte timeout `first_byte` (counted from the accept) runs out.
+    ///
+    /// # Errors
+    /// [`Handled::Park`], for the service to return.
+    pub fn unless_silent(self, first_byte: Duration) -> Result<Accepted, Handled> {
+        if self.resume.is_some() || crate::net::sys::readable_within(&self.stream, SILENT_LINGER) {
+            return Ok(self);
+        }
+        Err(Handled::Park(Parked {
+            stream: self.stream,
+            id: self.id,
+            peer: self.peer,
+            accepted_at: self.accepted_at,
+            resume: None,
+            until: self.accepted_at + first_byte,
+        }))
+    }
+
     /// What is left of `first_byte` (the first-byte timeout) since the accept; at least a
     /// moment, so bytes that arrived while it was queued are still read.
     pub fn first_byte_left(&self, first_byte: Duration) -> Duration {
@@ -250,6 +276,8 @@ struct ServeCtx {
     parking: Parking<Accepted>,
     // Parked connections taken up again since start.
     woken: AtomicU64,
+    // Connections closed for their address's idle cap: a line a second, not one each.
+    idle_cap_log: parking_lot::Mutex<EveryInterval>,
 }
 
 /// An admission slot held by the connection a worker is serving. Normally the worker hands
@@ -328,10 +356,14 @@ impl ServeCtx {
         match self.parking.park(conn, key, p.until) {
             Ok(()) => log::debug!("conn={} parked", p.id),
             Err(conn) => {
-                log::info!(
-                    "conn={} closed: its address has the most idle connections allowed",
-                    conn.id
-                );
+                if let Some(n) = self.idle_cap_log.lock().tick(Instant::now()) {
+                    log::info!(
+                        "conn={} closed: its address {} has the most idle connections \
+                         allowed ({n} closed so in the last second)",
+                        conn.id,
+                        conn.peer.ip()
+                    );
+                }
                 self.service.expired(conn);
             }
         }
@@ -576,6 +608,7 @@ impl Server {
             parking: Parking::new(limits.max_idle_per_key)
                 .map_err(|e| StartError::Spawn("parking", e))?,
             woken: AtomicU64::new(0),
+            idle_cap_log: parking_lot::Mutex::new(EveryInterval::new(Duration::from_secs(1))),
         });
         let ctx_for_server = Arc::clone(&ctx);
         let stopping = Arc::new(AtomicBool::new(false));

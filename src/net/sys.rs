@@ -1,7 +1,19 @@
-//! Thin wrappers over system calls the servers need: poll for a peer's hang-up, and the
-//! open-file limit.
+//! Thin wrappers over system calls the servers need: poll for a peer's hang-up or first
+//! bytes, and the open-file limit.
 
 use std::net::TcpStream;
+
+/// Waits up to `wait` for `stream` to have something to read (bytes, or the peer's close);
+/// true if it does. Reads nothing.
+pub fn readable_within(stream: &TcpStream, wait: std::time::Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let rdhup = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN | rdhup)];
+    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+    // A poll error is not "silent": let the caller's read find out what it is.
+    !matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(0))
+}
 
 /// True while the peer has neither closed nor reset: checked without reading, so a queued
 /// connection's bytes stay unread. POLLRDHUP reports a FIN even when data is pending.

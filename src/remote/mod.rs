@@ -547,6 +547,15 @@ impl Remote {
     }
 
     fn handle(&self, conn: Accepted, workers: &Workers) -> Handled {
+        let conn = match conn.unless_silent(
+            self.cfg
+                .timeouts
+                .first_byte
+                .min(self.cfg.timeouts.handshake),
+        ) {
+            Ok(conn) => conn,
+            Err(parked) => return parked,
+        };
         // The socket's first byte is due within the first-byte timeout of the accept, time
         // spent queued included; after a TLS handshake, the request's within that timeout.
         let first_byte = conn.first_byte_left(self.cfg.timeouts.first_byte);

@@ -411,22 +411,28 @@ fn local_proxy_has_its_own_slots() {
 
 #[test]
 fn an_address_at_its_handshake_cap_waits_unread_while_others_pass() {
-    let first_byte = Duration::from_millis(1500);
+    let stall = Duration::from_millis(1500);
     let p = pair_with(
         &[user("alice", "pw", "unlimited")],
         |r| {
             r.admission.max_handshakes_per_key = Some(2);
-            r.timeouts.first_byte = first_byte;
+            r.timeouts.handshake = stall;
         },
         |_| {},
     );
     let o = TargetAddr::Ip(origin());
     let two = std::net::Ipv4Addr::new(127, 0, 0, 2);
     let t = Instant::now();
-    let _silent = [
-        connect_from(two, p.remote_addr()),
-        connect_from(two, p.remote_addr()),
-    ];
+    // Two handshakes from 127.0.0.2 that start (the first byte of a TLS record) and stall:
+    // a silent socket would be parked, holding no place; these hold theirs until the
+    // handshake timeout.
+    let _stalled: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = connect_from(two, p.remote_addr());
+            s.write_all(&[0x16]).unwrap();
+            s
+        })
+        .collect();
     assert!(eventually(Duration::from_secs(1), || p.remote.active() == 2));
     // A third connection from 127.0.0.2 waits for one of those handshakes to end: without a
     // slot, so without a worker.
@@ -451,17 +457,17 @@ fn an_address_at_its_handshake_cap_waits_unread_while_others_pass() {
         rx.try_recv().is_err(),
         "127.0.0.2's third connection passed its cap"
     );
-    // Once the finished tunnel's slot is back, the silent two hold the only ones in use.
+    // Once the finished tunnel's slot is back, the stalled two hold the only ones in use.
     assert!(
         eventually(Duration::from_millis(500), || p.remote.active() == 2),
         "the waiting connection holds a slot"
     );
     assert!(rx.try_recv().is_err());
-    // The silent two are closed at the first-byte timeout; then the third goes on.
+    // The stalled two are closed at the handshake timeout; then the third goes on.
     let (status, at) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(status, Status::Ok);
     assert!(
-        at >= first_byte - Duration::from_millis(100),
+        at >= stall - Duration::from_millis(100),
         "served after {at:?}"
     );
 }
