@@ -162,6 +162,11 @@ impl Setup {
         .args(["--max-connections", "20000", "--max-queued", "20000"])
         .args(&hop)
         .args(WORKER_ARGS);
+        // FLOWGATE_BENCH_WARM=N runs the pairs' local-proxies with `--warm N` (A/B of the
+        // warm pool on loopback); unset, local-proxy's default.
+        if let Ok(n) = std::env::var("FLOWGATE_BENCH_WARM") {
+            l.args(["--warm", &n]);
+        }
         let local = spawn(l);
         let setup = Setup {
             remote,

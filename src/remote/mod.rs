@@ -21,6 +21,7 @@ use crate::net::hop::{Hop, HopError};
 use crate::net::relay::{self, HopEnd};
 use crate::net::server::{
     Accepted, ConnId, Handled, Handshake, Parked, Server, Service, StartError, Triage,
+    SILENT_LINGER,
 };
 use crate::net::sys::{peek_now, peer_alive};
 use crate::net::workers::Workers;
@@ -588,8 +589,13 @@ impl Remote {
             return Handled::SlotFree;
         };
         // A warm connection taken as soon as it was made: its real request may be read
-        // already, into TLS's buffer, where no readiness would ever wake a parked socket.
-        while req.command == Command::Warm && stream.has_buffered_input() {
+        // already, into TLS's buffer, where no readiness would ever wake a parked socket;
+        // or it comes within a moment (a busy local-proxy takes spares as fast as it makes
+        // them), and is read on this worker, saving the parking thread's two wake-ups.
+        while req.command == Command::Warm
+            && (stream.has_buffered_input()
+                || crate::net::sys::readable_within(stream.socket(), SILENT_LINGER))
+        {
             let left = until.saturating_duration_since(Instant::now());
             let Some(next) = self.read_request(&mut stream, id, &peer, first_byte, left) else {
                 return Handled::SlotFree;
