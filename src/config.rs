@@ -165,6 +165,14 @@ pub struct Timeouts {
     pub grace: Duration,
 }
 
+impl Timeouts {
+    /// How long a connection may say nothing at all: the first-byte timeout, or the whole
+    /// handshake's if that is shorter.
+    pub fn silence(&self) -> Duration {
+        self.first_byte.min(self.handshake)
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {

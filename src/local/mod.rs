@@ -161,12 +161,7 @@ struct AppRequest {
 
 impl Service for Local {
     fn handle(&self, conn: Accepted, workers: &Workers) -> Handled {
-        let conn = match conn.unless_silent(
-            self.cfg
-                .timeouts
-                .first_byte
-                .min(self.cfg.timeouts.handshake),
-        ) {
+        let conn = match conn.unless_silent(self.cfg.timeouts.silence()) {
             Ok(conn) => conn,
             Err(parked) => return parked,
         };

@@ -548,12 +548,7 @@ impl Remote {
     }
 
     fn handle(&self, conn: Accepted, workers: &Workers) -> Handled {
-        let conn = match conn.unless_silent(
-            self.cfg
-                .timeouts
-                .first_byte
-                .min(self.cfg.timeouts.handshake),
-        ) {
+        let conn = match conn.unless_silent(self.cfg.timeouts.silence()) {
             Ok(conn) => conn,
             Err(parked) => return parked,
         };
