@@ -80,10 +80,11 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
     let mut server =
         Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local).map_err(Error::Start)?;
     log::info!(
-        "local-proxy listening on {} remotes={} balance={} tls={} user={}",
+        "local-proxy listening on {} remotes={} balance={} warm={} tls={} user={}",
         server.local_addr(),
         cfg.upstreams.remotes.join(","),
         cfg.upstreams.balance,
+        cfg.upstreams.warm,
         trust
             .as_ref()
             .map_or("off (plaintext)".into(), |t| t.describe()),

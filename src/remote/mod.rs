@@ -323,7 +323,8 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
     remote.destinations.write().own = own_sockets(server.local_addr());
     log::info!(
         "remote-proxy listening on {} db={} signup={} max-connections={} max-queued={} \
-         queue-timeout={}s rate-per-ip={} failed-login-rate={}",
+         queue-timeout={}s rate-per-ip={} failed-login-rate={} max-handshakes-per-ip={} \
+         max-idle-per-ip={} warm-idle-timeout={}s",
         server.local_addr(),
         cfg.db.display(),
         match (cfg.allow_signup, cfg.signup_requires_invite) {
@@ -337,6 +338,9 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         cfg.rate_per_ip.map_or("off".into(), |r| r.to_string()),
         cfg.failed_login_rate
             .map_or("off".into(), |r| r.to_string()),
+        cap_text(cfg.admission.max_handshakes_per_key),
+        cap_text(cfg.admission.max_idle_per_key),
+        cfg.warm_idle_timeout.as_secs_f64(),
     );
     if let (true, RemoteTls::StateDir(dir)) = (made, &cfg.tls) {
         log::info!(
@@ -375,6 +379,11 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         .map_err(|e| Error::Start(StartError::Spawn("user watcher", e)))?;
     server.attach(Box::new(stop_tx));
     Ok((server, remote))
+}
+
+/// A cap for a log line: the number, or `none`.
+fn cap_text(cap: Option<usize>) -> String {
+    cap.map_or("none".into(), |n| n.to_string())
 }
 
 /// The sockets a tunnel must never reach, or it would loop into remote-proxy itself: the
