@@ -68,11 +68,16 @@ impl Inner {
 }
 
 impl Spares {
-    /// The newest spare still open, if any.
+    /// The newest spare still open, if any. Only the ones looked at are checked (a system
+    /// call each): this is on a tunnel's path; the warmer drops the others.
     pub fn take(&self) -> Option<Hop> {
         let mut st = self.inner.lock();
-        st.prune(Instant::now());
-        st.spares.pop().map(|s| s.hop)
+        while let Some(s) = st.spares.pop() {
+            if peer_alive(s.hop.socket()) {
+                return Some(s.hop);
+            }
+        }
+        None
     }
 
     /// How many spares are missing to reach `want`, after dropping closed ones; 0 while
