@@ -100,8 +100,9 @@ pub struct ServeArgs {
         default_value_t = Cap(Some(config::DEFAULT_MAX_HANDSHAKES_PER_IP))
     )]
     pub max_handshakes_per_ip: Cap,
-    /// Most idle warm connections (local-proxy's `--warm`) from one client IP; more are
-    /// closed (`none` = no cap).
+    /// Most idle connections parked per client IP (local-proxy's `--warm` ones, and new
+    /// ones that have not spoken yet); past it a warm one is closed and a new one waits on
+    /// a worker (`none` = no cap).
     #[arg(
         long,
         value_name = "N",

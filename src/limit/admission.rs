@@ -26,7 +26,8 @@ pub struct Limits {
     /// Most items of one key (a client address) admitted whose handshake is not over; more
     /// from that key wait, holding no slot, while other keys' items pass them. `None`: no cap.
     pub max_handshakes_per_key: Option<usize>,
-    /// Most idle (parked) connections of one key; more are closed. `None`: no cap.
+    /// Most idle (parked) connections of one key; past it a warm one is closed and a new
+    /// one is served on a worker instead. `None`: no cap.
     pub max_idle_per_key: Option<usize>,
 }
 

@@ -122,6 +122,8 @@ pub struct Accepted {
     /// What the service left with it when it parked it ([`Parked::resume`]); `None` for a
     /// new connection.
     pub resume: Option<Box<dyn Any + Send>>,
+    // Its address had the most parked connections allowed: it waits on its worker instead.
+    no_park: bool,
 }
 
 impl std::os::fd::AsFd for Accepted {
@@ -144,7 +146,10 @@ impl Accepted {
     /// # Errors
     /// [`Handled::Park`], for the service to return.
     pub fn unless_silent(self, first_byte: Duration) -> Result<Accepted, Handled> {
-        if self.resume.is_some() || crate::net::sys::readable_within(&self.stream, SILENT_LINGER) {
+        if self.resume.is_some()
+            || self.no_park
+            || crate::net::sys::readable_within(&self.stream, SILENT_LINGER)
+        {
             return Ok(self);
         }
         Err(Handled::Park(Parked {
@@ -343,7 +348,7 @@ impl ServeCtx {
 
     /// Parks a connection its service is done with for now; past its address's cap it is
     /// closed instead.
-    fn park(&self, p: Parked) {
+    fn park(self: &Arc<Self>, p: Parked) {
         let conn = Accepted {
             stream: p.stream,
             id: p.id,
@@ -351,20 +356,30 @@ impl ServeCtx {
             accepted_at: p.accepted_at,
             handshake: Handshake(None),
             resume: p.resume,
+            no_park: false,
         };
         let key = Some(crate::limit::destinations::canonical(conn.peer.ip()));
         match self.parking.park(conn, key, p.until) {
             Ok(()) => log::debug!("conn={} parked", p.id),
-            Err(conn) => {
+            Err(mut conn) => {
                 if let Some(n) = self.idle_cap_log.lock().tick(Instant::now()) {
                     log::info!(
-                        "conn={} closed: its address {} has the most idle connections \
-                         allowed ({n} closed so in the last second)",
+                        "conn={} not parked: its address {} has the most idle connections \
+                         allowed ({n} so in the last second)",
                         conn.id,
                         conn.peer.ip()
                     );
                 }
-                self.service.expired(conn);
+                match conn.resume {
+                    // A warm connection past the cap is closed; local-proxy backs off.
+                    Some(_) => self.service.expired(conn),
+                    // A new one that is only slow to speak (a client starved of CPU) is
+                    // served on a worker as before parking, under the handshake cap.
+                    None => {
+                        conn.no_park = true;
+                        self.admit(conn);
+                    }
+                }
             }
         }
     }
@@ -808,6 +823,7 @@ fn accept_loop(listener: TcpListener, ctx: Arc<ServeCtx>, stopping: Arc<AtomicBo
                     accepted_at: Instant::now(),
                     handshake: Handshake(None),
                     resume: None,
+                    no_park: false,
                 });
             }
             Err(e) => {

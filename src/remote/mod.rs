@@ -571,6 +571,7 @@ impl Remote {
             accepted_at,
             handshake,
             resume,
+            ..
         } = conn;
         let peer = peer_addr.to_string();
         let _ = stream.set_nodelay(true);

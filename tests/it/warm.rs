@@ -267,3 +267,37 @@ fn a_remote_restart_throws_its_warm_connections_away_without_failing_an_app() {
         download_and_verify(&mut s, "o", 1000);
     });
 }
+
+#[test]
+fn connections_slow_to_speak_past_the_idle_cap_are_still_served() {
+    // A client starved of CPU may connect and write its request only later: past its
+    // address's idle cap such a connection waits on a worker instead of being parked, and
+    // is served, not closed.
+    let p = pair_with(
+        &[user("alice", "pw", "unlimited")],
+        |r| {
+            plaintext(r);
+            r.admission.max_idle_per_key = Some(2);
+        },
+        |l| l.upstreams.warm = 0,
+    );
+    let two = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut slow: Vec<std::net::TcpStream> =
+        (0..5).map(|_| connect_from(two, p.remote_addr())).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.remote.parked(), 2);
+    for s in &mut slow {
+        let req = Request {
+            tunnel_id: Some(tunnel::TunnelId(9)),
+            command: tunnel::Command::Connect,
+            user: "alice".into(),
+            password: "pw".into(),
+            target: Some(TargetAddr::Ip(origin())),
+            invite: None,
+        };
+        tunnel::write_request(s, &req).unwrap();
+    }
+    for s in &mut slow {
+        assert_eq!(tunnel::read_reply(s).unwrap().status, Status::Ok);
+    }
+}
