@@ -145,7 +145,7 @@ impl Upstreams {
                 index,
             };
             let answer = match self.on_spare(index, &bytes, reply_wait) {
-                Some(answer) => answer,
+                Some(answered) => Ok(answered),
                 None => connect::exchange(
                     &addrs,
                     &up.link,
@@ -173,28 +173,25 @@ impl Upstreams {
     }
 
     /// Sends the request on one of remote `index`'s warm connections, if it has one. `None`
-    /// when there is none, or when the one taken turned out closed before it answered (the
-    /// remote expired it, or restarted): the caller opens a fresh connection then, so the
-    /// app never sees it. Nothing of the app's has been sent at that point.
-    fn on_spare(
-        &self,
-        index: usize,
-        bytes: &[u8],
-        reply_wait: Duration,
-    ) -> Option<Result<(Hop, Reply), TunnelError>> {
+    /// when there is none, or when the one taken failed before it answered (the remote
+    /// expired it, or restarted): the caller opens a fresh connection then, so the app never
+    /// sees it. Nothing of the app's has been sent at that point.
+    fn on_spare(&self, index: usize, bytes: &[u8], reply_wait: Duration) -> Option<(Hop, Reply)> {
         let up = &self.remotes[index];
         let mut hop = up.spares.take()?;
         let _ = self.warm_taken.0.try_send(());
         match connect::request_on(&mut hop, bytes, reply_wait) {
-            Ok(reply) => Some(Ok((hop, reply))),
-            Err(TunnelError::Remote(e)) => {
+            Ok(reply) => Some((hop, reply)),
+            // Whatever went wrong with a spare (closed, reset, or an answer that is not a
+            // reply), a fresh connection decides: nothing of the app's has been sent, and a
+            // spare's failure must not mark the remote down.
+            Err(e) => {
                 log::debug!(
-                    "remote={} warm connection closed before answering ({e}); using a new one",
+                    "remote={} warm connection failed before answering ({e}); using a new one",
                     up.name
                 );
                 None
             }
-            Err(e) => Some(Err(e)),
         }
     }
 
