@@ -34,14 +34,7 @@ fn parked_tunnels_hold_no_slot(mode: fn(&mut flowgate::config::RemoteConfig)) {
     let held: Vec<RawHop> = spares.into_iter().take(2).collect();
     let mut tunnels = Vec::new();
     for mut s in held {
-        let req = Request {
-            tunnel_id: Some(tunnel::TunnelId(7)),
-            command: tunnel::Command::Connect,
-            user: "alice".into(),
-            password: "pw".into(),
-            target: Some(o.clone()),
-            invite: None,
-        };
+        let req = connect_request("alice", "pw", o.clone());
         tunnel::write_request(&mut s, &req).unwrap();
         assert_eq!(tunnel::read_reply(&mut s).unwrap().status, Status::Ok);
         tunnels.push(s);
@@ -287,14 +280,7 @@ fn connections_slow_to_speak_past_the_idle_cap_are_still_served() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(p.remote.parked(), 2);
     for s in &mut slow {
-        let req = Request {
-            tunnel_id: Some(tunnel::TunnelId(9)),
-            command: tunnel::Command::Connect,
-            user: "alice".into(),
-            password: "pw".into(),
-            target: Some(TargetAddr::Ip(origin())),
-            invite: None,
-        };
+        let req = connect_request("alice", "pw", TargetAddr::Ip(origin()));
         tunnel::write_request(s, &req).unwrap();
     }
     for s in &mut slow {

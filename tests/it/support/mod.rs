@@ -690,16 +690,25 @@ pub fn tunnel_reply_on(
     target: flowgate::proto::addr::TargetAddr,
 ) -> flowgate::proto::tunnel::Reply {
     use flowgate::proto::tunnel;
-    let req = tunnel::Request {
+    tunnel::write_request(&mut s, &connect_request(user, pw, target)).unwrap();
+    tunnel::read_reply(&mut s).unwrap()
+}
+
+/// A tunnel `CONNECT` request as local-proxy sends it.
+pub fn connect_request(
+    user: &str,
+    pw: &str,
+    target: flowgate::proto::addr::TargetAddr,
+) -> flowgate::proto::tunnel::Request {
+    use flowgate::proto::tunnel;
+    tunnel::Request {
         tunnel_id: Some(tunnel::TunnelId(1)),
         command: tunnel::Command::Connect,
         user: user.into(),
         password: pw.into(),
         target: Some(target),
         invite: None,
-    };
-    tunnel::write_request(&mut s, &req).unwrap();
-    tunnel::read_reply(&mut s).unwrap()
+    }
 }
 
 /// Like [`tunnel_reply`], just the status.
