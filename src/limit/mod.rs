@@ -8,7 +8,10 @@
 
 pub mod admission;
 pub mod bucket;
+pub mod calendar;
 pub mod clock;
 pub mod destinations;
+pub mod meter;
+pub mod quota;
 pub mod rate;
 pub mod throttle;

@@ -105,61 +105,76 @@ impl FromStr for Bandwidth {
             return Ok(Bandwidth::UNLIMITED);
         }
         let body = lower.strip_suffix("/s").unwrap_or(&lower).trim_end();
-        let split = body
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(body.len());
-        let (num, unit) = body.split_at(split);
-        let unit = unit.trim();
-        let mult = UNITS
-            .iter()
-            .find(|(u, _)| *u == unit)
-            .map(|(_, m)| *m)
-            .ok_or_else(|| Error::BadUnit(unit.to_string()))?;
-        if num.is_empty()
-            || num.starts_with('.')
-            || num.ends_with('.')
-            || num.matches('.').count() > 1
-        {
-            return Err(Error::BadNumber(num.to_string()));
-        }
-        let (int_part, frac_part) = num.split_once('.').unwrap_or((num, ""));
-        let int: u64 = int_part.parse().map_err(|_| Error::TooLarge)?;
-        let mut total = int.checked_mul(mult).ok_or(Error::TooLarge)?;
-        // Fractions are computed exactly in integers: "1.5M" is 1_500_000, not 1_499_999.
-        if !frac_part.is_empty() {
-            let digits = frac_part.len().min(18) as u32;
-            let frac: u64 = frac_part[..digits as usize]
-                .parse()
-                .map_err(|_| Error::BadNumber(num.to_string()))?;
-            let scaled = (frac as u128 * mult as u128) / 10u128.pow(digits);
-            total = total.checked_add(scaled as u64).ok_or(Error::TooLarge)?;
-        }
-        if total == 0 {
-            return Err(Error::Zero);
-        }
-        Ok(Bandwidth(Some(total)))
+        parse_amount(body).map(|n| Bandwidth(Some(n)))
     }
+}
+
+/// Parses an amount of bytes with the units of this module (`10GB`, `1.5MiB`, `500`), above
+/// zero; shared by bandwidths and volume quotas so both read the same way.
+///
+/// # Errors
+/// `Empty`, `BadNumber`, `BadUnit`, `Zero` or `TooLarge`.
+pub fn parse_amount(s: &str) -> Result<u64, Error> {
+    let body = s.trim().to_ascii_lowercase();
+    if body.is_empty() {
+        return Err(Error::Empty);
+    }
+    let split = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let (num, unit) = body.split_at(split);
+    let unit = unit.trim();
+    let mult = UNITS
+        .iter()
+        .find(|(u, _)| *u == unit)
+        .map(|(_, m)| *m)
+        .ok_or_else(|| Error::BadUnit(unit.to_string()))?;
+    if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1
+    {
+        return Err(Error::BadNumber(num.to_string()));
+    }
+    let (int_part, frac_part) = num.split_once('.').unwrap_or((num, ""));
+    let int: u64 = int_part.parse().map_err(|_| Error::TooLarge)?;
+    let mut total = int.checked_mul(mult).ok_or(Error::TooLarge)?;
+    // Fractions are computed exactly in integers: "1.5M" is 1_500_000, not 1_499_999.
+    if !frac_part.is_empty() {
+        let digits = frac_part.len().min(18) as u32;
+        let frac: u64 = frac_part[..digits as usize]
+            .parse()
+            .map_err(|_| Error::BadNumber(num.to_string()))?;
+        let scaled = (frac as u128 * mult as u128) / 10u128.pow(digits);
+        total = total.checked_add(scaled as u64).ok_or(Error::TooLarge)?;
+    }
+    if total == 0 {
+        return Err(Error::Zero);
+    }
+    Ok(total)
+}
+
+/// The shortest exact form of `v` bytes that [`parse_amount`] reads back (`2MiB`, `500K`).
+pub fn format_amount(v: u64) -> String {
+    for (unit, mult) in [
+        ("GiB", 1u64 << 30),
+        ("G", 1_000_000_000),
+        ("MiB", 1 << 20),
+        ("M", 1_000_000),
+        ("KiB", 1 << 10),
+        ("K", 1_000),
+    ] {
+        if v >= mult && v % mult == 0 {
+            return format!("{}{unit}", v / mult);
+        }
+    }
+    v.to_string()
 }
 
 impl fmt::Display for Bandwidth {
     /// Prints the shortest exact form that parses back to the same value (`2MiB/s`, `500K/s`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Some(v) = self.0 else {
-            return write!(f, "unlimited");
-        };
-        for (unit, mult) in [
-            ("GiB", 1u64 << 30),
-            ("G", 1_000_000_000),
-            ("MiB", 1 << 20),
-            ("M", 1_000_000),
-            ("KiB", 1 << 10),
-            ("K", 1_000),
-        ] {
-            if v >= mult && v % mult == 0 {
-                return write!(f, "{}{unit}/s", v / mult);
-            }
+        match self.0 {
+            None => write!(f, "unlimited"),
+            Some(v) => write!(f, "{}/s", format_amount(v)),
         }
-        write!(f, "{v}/s")
     }
 }
 

@@ -537,6 +537,7 @@ impl Local {
         let opts = relay::Options {
             bucket: None,
             idle_timeout: self.cfg.timeouts.idle,
+            meter: None,
         };
         let stats = relay::relay_hop(remote, relay::HopEnd::Target, app, &opts, workers);
         log::info!(

@@ -1024,6 +1024,7 @@ impl Remote {
         let opts = relay::Options {
             bucket: Some(bucket),
             idle_timeout: self.cfg.timeouts.idle,
+            meter: None,
         };
         use std::sync::atomic::Ordering::AcqRel;
         self.open_tunnels.fetch_add(1, AcqRel);

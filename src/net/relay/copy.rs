@@ -1,8 +1,8 @@
 //! The copying relay, for sockets splice(2) cannot serve: each direction on its own thread,
 //! through a user-space buffer.
 
-use super::{shutdown_both, Activity, Options, Stats};
-use crate::limit::bucket::SharedBucket;
+use super::{shutdown_both, Activity, Options, Payer, Stats};
+use crate::limit::meter::Direction;
 use crate::net::workers::Workers;
 use crate::proto::is_timeout;
 use std::io::{self, Read, Write};
@@ -22,6 +22,8 @@ enum End {
     Idle,
     /// A read or write failed; both sockets were shut down.
     Failed,
+    /// The user's quota is used up; both sockets were shut down.
+    QuotaUsedUp,
 }
 
 /// The copying relay: each direction on its own thread, for sockets splice(2) cannot serve.
@@ -50,20 +52,26 @@ pub(super) fn relay_threaded(
     let (done_tx, done_rx) = crossbeam_channel::bounded::<(u64, End)>(1);
     {
         let (src, dst) = (Arc::clone(&client), Arc::clone(&target));
-        let (bucket, idle, act) = (
+        let (bucket, meter, idle, act) = (
             opts.bucket.clone(),
+            opts.meter.clone(),
             opts.idle_timeout,
             Arc::clone(&activity),
         );
         workers.spawn(move || {
-            let r = pump(&src, &dst, bucket.as_ref(), idle, &act);
+            let payer = Payer {
+                bucket: bucket.as_ref(),
+                meter: meter.as_ref(),
+            };
+            let r = pump(&src, &dst, payer, Direction::Up, idle, &act);
             let _ = done_tx.send(r);
         });
     }
     let (down, down_end) = pump(
         &target,
         &client,
-        opts.bucket.as_ref(),
+        Payer::of(opts),
+        Direction::Down,
         opts.idle_timeout,
         &activity,
     );
@@ -73,10 +81,12 @@ pub(super) fn relay_threaded(
         Err(_) => (0, End::Failed),
     };
     let idle_closed = matches!(down_end, End::Idle) || matches!(up_end, End::Idle);
+    let quota_closed = matches!(down_end, End::QuotaUsedUp) || matches!(up_end, End::QuotaUsedUp);
     Stats {
         up,
         down,
         idle_closed,
+        quota_closed,
     }
 }
 
@@ -84,20 +94,22 @@ pub(super) fn relay_threaded(
 fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    bucket: Option<&Arc<SharedBucket>>,
+    payer: Payer<'_>,
+    dir: Direction,
     idle: Option<Duration>,
     activity: &Activity,
 ) -> (u64, End) {
-    let _registered = bucket.map(|b| b.register());
+    let _registered = payer.bucket.map(|b| b.register());
     let mut buf = vec![0u8; INITIAL_BUFFER];
     let mut total = 0u64;
     let mut reader = src;
     let mut writer = dst;
     loop {
-        let limit = match bucket {
-            Some(b) => b.chunk_limit(buf.len()),
-            None => buf.len(),
-        };
+        let limit = payer.limit(buf.len());
+        if limit == 0 {
+            shutdown_both(src, dst);
+            return (total, End::QuotaUsedUp);
+        }
         let n = match reader.read(&mut buf[..limit]) {
             Ok(0) => {
                 // Pass the FIN on; the other direction may still have bytes to carry.
@@ -121,9 +133,7 @@ fn pump(
                 return (total, End::Failed);
             }
         };
-        if let Some(b) = bucket {
-            b.acquire(n as u64);
-        }
+        payer.pay(dir, n);
         if let Err(e) = writer.write_all(&buf[..n]) {
             log::trace!("relay write failed: {e}");
             shutdown_both(src, dst);

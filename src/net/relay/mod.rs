@@ -16,6 +16,7 @@ mod splice;
 mod tls;
 
 use crate::limit::bucket::SharedBucket;
+use crate::limit::meter::{Direction, Meter};
 use crate::net::hop::Hop;
 use crate::net::workers::Workers;
 use std::net::{Shutdown, TcpStream};
@@ -37,6 +38,8 @@ pub struct Stats {
     pub down: u64,
     /// True when the tunnel was closed for being idle.
     pub idle_closed: bool,
+    /// True when the tunnel was closed because the user's volume quota ran out.
+    pub quota_closed: bool,
 }
 
 /// Options for one relay.
@@ -46,6 +49,53 @@ pub struct Options {
     pub bucket: Option<Arc<SharedBucket>>,
     /// Close when neither direction moved a byte for this long.
     pub idle_timeout: Option<Duration>,
+    /// Where the bytes are counted as they move; its quota, when it has one, ends the
+    /// relay once used up (no read takes more than is left).
+    pub meter: Option<Arc<Meter>>,
+}
+
+/// What one chunk pays: the bucket's wait and the meter's count. Both directions of every
+/// relay go through this, so a new kind of relay cannot forget one of them.
+#[derive(Clone, Copy)]
+struct Payer<'a> {
+    bucket: Option<&'a Arc<SharedBucket>>,
+    meter: Option<&'a Arc<Meter>>,
+}
+
+impl<'a> Payer<'a> {
+    fn of(opts: &'a Options) -> Payer<'a> {
+        Payer {
+            bucket: opts.bucket.as_ref(),
+            meter: opts.meter.as_ref(),
+        }
+    }
+
+    /// How much the next read may take of `want`: the bucket's fair share, no more than the
+    /// quota has left. 0 means the quota is used up and the relay must end.
+    fn limit(&self, want: usize) -> usize {
+        let share = self.bucket.map_or(want, |b| b.chunk_limit(want));
+        self.meter.map_or(share, |m| m.allowance(share))
+    }
+
+    /// Waits for the bucket to allow `n` bytes just read, and counts them.
+    fn pay(&self, dir: Direction, n: usize) {
+        if let Some(b) = self.bucket {
+            b.acquire(n as u64);
+        }
+        if let Some(m) = self.meter {
+            m.moved(dir, n as u64);
+        }
+    }
+
+    /// Registers both directions with the bucket, for its fair shares.
+    fn register(
+        &self,
+    ) -> Option<(
+        crate::limit::bucket::PumpGuard,
+        crate::limit::bucket::PumpGuard,
+    )> {
+        self.bucket.map(|b| (b.register(), b.register()))
+    }
 }
 
 /// Shared between the two directions of one tunnel.
@@ -132,7 +182,11 @@ pub fn relay_hop(
         ((sock, None), HopEnd::Client) => relay(sock, plain, opts, workers),
         ((sock, None), HopEnd::Target) => relay(plain, sock, opts, workers),
         ((sock, Some(mut conn)), end) => {
-            let m = tls::relay_tls(&mut conn, &sock, &plain, opts);
+            let from_tls = match end {
+                HopEnd::Client => Direction::Up,
+                HopEnd::Target => Direction::Down,
+            };
+            let m = tls::relay_tls(&mut conn, &sock, &plain, opts, from_tls);
             let (up, down) = match end {
                 HopEnd::Client => (m.from_tls, m.to_tls),
                 HopEnd::Target => (m.to_tls, m.from_tls),
@@ -141,6 +195,7 @@ pub fn relay_hop(
                 up,
                 down,
                 idle_closed: m.idle_closed,
+                quota_closed: m.quota_closed,
             }
         }
     }
@@ -174,6 +229,7 @@ mod tests {
         let opts = Options {
             bucket: Some(Arc::new(SharedBucket::new(Bandwidth::UNLIMITED))),
             idle_timeout: Some(Duration::from_secs(30)),
+            meter: None,
         };
         let relay = std::thread::spawn(move || run(client, target, &opts));
         let n = 3_000_000usize;
@@ -231,6 +287,7 @@ mod tests {
             let opts = Options {
                 bucket: None,
                 idle_timeout: Some(Duration::from_secs(30)),
+                meter: None,
             };
             let relay =
                 std::thread::spawn(move || relay_spliced(&client, &target, &opts).expect("splice"));
@@ -269,12 +326,60 @@ mod tests {
         }
     }
 
+    /// Sends more than the quota through `run`; the relay must end having moved exactly it.
+    fn stops_at_the_quota(run: fn(TcpStream, TcpStream, &Options) -> Stats) {
+        let (mut app, client, target, mut origin) = sockets();
+        let meter = Arc::new(Meter::default());
+        meter.set_left(Some(300_000));
+        let opts = Options {
+            bucket: None,
+            idle_timeout: Some(Duration::from_secs(30)),
+            meter: Some(Arc::clone(&meter)),
+        };
+        let relay = std::thread::spawn(move || run(client, target, &opts));
+        let writer = std::thread::spawn(move || {
+            let _ = app.write_all(&vec![7u8; 2_000_000]);
+        });
+        let mut got = Vec::new();
+        let _ = origin.read_to_end(&mut got);
+        let stats = relay.join().unwrap();
+        writer.join().unwrap();
+        assert!(stats.quota_closed);
+        assert_eq!(stats.up, 300_000);
+        assert_eq!(got.len(), 300_000, "the target got exactly the quota");
+        assert_eq!(meter.totals(), (300_000, 0));
+    }
+
+    #[test]
+    fn spliced_relay_stops_at_the_quota() {
+        stops_at_the_quota(|c, t, o| relay_spliced(&c, &t, o).expect("splice"));
+    }
+
+    #[test]
+    fn copying_relay_stops_at_the_quota() {
+        stops_at_the_quota(|c, t, o| {
+            relay_threaded(
+                c,
+                t,
+                o,
+                &Workers::new(
+                    "test",
+                    crate::net::workers::PoolConfig {
+                        max_workers: 8,
+                        idle_timeout: Duration::from_secs(10),
+                    },
+                ),
+            )
+        });
+    }
+
     #[test]
     fn an_idle_tunnel_is_closed() {
         let (mut app, client, target, _origin) = sockets();
         let opts = Options {
             bucket: None,
             idle_timeout: Some(Duration::from_millis(300)),
+            meter: None,
         };
         let t = Instant::now();
         let stats = relay(

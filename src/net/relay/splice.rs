@@ -2,19 +2,19 @@
 //! through a pipe taken from the pool (pipes.rs) for each chunk.
 
 use super::pipes::{self, Pipe, MAX_PIPE};
-use super::{shutdown_both, Activity, Options, Stats};
-use crate::limit::bucket::SharedBucket;
+use super::{shutdown_both, Activity, Options, Payer, Stats};
+use crate::limit::meter::Direction;
 use nix::errno::Errno;
 use nix::fcntl::{splice, SpliceFFlags};
 use nix::poll::{poll, PollFd, PollFlags};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::Arc;
 
 /// One direction of [`relay_spliced`].
 struct Dir<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
+    dir: Direction,
     // The pipe holding this direction's chunk in flight; `None` while nothing is in flight.
     pipe: Option<Pipe>,
     // A chunk once filled a pipe: take grown pipes from the pool.
@@ -36,6 +36,8 @@ enum Step {
     Wait,
     /// A read or write failed: tear the tunnel down.
     Failed,
+    /// The user's quota is used up: tear the tunnel down.
+    QuotaUsedUp,
     /// splice(2) does not work here and nothing has moved yet: copy instead.
     Unsupported,
 }
@@ -78,12 +80,7 @@ impl Dir<'_> {
     }
 
     /// Moves the next chunk from `src` into the pipe, pays for it, and writes it out.
-    fn fill(
-        &mut self,
-        bucket: Option<&Arc<SharedBucket>>,
-        activity: &Activity,
-        nothing_moved: bool,
-    ) -> Step {
+    fn fill(&mut self, payer: Payer<'_>, activity: &Activity, nothing_moved: bool) -> Step {
         if self.pipe.is_none() {
             match pipes::take(self.bulk) {
                 Ok(p) => self.pipe = Some(p),
@@ -101,7 +98,10 @@ impl Dir<'_> {
             return Step::Failed;
         };
         let size = pipe.capacity;
-        let limit = bucket.map_or(size, |b| b.chunk_limit(size));
+        let limit = payer.limit(size);
+        if limit == 0 {
+            return Step::QuotaUsedUp;
+        }
         match splice(self.src, None, &pipe.write, None, limit, flags()) {
             Ok(0) => {
                 self.eof = true;
@@ -112,9 +112,7 @@ impl Dir<'_> {
                     pipe.grow();
                     self.bulk = true;
                 }
-                if let Some(b) = bucket {
-                    b.acquire(n as u64);
-                }
+                payer.pay(self.dir, n);
                 self.pending = n;
                 self.total += n as u64;
                 activity.touch();
@@ -175,12 +173,13 @@ pub(super) fn relay_spliced(
     if client.set_nonblocking(true).is_err() || target.set_nonblocking(true).is_err() {
         return None;
     }
-    let _guards = opts.bucket.as_ref().map(|b| (b.register(), b.register()));
-    let bucket = opts.bucket.as_ref();
+    let payer = Payer::of(opts);
+    let _guards = payer.register();
     let activity = Activity::new();
-    let new_dir = |src, dst| Dir {
+    let new_dir = |src, dst, dir| Dir {
         src,
         dst,
+        dir,
         pipe: None,
         bulk: false,
         pending: 0,
@@ -188,10 +187,11 @@ pub(super) fn relay_spliced(
         done: false,
         total: 0,
     };
-    let mut up = new_dir(client, target);
-    let mut down = new_dir(target, client);
+    let mut up = new_dir(client, target, Direction::Up);
+    let mut down = new_dir(target, client, Direction::Down);
     let tick = Activity::tick(opts.idle_timeout);
     let mut idle_closed = false;
+    let mut quota_closed = false;
     while !(up.done && down.done) {
         let ev = |read: bool, write: bool| {
             let mut f = PollFlags::empty();
@@ -261,13 +261,17 @@ pub(super) fn relay_spliced(
             steps[1] = down.flush();
         }
         if up.wants_read() && c_in {
-            steps[2] = up.fill(bucket, &activity, nothing_moved);
+            steps[2] = up.fill(payer, &activity, nothing_moved);
         }
         if down.wants_read() && t_in {
-            steps[3] = down.fill(bucket, &activity, nothing_moved);
+            steps[3] = down.fill(payer, &activity, nothing_moved);
         }
         if steps.iter().any(|s| matches!(s, Step::Unsupported)) {
             return None;
+        }
+        if steps.iter().any(|s| matches!(s, Step::QuotaUsedUp)) {
+            quota_closed = true;
+            break;
         }
         if steps.iter().any(|s| matches!(s, Step::Failed)) {
             break;
@@ -280,5 +284,6 @@ pub(super) fn relay_spliced(
         up: up.total,
         down: down.total,
         idle_closed,
+        quota_closed,
     })
 }

@@ -13,15 +13,14 @@ use super::copy::INITIAL_BUFFER;
 /// Largest buffer of a direction: 64 records of 16 KiB, what rustls sends in one vectored
 /// write.
 const MAX_BUFFER: usize = 1024 * 1024;
-use super::{Activity, Options};
-use crate::limit::bucket::SharedBucket;
+use super::{Activity, Options, Payer};
+use crate::limit::meter::Direction;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::Connection;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// After this long without an event, a tunnel's buffers are given back.
@@ -32,6 +31,7 @@ pub(super) struct Moved {
     pub from_tls: u64,
     pub to_tls: u64,
     pub idle_closed: bool,
+    pub quota_closed: bool,
 }
 
 /// A buffer holding `data[start..end]`, allocated only while in use.
@@ -71,14 +71,19 @@ impl Buf {
     }
 }
 
-/// A read or write failed, or TLS failed: tear the tunnel down.
-struct Failed;
+/// A read or write failed, TLS failed, or the quota is used up: tear the tunnel down.
+enum Failed {
+    Io,
+    QuotaUsedUp,
+}
 
 struct State<'a> {
     conn: &'a mut Connection,
     tls: &'a TcpStream,
     plain: &'a TcpStream,
-    bucket: Option<&'a Arc<SharedBucket>>,
+    payer: Payer<'a>,
+    // Which way bytes read from the TLS leg go (up at remote-proxy, down at local-proxy).
+    from_tls_dir: Direction,
     activity: &'a Activity,
     // Ciphertext read from the TLS socket, not yet given to rustls.
     raw: Buf,
@@ -141,7 +146,10 @@ impl State<'_> {
             return Ok(());
         }
         let cap = self.out.reset().len();
-        let limit = self.bucket.map_or(cap, |b| b.chunk_limit(cap));
+        let limit = self.payer.limit(cap);
+        if limit == 0 {
+            return Err(Failed::QuotaUsedUp);
+        }
         let mut got = 0;
         loop {
             match self.conn.reader().read(&mut self.out.data[got..limit]) {
@@ -160,7 +168,7 @@ impl State<'_> {
                 Err(e) => {
                     // An EOF without close_notify: the peer died or the stream was cut.
                     log::trace!("relay tls read failed: {e}");
-                    return Err(Failed);
+                    return Err(Failed::Io);
                 }
             }
             if !self.feed_rustls()? {
@@ -168,9 +176,7 @@ impl State<'_> {
             }
         }
         if got > 0 {
-            if let Some(b) = self.bucket {
-                b.acquire(got as u64);
-            }
+            self.payer.pay(self.from_tls_dir, got);
             self.out.end = got;
             self.from_tls += got as u64;
             self.activity.touch();
@@ -205,7 +211,7 @@ impl State<'_> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
                 Err(e) => {
                     log::trace!("relay tls socket read failed: {e}");
-                    return Err(Failed);
+                    return Err(Failed::Io);
                 }
             }
         }
@@ -214,7 +220,7 @@ impl State<'_> {
             Ok(n) => self.raw.start += n,
             Err(e) => {
                 log::trace!("relay tls buffer refused: {e}");
-                return Err(Failed);
+                return Err(Failed::Io);
             }
         }
         self.process().map(|()| true)
@@ -225,7 +231,7 @@ impl State<'_> {
             log::debug!("relay tls failed: {e}");
             // Send the alert rustls queued, if the socket takes it.
             let _ = self.conn.write_tls(&mut &*self.tls);
-            return Err(Failed);
+            return Err(Failed::Io);
         }
         Ok(())
     }
@@ -233,13 +239,13 @@ impl State<'_> {
     fn write_out(&mut self) -> Result<(), Failed> {
         while !self.out.is_empty() {
             match (&*self.plain).write(&self.out.data[self.out.start..self.out.end]) {
-                Ok(0) => return Err(Failed),
+                Ok(0) => return Err(Failed::Io),
                 Ok(n) => self.out.start += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::trace!("relay plain write failed: {e}");
-                    return Err(Failed);
+                    return Err(Failed::Io);
                 }
             }
         }
@@ -253,18 +259,23 @@ impl State<'_> {
             return Ok(());
         }
         let cap = self.input.reset().len();
-        let limit = self.bucket.map_or(cap, |b| b.chunk_limit(cap));
+        let limit = self.payer.limit(cap);
+        if limit == 0 {
+            return Err(Failed::QuotaUsedUp);
+        }
         match (&*self.plain).read(&mut self.input.data[..limit]) {
             Ok(0) => {
                 self.plain_eof = true;
                 self.conn.send_close_notify();
             }
             Ok(n) => {
-                if let Some(b) = self.bucket {
-                    b.acquire(n as u64);
-                }
+                let to_tls_dir = match self.from_tls_dir {
+                    Direction::Up => Direction::Down,
+                    Direction::Down => Direction::Up,
+                };
+                self.payer.pay(to_tls_dir, n);
                 if self.conn.writer().write_all(&self.input.data[..n]).is_err() {
-                    return Err(Failed);
+                    return Err(Failed::Io);
                 }
                 self.to_tls += n as u64;
                 self.activity.touch();
@@ -274,7 +285,7 @@ impl State<'_> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 log::trace!("relay plain read failed: {e}");
-                return Err(Failed);
+                return Err(Failed::Io);
             }
         }
         Ok(())
@@ -283,13 +294,13 @@ impl State<'_> {
     fn flush_tls(&mut self) -> Result<(), Failed> {
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut &*self.tls) {
-                Ok(0) => return Err(Failed),
+                Ok(0) => return Err(Failed::Io),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::trace!("relay tls write failed: {e}");
-                    return Err(Failed);
+                    return Err(Failed::Io);
                 }
             }
         }
@@ -329,19 +340,22 @@ pub(super) fn relay_tls(
     tls: &TcpStream,
     plain: &TcpStream,
     opts: &Options,
+    from_tls_dir: Direction,
 ) -> Moved {
     let _ = tls.set_nonblocking(true);
     let _ = plain.set_nonblocking(true);
     // rustls caps unsent records at 64 KiB by default and then takes only part of a write;
     // the relay bounds them itself (no plain read while records wait), to one read's worth.
     conn.set_buffer_limit(None);
-    let _guards = opts.bucket.as_ref().map(|b| (b.register(), b.register()));
+    let payer = Payer::of(opts);
+    let _guards = payer.register();
     let activity = Activity::new();
     let mut s = State {
         conn,
         tls,
         plain,
-        bucket: opts.bucket.as_ref(),
+        payer,
+        from_tls_dir,
         activity: &activity,
         raw: Buf::default(),
         out: Buf::default(),
@@ -362,10 +376,12 @@ pub(super) fn relay_tls(
     let mut ready = true;
     let mut idle_closed = false;
     let mut failed = false;
+    let mut quota_closed = false;
     loop {
         if ready {
-            if s.step().is_err() {
+            if let Err(why) = s.step() {
                 failed = true;
+                quota_closed = matches!(why, Failed::QuotaUsedUp);
                 break;
             }
             if s.done() {
@@ -415,5 +431,6 @@ pub(super) fn relay_tls(
         from_tls: s.from_tls,
         to_tls: s.to_tls,
         idle_closed,
+        quota_closed,
     }
 }
