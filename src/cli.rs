@@ -3,6 +3,7 @@
 
 use crate::config::{self, Credentials, LocalConfig, RemoteConfig, Timeouts};
 use crate::limit::admission::Limits;
+use crate::limit::quota::MaybeQuota;
 use crate::limit::rate::{Bandwidth, RequestRate};
 use crate::net::workers::PoolConfig;
 use crate::users::Changes;
@@ -52,6 +53,8 @@ pub enum RemoteCommand {
     /// Manage signup invite tokens (`local-proxy signup --invite TOKEN`).
     #[command(subcommand)]
     Invite(InviteCommand),
+    /// Bytes moved per user and day or month, as a table or JSON; `usage reset NAME`.
+    Usage(UsageArgs),
     /// Print this server's TLS identity (`sha256:...`), the value users pin with
     /// `local-proxy --pin` or compare when they run `local-proxy trust`. Makes the identity
     /// first if there is none yet.
@@ -298,6 +301,10 @@ pub struct UserLimitArgs {
     /// Most new tunnels for this user per period, as N/s, N/m, N/h or N/d (`none` = no limit).
     #[arg(long, value_name = "N/PERIOD")]
     pub rate: Option<MaybeRate>,
+    /// Most bytes (up plus down) per calendar period in UTC: 10GB/month, 500MiB/day,
+    /// 50G/week (units as for --bandwidth; `none` = no quota).
+    #[arg(long, value_name = "AMOUNT/PERIOD")]
+    pub quota: Option<MaybeQuota>,
 }
 
 /// A remote-proxy address as given to `--remote`: `HOST:PORT`, `IPv4:PORT` or `[IPv6]:PORT`,
@@ -403,8 +410,63 @@ pub enum UserCommand {
         /// User name.
         name: String,
     },
-    /// List users and their bandwidth.
-    List,
+    /// List users: limits, quota, usage today and this month, last seen, open tunnels.
+    List {
+        /// Exact byte counts instead of 1.2 GB.
+        #[arg(long)]
+        bytes: bool,
+    },
+    /// One user in detail: limits, quota and what is left of it, recent usage.
+    Show {
+        /// User name.
+        name: String,
+        /// Exact byte counts instead of 1.2 GB.
+        #[arg(long)]
+        bytes: bool,
+    },
+}
+
+/// `remote-proxy usage ...`: bytes moved per user and period.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct UsageArgs {
+    #[command(subcommand)]
+    pub reset: Option<UsageCommand>,
+    /// Only this user.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// From this UTC date on (YYYY-MM-DD or YYYY-MM); default: the start of this month.
+    #[arg(long, value_name = "DATE")]
+    pub since: Option<crate::limit::calendar::Date>,
+    /// One row per user and day, or per user and month.
+    #[arg(long, value_enum, default_value_t = UsageBy::Day)]
+    pub by: UsageBy,
+    /// An array of objects {user, period, up_bytes, down_bytes} instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Exact byte counts instead of 1.2 GB.
+    #[arg(long)]
+    pub bytes: bool,
+}
+
+/// How `usage` groups its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageBy {
+    /// `2026-12-01`.
+    Day,
+    /// `2026-12`.
+    Month,
+}
+
+/// `remote-proxy usage reset NAME`.
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Forgive what NAME used in the current quota period: the quota starts again from
+    /// zero now, and a running server lets the user in again at once.
+    Reset {
+        /// User name.
+        name: String,
+    },
 }
 
 /// `remote-proxy invite ...`.
@@ -789,6 +851,7 @@ impl UserLimitArgs {
         Changes {
             max_connections: self.max_connections.map(|c| c.0),
             rate: self.rate.map(|r| r.0),
+            quota: self.quota.map(|q| q.0),
             ..Changes::default()
         }
     }
@@ -906,7 +969,33 @@ pub fn describe_changes(c: &Changes) -> String {
             rate.map_or("none".into(), |r| r.to_string())
         ));
     }
+    if let Some(quota) = c.quota {
+        parts.push(format!(
+            "quota {}",
+            quota.map_or("none".into(), |q| q.to_string())
+        ));
+    }
     parts.join(", ")
+}
+
+/// A byte count as people read it: `1.2 GB`, `340 kB`, `12 B` (decimal units, as `MB`
+/// means in --bandwidth and --quota); exact with `exact`.
+pub fn human_bytes(n: u64, exact: bool) -> String {
+    if exact || n < 1000 {
+        return format!("{n} B");
+    }
+    let units = ["kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = n as f64 / 1000.0;
+    let mut i = 0;
+    while v >= 999.95 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if v < 10.0 {
+        format!("{v:.1} {}", units[i])
+    } else {
+        format!("{v:.0} {}", units[i])
+    }
 }
 
 /// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` in UTC (the civil-from-days
@@ -977,16 +1066,27 @@ mod tests {
     }
 
     #[test]
+    fn byte_counts_print_with_units_people_read() {
+        assert_eq!(human_bytes(12, false), "12 B");
+        assert_eq!(human_bytes(1_234, false), "1.2 kB");
+        assert_eq!(human_bytes(340_000, false), "340 kB");
+        assert_eq!(human_bytes(1_200_000_000, false), "1.2 GB");
+        assert_eq!(human_bytes(999_999, false), "1.0 MB");
+        assert_eq!(human_bytes(1_200_000_000, true), "1200000000 B");
+    }
+
+    #[test]
     fn user_set_says_what_changed() {
         let c = Changes {
             bandwidth: Some("300K".parse().unwrap()),
             password: Some("x".into()),
             max_connections: Some(None),
             rate: Some(Some("5/m".parse().unwrap())),
+            quota: Some(Some("10G/month".parse().unwrap())),
         };
         assert_eq!(
             describe_changes(&c),
-            "bandwidth 300K/s, password, max-connections none, rate 5/m"
+            "bandwidth 300K/s, password, max-connections none, rate 5/m, quota 10G/month"
         );
     }
 

@@ -1,9 +1,15 @@
-//! remote-proxy: `serve` tunnels, and `user add|set|del|list` and `invite create|list|revoke`
-//! on the same database.
+//! remote-proxy: `serve` tunnels, and `user add|set|del|list|show`, `usage` and
+//! `invite create|list|revoke` on the same database.
 
-use flowgate::cli::{InviteCommand, RemoteCli, RemoteCommand, UserCommand};
+use flowgate::cli::{
+    human_bytes, utc_timestamp, InviteCommand, RemoteCli, RemoteCommand, UsageArgs, UsageBy,
+    UsageCommand, UserCommand,
+};
+use flowgate::limit::calendar::{unix_now, Date};
+use flowgate::limit::quota::{self, Period};
 use flowgate::net::server::drain;
 use flowgate::net::sys::ShutdownSignals;
+use flowgate::users::usage;
 use flowgate::users::{Changes, Store, UserStore};
 use std::process::ExitCode;
 
@@ -48,6 +54,7 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
         }
         RemoteCommand::User(cmd) => user(cmd, &cli.db),
         RemoteCommand::Invite(cmd) => invite(cmd, &cli.db),
+        RemoteCommand::Usage(args) => usage_report(args, &cli.db),
         RemoteCommand::Identity { tls_cert } => {
             let fingerprint = match tls_cert {
                 Some(cert) => {
@@ -107,7 +114,7 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
             };
             if changes.is_empty() {
                 return Err(
-                    "nothing to change: give --bandwidth, --max-connections, --rate or a password"
+                    "nothing to change: give --bandwidth, --max-connections, --rate, --quota or a password"
                         .into(),
                 );
             }
@@ -121,29 +128,188 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
             Store::open(db)?.delete(&name)?;
             println!("deleted user {name}");
         }
-        UserCommand::List => {
-            let users = Store::open(db)?.list()?;
+        UserCommand::List { bytes } => user_list(db, bytes)?,
+        UserCommand::Show { name, bytes } => user_show(db, &name, bytes)?,
+    }
+    Ok(())
+}
+
+/// `user list`: one line per user with limits, quota, usage today and this month, last
+/// seen and open tunnels (as of the running server's last flush).
+fn user_list(db: &std::path::Path, exact: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let store = Store::open(db)?;
+    let now = unix_now();
+    let (today, month) = (Period::Day.start(now), Period::Month.start(now));
+    let rows = store.usage(None, month.min(today))?;
+    let (by_day, by_month) = (
+        usage::totals_since(&rows, today),
+        usage::totals_since(&rows, month),
+    );
+    let activity: std::collections::HashMap<String, flowgate::users::Activity> = store
+        .activity()?
+        .into_iter()
+        .map(|a| (a.user.clone(), a))
+        .collect();
+    let size = |v: Option<&(u64, u64)>| human_bytes(v.map_or(0, |(u, d)| u + d), exact);
+    println!(
+        "{:<20} {:>12} {:>8} {:>7} {:>14} {:>10} {:>10} {:>19} {:>4}",
+        "NAME",
+        "BANDWIDTH",
+        "MAX-CONN",
+        "RATE",
+        "QUOTA",
+        "TODAY",
+        "MONTH",
+        "LAST SEEN (UTC)",
+        "OPEN"
+    );
+    let mut as_of = None;
+    for u in store.list()? {
+        let act = activity.get(&u.name);
+        as_of = as_of.max(act.map(|a| a.as_of));
+        println!(
+            "{:<20} {:>12} {:>8} {:>7} {:>14} {:>10} {:>10} {:>19} {:>4}",
+            u.name,
+            u.bandwidth.to_string(),
+            u.max_connections.map_or("-".into(), |c| c.to_string()),
+            u.rate.map_or("-".into(), |r| r.to_string()),
+            u.quota.map_or("-".into(), |q| q.to_string()),
+            size(by_day.get(&u.name)),
+            size(by_month.get(&u.name)),
+            act.and_then(|a| a.last_seen)
+                .map_or("never".into(), utc_timestamp),
+            act.map_or(0, |a| a.open_tunnels),
+        );
+    }
+    if let Some(at) = as_of {
+        eprintln!("(usage and open tunnels as of {} UTC)", utc_timestamp(at));
+    }
+    Ok(())
+}
+
+/// `user show NAME`: one user in detail.
+fn user_show(
+    db: &std::path::Path,
+    name: &str,
+    exact: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let store = Store::open(db)?;
+    let u = store
+        .get(name)?
+        .ok_or_else(|| flowgate::users::Error::NotFound(name.to_string()))?;
+    let now = unix_now();
+    let act = store.activity()?.into_iter().find(|a| a.user == u.name);
+    println!("name             {}", u.name);
+    println!("created          {} UTC", utc_timestamp(u.created_at));
+    println!("bandwidth        {}", u.bandwidth);
+    println!(
+        "max-connections  {}",
+        u.max_connections.map_or("none".into(), |c| c.to_string())
+    );
+    println!(
+        "rate             {}",
+        u.rate.map_or("none".into(), |r| r.to_string())
+    );
+    match u.quota {
+        Some(q) => {
+            let start = q.period.start(now);
+            let used = store.quota_used(&u.name, start)?;
             println!(
-                "{:<24} {:>14} {:>9} {:>9}  CREATED (UTC)",
-                "NAME", "BANDWIDTH", "MAX-CONN", "RATE"
+                "quota            {q}: {} used, {} left, resets {} UTC",
+                human_bytes(used, exact),
+                human_bytes(quota::left(q, used), exact),
+                utc_timestamp(q.period.next(now))
             );
-            for u in users {
-                println!(
-                    "{:<24} {:>14} {:>9} {:>9}  {}",
-                    u.name,
-                    u.bandwidth.to_string(),
-                    u.max_connections.map_or("-".into(), |c| c.to_string()),
-                    u.rate.map_or("-".into(), |r| r.to_string()),
-                    flowgate::cli::utc_timestamp(u.created_at)
-                );
-            }
         }
+        None => println!("quota            none"),
+    }
+    if let Some(a) = &act {
+        println!(
+            "last seen        {}",
+            a.last_seen
+                .map_or("never".into(), |t| format!("{} UTC", utc_timestamp(t)))
+        );
+        println!(
+            "open tunnels     {} (as of {} UTC)",
+            a.open_tunnels,
+            utc_timestamp(a.as_of)
+        );
+    } else {
+        println!("last seen        never");
+    }
+    let since = Period::Day.start(now) - 6 * 86_400;
+    let rows = store.usage(Some(&u.name), since.min(Period::Month.start(now)))?;
+    println!("usage (UTC)      up / down");
+    for p in usage::by_period(&rows, true) {
+        println!(
+            "  {:<14} {} / {}",
+            p.period,
+            human_bytes(p.up, exact),
+            human_bytes(p.down, exact)
+        );
+    }
+    let days: Vec<_> = rows.into_iter().filter(|r| r.hour >= since).collect();
+    for p in usage::by_period(&days, false) {
+        println!(
+            "  {:<14} {} / {}",
+            p.period,
+            human_bytes(p.up, exact),
+            human_bytes(p.down, exact)
+        );
+    }
+    Ok(())
+}
+
+/// `usage [--user NAME] [--since DATE] [--by day|month] [--json]` and `usage reset NAME`.
+fn usage_report(args: UsageArgs, db: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let store = Store::open(db)?;
+    let now = unix_now();
+    if let Some(UsageCommand::Reset { name }) = args.reset {
+        let u = store
+            .get(&name)?
+            .ok_or_else(|| flowgate::users::Error::NotFound(name.clone()))?;
+        // Without a quota there is nothing to reset against: say so rather than pretend.
+        let q = u
+            .quota
+            .ok_or_else(|| format!("user {name} has no quota (set one with user set --quota)"))?;
+        let start = q.period.start(now);
+        let used = store.quota_used(&name, start)?;
+        store.reset_quota(&name, start)?;
+        println!(
+            "reset the quota of {name}: {} forgiven, {} left until {} UTC",
+            human_bytes(used, args.bytes),
+            human_bytes(q.bytes, args.bytes),
+            utc_timestamp(q.period.next(now))
+        );
+        return Ok(());
+    }
+    let since = args
+        .since
+        .map_or_else(|| Period::Month.start(now), Date::start);
+    let rows = store.usage(args.user.as_deref(), since)?;
+    let periods = usage::by_period(&rows, args.by == UsageBy::Month);
+    if args.json {
+        println!("{}", usage::to_json(&periods));
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<20} {:>14} {:>14} {:>14}",
+        "PERIOD", "USER", "UP", "DOWN", "TOTAL"
+    );
+    for p in &periods {
+        println!(
+            "{:<12} {:<20} {:>14} {:>14} {:>14}",
+            p.period,
+            p.user,
+            human_bytes(p.up, args.bytes),
+            human_bytes(p.down, args.bytes),
+            human_bytes(p.up + p.down, args.bytes)
+        );
     }
     Ok(())
 }
 
 fn invite(cmd: InviteCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    use flowgate::cli::utc_timestamp;
     use flowgate::users::invites;
     let expiry = |at: Option<i64>| at.map_or("never".into(), utc_timestamp);
     match cmd {

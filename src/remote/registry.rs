@@ -128,6 +128,7 @@ mod tests {
             created_at: 0,
             max_connections: None,
             rate: None,
+            quota: None,
         }
     }
 

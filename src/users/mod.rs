@@ -10,11 +10,13 @@ mod auth;
 pub mod invites;
 mod password;
 mod sqlite;
+pub mod usage;
 
 pub use auth::{AuthError, Authenticator};
 pub use password::{hash_password, verify_password, verify_password_with};
 pub use sqlite::{Store, SCHEMA_VERSION};
 
+use crate::limit::quota::Quota;
 use crate::limit::rate::{Bandwidth, RequestRate};
 use std::fmt;
 
@@ -94,6 +96,8 @@ pub struct User {
     pub max_connections: Option<u32>,
     /// Most new tunnels per time window (`None`: no limit).
     pub rate: Option<RequestRate>,
+    /// Most bytes (up plus down) per calendar period (`None`: no quota).
+    pub quota: Option<Quota>,
 }
 
 /// Changes for [`Store::set`]: `None` leaves a field as it is; `Some(None)` clears a limit.
@@ -107,6 +111,8 @@ pub struct Changes {
     pub max_connections: Option<Option<u32>>,
     /// New per-user request rate.
     pub rate: Option<Option<RequestRate>>,
+    /// New volume quota.
+    pub quota: Option<Option<Quota>>,
 }
 
 impl Changes {
@@ -124,8 +130,46 @@ impl fmt::Debug for User {
             .field("bandwidth", &self.bandwidth)
             .field("max_connections", &self.max_connections)
             .field("rate", &self.rate)
+            .field("quota", &self.quota)
             .finish()
     }
+}
+
+/// Bytes one user moved since the last flush, as the accounting writes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageDelta {
+    /// The user.
+    pub user: String,
+    /// Bytes from the app towards the target.
+    pub up: u64,
+    /// Bytes from the target towards the app.
+    pub down: u64,
+}
+
+/// One hour of one user's traffic, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRow {
+    /// The user.
+    pub user: String,
+    /// Start of the hour, Unix seconds (UTC).
+    pub hour: i64,
+    /// Bytes from the app towards the target.
+    pub up: u64,
+    /// Bytes from the target towards the app.
+    pub down: u64,
+}
+
+/// What a running remote-proxy last wrote about a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Activity {
+    /// The user.
+    pub user: String,
+    /// When a byte of theirs last moved (as of a flush), Unix seconds.
+    pub last_seen: Option<i64>,
+    /// Tunnels open at the last flush.
+    pub open_tunnels: u32,
+    /// When that was written, Unix seconds.
+    pub as_of: i64,
 }
 
 /// What remote-proxy needs from a user database. SQLite ([`Store`]) implements it; a store
@@ -182,6 +226,28 @@ pub trait UserStore: Send {
     /// A number that changes whenever another process commits a change: cheap to poll, so
     /// a running server notices `user set` and `user del` without reloading every user.
     fn data_version(&self) -> Result<i64, Error>;
+    /// Adds one flush of byte counts to the hour `at` falls in and records each user's open
+    /// tunnels (`open`: every user the server knows, zero included) and last activity, in
+    /// one transaction: all of it is written, or none.
+    fn record_usage(
+        &self,
+        at: i64,
+        deltas: &[UsageDelta],
+        open: &[(String, u32)],
+    ) -> Result<(), Error>;
+    /// Hourly rows from `since` (Unix seconds) on, of one user or of all, oldest first.
+    fn usage(&self, user: Option<&str>, since: i64) -> Result<Vec<UsageRow>, Error>;
+    /// Bytes (up plus down) counted against `name`'s quota in the period starting at
+    /// `period_start`: what was moved in it, less what `usage reset` forgave in it.
+    fn quota_used(&self, name: &str, period_start: i64) -> Result<u64, Error>;
+    /// Forgives what `name` has used in the period starting at `period_start`, so the
+    /// quota starts again from zero now.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown user.
+    fn reset_quota(&self, name: &str, period_start: i64) -> Result<(), Error>;
+    /// What the last flush of a running server recorded, per user.
+    fn activity(&self) -> Result<Vec<Activity>, Error>;
 }
 
 /// Checks a user name: 1..=64 bytes of `A-Z a-z 0-9 . _ @ -`, so it fits every protocol

@@ -2,7 +2,11 @@
 
 use super::invites::{self, Invite};
 use super::password::hash_password;
-use super::{validate_name, validate_password, Changes, Error, User, UserStore};
+use super::{
+    validate_name, validate_password, Activity, Changes, Error, UsageDelta, UsageRow, User,
+    UserStore,
+};
+use crate::limit::quota::{Period, Quota};
 use crate::limit::rate::{Bandwidth, RequestRate};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fmt;
@@ -10,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes; older databases are migrated on open.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -107,6 +111,34 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if version < 4 {
+            // v4: volume quotas and byte accounting. Usage is kept per user name and hour
+            // (UTC), which answers per day and per month; it outlives `user del`, for
+            // billing. `quota_offset` is what `usage reset` forgave in the period starting
+            // at `quota_offset_start`.
+            self.conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE users ADD COLUMN quota_bytes INTEGER;
+                 ALTER TABLE users ADD COLUMN quota_period TEXT;
+                 ALTER TABLE users ADD COLUMN quota_offset INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE users ADD COLUMN quota_offset_start INTEGER;
+                 CREATE TABLE IF NOT EXISTS usage (
+                     user TEXT NOT NULL,
+                     hour INTEGER NOT NULL,               -- unix seconds, a multiple of 3600
+                     up   INTEGER NOT NULL DEFAULT 0,
+                     down INTEGER NOT NULL DEFAULT 0,
+                     PRIMARY KEY (user, hour)
+                 ) WITHOUT ROWID;
+                 CREATE TABLE IF NOT EXISTS activity (
+                     user         TEXT PRIMARY KEY NOT NULL,
+                     last_seen    INTEGER,
+                     open_tunnels INTEGER NOT NULL DEFAULT 0,
+                     as_of        INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )?;
+        }
         Ok(())
     }
 
@@ -164,6 +196,18 @@ impl Store {
             self.conn.execute(
                 "UPDATE users SET max_connections = ?1, updated_at = ?2 WHERE name = ?3",
                 params![cap, now, name],
+            )?;
+        }
+        if let Some(quota) = changes.quota {
+            self.conn.execute(
+                "UPDATE users SET quota_bytes = ?1, quota_period = ?2, updated_at = ?3
+                 WHERE name = ?4",
+                params![
+                    quota.map(|q| i64::try_from(q.bytes).unwrap_or(i64::MAX)),
+                    quota.map(|q| q.period.name()),
+                    now,
+                    name
+                ],
             )?;
         }
         if let Some(rate) = changes.rate {
@@ -325,7 +369,7 @@ impl UserStore for Store {
     fn get(&self, name: &str) -> Result<Option<User>, Error> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
-                    rate_per_secs
+                    rate_per_secs, quota_bytes, quota_period
              FROM users WHERE name = ?1",
         )?;
         Ok(stmt.query_row(params![name], row_to_user).optional()?)
@@ -335,7 +379,7 @@ impl UserStore for Store {
     fn list(&self) -> Result<Vec<User>, Error> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
-                    rate_per_secs
+                    rate_per_secs, quota_bytes, quota_period
              FROM users ORDER BY name",
         )?;
         let rows = stmt.query_map([], row_to_user)?;
@@ -348,6 +392,105 @@ impl UserStore for Store {
         Ok(self
             .conn
             .pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    fn record_usage(
+        &self,
+        at: i64,
+        deltas: &[UsageDelta],
+        open: &[(String, u32)],
+    ) -> Result<(), Error> {
+        let tx = self.conn.unchecked_transaction()?;
+        let hour = at - at.rem_euclid(3600);
+        {
+            let mut add = self.conn.prepare_cached(
+                "INSERT INTO usage (user, hour, up, down) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user, hour) DO UPDATE SET up = up + excluded.up,
+                                                        down = down + excluded.down",
+            )?;
+            let mut seen = self.conn.prepare_cached(
+                "INSERT INTO activity (user, last_seen, as_of) VALUES (?1, ?2, ?2)
+                 ON CONFLICT (user) DO UPDATE SET last_seen = excluded.last_seen,
+                                                  as_of = excluded.as_of",
+            )?;
+            for d in deltas.iter().filter(|d| d.up > 0 || d.down > 0) {
+                add.execute(params![
+                    d.user,
+                    hour,
+                    to_db_bytes(d.up),
+                    to_db_bytes(d.down)
+                ])?;
+                seen.execute(params![d.user, at])?;
+            }
+            let mut tunnels = self.conn.prepare_cached(
+                "INSERT INTO activity (user, open_tunnels, as_of) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user) DO UPDATE SET open_tunnels = excluded.open_tunnels,
+                                                  as_of = excluded.as_of",
+            )?;
+            for (user, n) in open {
+                tunnels.execute(params![user, n, at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn usage(&self, user: Option<&str>, since: i64) -> Result<Vec<UsageRow>, Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT user, hour, up, down FROM usage
+             WHERE hour >= ?1 AND (?2 IS NULL OR user = ?2) ORDER BY hour, user",
+        )?;
+        let rows = stmt.query_map(params![since - since.rem_euclid(3600), user], |r| {
+            Ok(UsageRow {
+                user: r.get(0)?,
+                hour: r.get(1)?,
+                up: r.get::<_, i64>(2)?.max(0) as u64,
+                down: r.get::<_, i64>(3)?.max(0) as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn quota_used(&self, name: &str, period_start: i64) -> Result<u64, Error> {
+        let (used, forgiven): (i64, i64) = self.conn.query_row(
+            "SELECT (SELECT COALESCE(SUM(up + down), 0) FROM usage
+                     WHERE user = ?1 AND hour >= ?2),
+                    COALESCE((SELECT quota_offset FROM users
+                              WHERE name = ?1 AND quota_offset_start = ?2), 0)",
+            params![name, period_start],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(used.saturating_sub(forgiven).max(0) as u64)
+    }
+
+    fn reset_quota(&self, name: &str, period_start: i64) -> Result<(), Error> {
+        let n = self.conn.execute(
+            "UPDATE users SET
+                 quota_offset = (SELECT COALESCE(SUM(up + down), 0) FROM usage
+                                 WHERE user = ?1 AND hour >= ?2),
+                 quota_offset_start = ?2, updated_at = ?3
+             WHERE name = ?1",
+            params![name, period_start, unix_now()],
+        )?;
+        if n == 0 {
+            return Err(Error::NotFound(name.to_string()));
+        }
+        Ok(())
+    }
+
+    fn activity(&self) -> Result<Vec<Activity>, Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT user, last_seen, open_tunnels, as_of FROM activity ORDER BY user",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Activity {
+                user: r.get(0)?,
+                last_seen: r.get(1)?,
+                open_tunnels: r.get::<_, i64>(2)?.clamp(0, u32::MAX as i64) as u32,
+                as_of: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 }
 
@@ -367,7 +510,19 @@ fn row_to_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
             }),
             _ => None,
         },
+        quota: match (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<String>>(8)?) {
+            (Some(b), Some(p)) if b > 0 => Period::from_name(&p).map(|period| Quota {
+                bytes: b as u64,
+                period,
+            }),
+            _ => None,
+        },
     })
+}
+
+/// A stored byte count: SQLite integers are signed.
+fn to_db_bytes(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -435,6 +590,56 @@ mod tests {
             .unwrap();
         assert_eq!(stored, h);
         assert!(!stored.contains(&token[invites::TOKEN_PREFIX.len()..]));
+    }
+
+    #[test]
+    fn usage_adds_up_per_hour_and_a_reset_forgives_the_period_so_far() {
+        let s = Store::open(&temp_db()).unwrap();
+        s.add("alice", "pw", Bandwidth::UNLIMITED).unwrap();
+        let day = 1_796_083_200; // 2026-12-01 00:00 UTC
+        let d = |up, down| UsageDelta {
+            user: "alice".into(),
+            up,
+            down,
+        };
+        let open = [("alice".to_string(), 2)];
+        s.record_usage(day + 10, &[d(100, 1000)], &open).unwrap();
+        s.record_usage(day + 20, &[d(1, 2)], &open).unwrap();
+        s.record_usage(day + 3600 + 5, &[d(5, 5)], &[("alice".into(), 0)])
+            .unwrap();
+        let rows = s.usage(None, day).unwrap();
+        assert_eq!(rows.len(), 2, "one row per hour");
+        assert_eq!((rows[0].hour, rows[0].up, rows[0].down), (day, 101, 1002));
+        assert_eq!(s.usage(Some("bob"), day).unwrap(), vec![]);
+        assert_eq!(s.quota_used("alice", day).unwrap(), 1113);
+        assert_eq!(s.quota_used("alice", day + 3600).unwrap(), 10);
+        let a = &s.activity().unwrap()[0];
+        assert_eq!(
+            (a.last_seen, a.open_tunnels, a.as_of),
+            (Some(day + 3605), 0, day + 3605)
+        );
+        s.reset_quota("alice", day).unwrap();
+        assert_eq!(s.quota_used("alice", day).unwrap(), 0);
+        s.record_usage(day + 7200, &[d(7, 0)], &[]).unwrap();
+        assert_eq!(s.quota_used("alice", day).unwrap(), 7);
+        // The reset is for that period only; the usage rows themselves are kept.
+        assert_eq!(s.quota_used("alice", day + 3600).unwrap(), 17);
+        assert!(matches!(s.reset_quota("bob", day), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn quotas_are_stored_and_cleared() {
+        let s = Store::open(&temp_db()).unwrap();
+        s.add("alice", "pw", Bandwidth::UNLIMITED).unwrap();
+        let q: Quota = "1MB/day".parse().unwrap();
+        let set = |quota| Changes {
+            quota: Some(quota),
+            ..Changes::default()
+        };
+        s.set("alice", &set(Some(q))).unwrap();
+        assert_eq!(s.get("alice").unwrap().unwrap().quota, Some(q));
+        s.set("alice", &set(None)).unwrap();
+        assert_eq!(s.get("alice").unwrap().unwrap().quota, None);
     }
 
     #[test]
