@@ -499,6 +499,7 @@ impl Local {
                 Err(Refusal::Remote {
                     status: reply.status,
                     retry_after: reply.retry_after,
+                    resets_at: reply.resets_at,
                 })
             }
             Err(e @ TunnelError::Request(_)) => {

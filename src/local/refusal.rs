@@ -23,6 +23,8 @@ pub enum Refusal {
         status: Status,
         /// Its retry hint, in seconds (0: none).
         retry_after: u16,
+        /// With `QuotaExceeded`: when the quota resets, Unix seconds (0: unknown).
+        resets_at: i64,
     },
     /// local-proxy could not ask, or got no usable answer.
     Local(TunnelError),
@@ -91,10 +93,24 @@ impl fmt::Display for Refusal {
             Refusal::Remote {
                 status: Status::TooManyFailedLogins,
                 retry_after,
+                ..
             } => write!(
                 f,
                 "too many failed logins for this user; retry in {retry_after}s"
             ),
+            Refusal::Remote {
+                status: Status::QuotaExceeded,
+                resets_at,
+                ..
+            } if *resets_at > 0 => write!(
+                f,
+                "this user's volume quota is used up; it resets at {} UTC",
+                crate::limit::calendar::timestamp(*resets_at)
+            ),
+            Refusal::Remote {
+                status: Status::QuotaExceeded,
+                ..
+            } => write!(f, "this user's volume quota is used up"),
             Refusal::Remote { status, .. } => write!(f, "{status}"),
             Refusal::Local(e) => write!(f, "{e}"),
         }
@@ -125,6 +141,7 @@ mod tests {
                 Refusal::Remote {
                     status: Status::RateLimited,
                     retry_after: 7,
+                    resets_at: 0,
                 },
                 0x02,
                 429,
@@ -134,9 +151,20 @@ mod tests {
                 Refusal::Remote {
                     status: Status::TargetRefused,
                     retry_after: 0,
+                    resets_at: 0,
                 },
                 0x05,
                 502,
+                0,
+            ),
+            (
+                Refusal::Remote {
+                    status: Status::QuotaExceeded,
+                    retry_after: 0,
+                    resets_at: 1_798_761_600,
+                },
+                0x02,
+                403,
                 0,
             ),
             (
@@ -154,6 +182,16 @@ mod tests {
             ),
         ];
         for (r, socks, http, retry) in cases {
+            if let Refusal::Remote {
+                status: Status::QuotaExceeded,
+                ..
+            } = r
+            {
+                assert!(
+                    r.to_string().contains("resets at 2027-01-01 00:00:00 UTC"),
+                    "{r}"
+                );
+            }
             assert_eq!(r.socks5_reply() as u8, socks, "{r}");
             assert_eq!(r.http_status(), http, "{r}");
             assert_eq!(r.retry_after(), retry, "{r}");

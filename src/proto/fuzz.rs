@@ -161,7 +161,7 @@ mod properties {
 
         #[test]
         fn tunnel_replies_roundtrip(
-            status in 0u8..=0x10,
+            status in 0u8..=0x13,
             retry in any::<u16>(),
             bound in target(),
             v2 in any::<bool>(),
@@ -170,10 +170,12 @@ mod properties {
                 TargetAddr::Ip(a) => a,
                 TargetAddr::Domain(_, p) => SocketAddr::from(([0, 0, 0, 0], p)),
             };
+            let status = tunnel::Status::try_from(status).unwrap();
             let reply = tunnel::Reply {
-                status: tunnel::Status::try_from(status).unwrap(),
+                status,
                 retry_after: retry,
                 bound,
+                resets_at: if status == tunnel::Status::QuotaExceeded { i64::from(retry) << 20 } else { 0 },
             };
             let version = if v2 { tunnel::VERSION } else { tunnel::VERSION_1 };
             let bytes = tunnel::encode_reply(&reply, version);

@@ -316,7 +316,8 @@ pub fn status_for(status: Status) -> u16 {
         Status::NotAllowed
         | Status::SignupDisabled
         | Status::UserExists
-        | Status::InviteRequired => 403,
+        | Status::InviteRequired
+        | Status::QuotaExceeded => 403,
         Status::RateLimited | Status::TooManyFailedLogins => 429,
         Status::TargetRefused
         | Status::HostUnreachable

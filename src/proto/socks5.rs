@@ -82,7 +82,8 @@ impl Reply {
             Status::BadCredentials
             | Status::NotAllowed
             | Status::RateLimited
-            | Status::TooManyFailedLogins => Reply::NotAllowed,
+            | Status::TooManyFailedLogins
+            | Status::QuotaExceeded => Reply::NotAllowed,
             Status::TargetRefused => Reply::ConnectionRefused,
             Status::HostUnreachable | Status::NameNotResolved => Reply::HostUnreachable,
             Status::NetworkUnreachable => Reply::NetworkUnreachable,

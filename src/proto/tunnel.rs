@@ -176,6 +176,9 @@ pub enum Status {
     /// A signup without a valid invite token where one is required, or with a token that
     /// is unknown, used up or expired.
     InviteRequired = 0x12,
+    /// The user's volume quota for this period is used up. The reply is followed by when
+    /// it resets (8 bytes, Unix seconds, big-endian; docs/protocol.md §4).
+    QuotaExceeded = 0x13,
 }
 
 impl TryFrom<u8> for Status {
@@ -202,6 +205,7 @@ impl TryFrom<u8> for Status {
             0x10 => TlsRequired,
             0x11 => TooManyFailedLogins,
             0x12 => InviteRequired,
+            0x13 => QuotaExceeded,
             other => return Err(Error::BadStatus(other)),
         })
     }
@@ -229,6 +233,7 @@ impl fmt::Display for Status {
             Status::TlsRequired => "remote-proxy requires TLS (this side runs --plaintext)",
             Status::TooManyFailedLogins => "too many failed logins for this user",
             Status::InviteRequired => "signup needs a valid invite token",
+            Status::QuotaExceeded => "quota exceeded",
         };
         f.write_str(s)
     }
@@ -262,6 +267,8 @@ pub struct Reply {
     pub retry_after: u16,
     /// The address remote-proxy connected from (SOCKS BND.ADDR); unspecified when unknown.
     pub bound: SocketAddr,
+    /// With `QuotaExceeded`: when the quota resets, Unix seconds (0 when unknown).
+    pub resets_at: i64,
 }
 
 impl Reply {
@@ -271,6 +278,7 @@ impl Reply {
             status,
             retry_after: 0,
             bound: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            resets_at: 0,
         }
     }
 }
@@ -478,6 +486,9 @@ pub fn encode_reply(reply: &Reply, version: u8) -> Vec<u8> {
     out.push(reply.status as u8);
     out.extend_from_slice(&reply.retry_after.to_be_bytes());
     TargetAddr::Ip(reply.bound).encode(&mut out);
+    if reply.status == Status::QuotaExceeded {
+        out.extend_from_slice(&reply.resets_at.to_be_bytes());
+    }
     out
 }
 
@@ -525,10 +536,17 @@ pub fn read_reply<R: Read>(r: &mut R) -> Result<Reply, Error> {
         TargetAddr::Ip(a) => a,
         TargetAddr::Domain(..) => return Err(Error::BadAddress(addr::Error::BadAddressType(3))),
     };
+    let mut resets_at = 0;
+    if status == Status::QuotaExceeded {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        resets_at = i64::from_be_bytes(b);
+    }
     Ok(Reply {
         status,
         retry_after,
         bound,
+        resets_at,
     })
 }
 
@@ -758,12 +776,19 @@ mod tests {
             status: Status::RateLimited,
             retry_after: 17,
             bound: "[::1]:5555".parse().unwrap(),
+            resets_at: 0,
         };
-        let bytes = encode_reply(&r, VERSION);
-        assert_eq!(read_reply(&mut &bytes[..]).unwrap(), r);
-        assert_eq!(read_reply(&mut OneByte(&bytes)).unwrap(), r);
-        for cut in 0..bytes.len() {
-            assert!(read_reply(&mut &bytes[..cut]).is_err());
+        let quota = Reply {
+            resets_at: 1_798_761_600,
+            ..Reply::status(Status::QuotaExceeded)
+        };
+        for r in [r, quota] {
+            let bytes = encode_reply(&r, VERSION);
+            assert_eq!(read_reply(&mut &bytes[..]).unwrap(), r);
+            assert_eq!(read_reply(&mut OneByte(&bytes)).unwrap(), r);
+            for cut in 0..bytes.len() {
+                assert!(read_reply(&mut &bytes[..cut]).is_err());
+            }
         }
         let plain = encode_reply(&Reply::status(Status::Ok), VERSION);
         assert_eq!(plain, vec![2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
@@ -771,12 +796,12 @@ mod tests {
 
     #[test]
     fn every_status_byte_roundtrips() {
-        for b in 0u8..=0x12 {
+        for b in 0u8..=0x13 {
             let s = Status::try_from(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.to_string().is_empty());
         }
-        assert!(Status::try_from(0x13).is_err());
+        assert!(Status::try_from(0x14).is_err());
     }
 
     #[test]
