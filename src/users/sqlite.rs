@@ -65,6 +65,16 @@ impl Store {
         Ok(store)
     }
 
+    /// A transaction that takes the write lock at its start. A deferred one that reads
+    /// first and writes later fails at once with "database is locked" when another
+    /// connection (the usage flusher, the CLI) wrote in between, whatever the busy timeout.
+    fn write_tx(&self) -> Result<rusqlite::Transaction<'_>, Error> {
+        Ok(rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?)
+    }
+
     fn migrate(&self) -> Result<(), Error> {
         let version: i64 = self
             .conn
@@ -74,7 +84,7 @@ impl Store {
         }
         if version < 1 {
             self.conn.execute_batch(
-                "BEGIN;
+                "BEGIN IMMEDIATE;
                  CREATE TABLE IF NOT EXISTS users (
                      name          TEXT PRIMARY KEY NOT NULL,
                      password_hash TEXT NOT NULL,
@@ -89,7 +99,7 @@ impl Store {
         if version < 2 {
             // v2: per-user admission limits. NULL means "no limit".
             self.conn.execute_batch(
-                "BEGIN;
+                "BEGIN IMMEDIATE;
                  ALTER TABLE users ADD COLUMN max_connections INTEGER;
                  ALTER TABLE users ADD COLUMN rate_count INTEGER;
                  ALTER TABLE users ADD COLUMN rate_per_secs INTEGER;
@@ -100,7 +110,7 @@ impl Store {
         if version < 3 {
             // v3: signup invites, stored by the SHA-256 of their token (never the token).
             self.conn.execute_batch(
-                "BEGIN;
+                "BEGIN IMMEDIATE;
                  CREATE TABLE IF NOT EXISTS invites (
                      token_hash TEXT PRIMARY KEY NOT NULL,
                      uses_left  INTEGER NOT NULL,
@@ -117,7 +127,7 @@ impl Store {
             // billing. `quota_offset` is what `usage reset` forgave in the period starting
             // at `quota_offset_start`.
             self.conn.execute_batch(
-                "BEGIN;
+                "BEGIN IMMEDIATE;
                  ALTER TABLE users ADD COLUMN quota_bytes INTEGER;
                  ALTER TABLE users ADD COLUMN quota_period TEXT;
                  ALTER TABLE users ADD COLUMN quota_offset INTEGER NOT NULL DEFAULT 0;
@@ -163,7 +173,7 @@ impl Store {
         bandwidth: Bandwidth,
         changes: &Changes,
     ) -> Result<(), Error> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         self.add(name, password, bandwidth)?;
         self.apply(name, changes)?;
         tx.commit()?;
@@ -258,7 +268,7 @@ impl UserStore for Store {
         bandwidth: Bandwidth,
         token_hash: &str,
     ) -> Result<(), Error> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         let now = unix_now();
         let spent = self.conn.execute(
             "UPDATE invites SET uses_left = uses_left - 1
@@ -342,7 +352,7 @@ impl UserStore for Store {
     /// # Errors
     /// `NotFound` for an unknown user, `BadPassword` for a bad new password.
     fn set(&self, name: &str, changes: &Changes) -> Result<(), Error> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         if self.get(name)?.is_none() {
             return Err(Error::NotFound(name.to_string()));
         }
@@ -400,7 +410,7 @@ impl UserStore for Store {
         deltas: &[UsageDelta],
         open: &[(String, u32)],
     ) -> Result<(), Error> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         let hour = at - at.rem_euclid(3600);
         {
             let mut add = self.conn.prepare_cached(
