@@ -764,6 +764,31 @@ impl Remote {
     ) -> Option<User> {
         let name = Shown(&req.user);
         let key = ip.map(|ip| (ip, req.user.clone()));
+        // A password verified before needs no failure reserved, so a burst of one user's
+        // tunnels is not taken for a burst of guesses. Only while not locked out: during a
+        // lockout every login is refused unchecked, or a cached password would tell a
+        // guesser which guess was right, at no cost to them.
+        let locked = self
+            .login_throttle
+            .as_ref()
+            .zip(key.as_ref())
+            .is_some_and(|(t, k)| t.wait(k).is_some())
+            || self
+                .ip_login_throttle
+                .as_ref()
+                .zip(ip)
+                .is_some_and(|(t, ip)| t.wait(&ip).is_some());
+        if !locked {
+            match self.auth.cached(&req.user, &req.password) {
+                Ok(Some(user)) => return Some(user),
+                Ok(None) | Err(AuthError::BadCredentials) => {}
+                Err(AuthError::Store(e)) => {
+                    log::error!("{tag} user database failed: {e}");
+                    reply(stream, tag, Status::GeneralFailure);
+                    return None;
+                }
+            }
+        }
         let user_place = match (&self.login_throttle, &key) {
             (Some(t), Some(k)) => match t.reserve(k) {
                 Ok(at) => Some((t, at)),

@@ -160,6 +160,23 @@ impl Authenticator {
         out
     }
 
+    /// The user, when this name and password verified before and the password has not
+    /// changed since; `None` when only the slow check can tell. A cached success was a
+    /// right password, so callers may skip the failed-login bookkeeping for it: concurrent
+    /// logins of a known user then never look like a burst of guesses.
+    ///
+    /// # Errors
+    /// `Store` when SQLite fails.
+    pub fn cached(&self, name: &str, password: &str) -> Result<Option<User>, AuthError> {
+        let Some(user) = self.store.lock().get(name).map_err(AuthError::Store)? else {
+            return Ok(None);
+        };
+        let digest = self.digest(name, password);
+        Ok(self
+            .is_cached(name, &user.password_hash, &digest)
+            .then_some(user))
+    }
+
     /// Returns the user when `password` is theirs.
     ///
     /// # Errors
