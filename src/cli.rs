@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// replaces it).
     #[arg(long, default_value_t = HumanDuration(config::DEFAULT_WARM_IDLE_TIMEOUT), value_name = "DURATION")]
     pub warm_idle_timeout: HumanDuration,
+    /// How often byte counts are written to the database (also when a tunnel closes and at
+    /// shutdown): what a crash can lose.
+    #[arg(long, default_value_t = HumanDuration(config::DEFAULT_FLUSH_INTERVAL), value_name = "DURATION")]
+    pub flush_interval: HumanDuration,
     /// Failed logins per client IP and user name before that user's further logins from
     /// there are refused without checking, as N/PERIOD, or off.
     #[arg(
@@ -791,6 +795,10 @@ impl ServeArgs {
         cfg.signup_rate = self.signup_rate.0;
         cfg.max_users = self.max_users;
         cfg.warm_idle_timeout = self.warm_idle_timeout.0;
+        if self.flush_interval.0.is_zero() {
+            return Err("--flush-interval must be above zero".into());
+        }
+        cfg.flush_interval = self.flush_interval.0;
         cfg.signup_requires_invite = self.signup_requires_invite;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = Limits {

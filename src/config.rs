@@ -36,6 +36,8 @@ pub const DEFAULT_MAX_QUEUED: usize = 1024;
 pub const DEFAULT_MAX_IDLE_PER_IP: u32 = 64;
 /// How long remote-proxy keeps a warm connection that no app has taken.
 pub const DEFAULT_WARM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often remote-proxy writes byte counts to the database: what a crash can lose.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Connections from one client address in their handshake at once, at remote-proxy.
 pub const DEFAULT_MAX_HANDSHAKES_PER_IP: u32 = 32;
 /// Default longest wait for a slot; then "busy".
@@ -207,6 +209,8 @@ pub struct RemoteConfig {
     pub signup_requires_invite: bool,
     /// How long a warm connection waits, parked, for its tunnel request.
     pub warm_idle_timeout: Duration,
+    /// How often byte counts are written to the database (also at tunnel close and stop).
+    pub flush_interval: Duration,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Slots, queue bound and queue timeout.
@@ -330,6 +334,7 @@ impl RemoteConfig {
             max_users: None,
             signup_requires_invite: false,
             warm_idle_timeout: DEFAULT_WARM_IDLE_TIMEOUT,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
             timeouts: Timeouts::default(),
             admission: Limits {
                 max_handshakes_per_key: Some(DEFAULT_MAX_HANDSHAKES_PER_IP as usize),

@@ -27,6 +27,9 @@ pub struct Meter {
     // by at most what concurrent reads took at once, and is reset from the database.
     left: AtomicI64,
     parent: Option<Arc<Meter>>,
+    // Told once each time the quota runs out, so someone can close the user's tunnels
+    // that are not reading (and so would not notice).
+    alarm: Option<crossbeam_channel::Sender<()>>,
 }
 
 const NO_QUOTA: i64 = i64::MAX;
@@ -45,6 +48,15 @@ impl Meter {
             down: AtomicU64::new(0),
             left: AtomicI64::new(NO_QUOTA),
             parent,
+            alarm: None,
+        }
+    }
+
+    /// As [`new`](Self::new), sending on `alarm` (without blocking) when a quota runs out.
+    pub fn with_alarm(parent: Option<Arc<Meter>>, alarm: crossbeam_channel::Sender<()>) -> Meter {
+        Meter {
+            alarm: Some(alarm),
+            ..Meter::new(parent)
         }
     }
 
@@ -74,7 +86,13 @@ impl Meter {
             return true;
         }
         let n = i64::try_from(n).unwrap_or(i64::MAX);
-        self.left.fetch_sub(n, Ordering::Relaxed) > n
+        let before = self.left.fetch_sub(n, Ordering::Relaxed);
+        if before > 0 && before <= n {
+            if let Some(a) = &self.alarm {
+                let _ = a.try_send(());
+            }
+        }
+        before > n
     }
 
     /// Bytes counted up and down since this meter was made.
@@ -122,12 +140,17 @@ mod tests {
 
     #[test]
     fn a_quota_caps_reads_and_says_when_it_is_used_up() {
-        let m = Meter::default();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let m = Meter::with_alarm(None, tx);
         m.set_left(Some(1000));
         assert_eq!(m.allowance(65_536), 1000);
         assert!(m.moved(Direction::Up, 600));
         assert_eq!(m.allowance(65_536), 400);
+        assert!(rx.try_recv().is_err());
         assert!(!m.moved(Direction::Down, 400), "the last byte uses it up");
+        assert!(rx.try_recv().is_ok(), "the alarm went off once");
+        assert!(!m.moved(Direction::Down, 1));
+        assert!(rx.try_recv().is_err());
         assert_eq!(m.allowance(65_536), 0);
         assert!(m.used_up());
         // A larger quota (or a new period) lets it move again.

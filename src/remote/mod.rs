@@ -7,8 +7,10 @@
 //! limit/throttle.rs. Per-user live state (buckets, rate throttles, the watcher that applies
 //! `user set` and `user del` from other processes) is in registry.rs.
 
+mod accounting;
 mod registry;
 
+pub use accounting::Accounts;
 pub use registry::Registry;
 
 use crate::config::{RemoteConfig, RemoteTls};
@@ -64,6 +66,7 @@ struct AuthorizedTunnel {
     peer: String,
     user: User,
     target: TargetAddr,
+    account: Arc<accounting::Account>,
 }
 
 /// A tunnel's place under its user's connection cap. If the tunnel panics, dropping this
@@ -94,6 +97,8 @@ pub struct Remote {
     auth: Authenticator,
     // Buckets and request-rate throttles of the users who have had tunnels.
     registry: Registry,
+    // Byte counts and quotas of the users who have had tunnels.
+    accounts: Arc<Accounts>,
     // Per-user tunnel caps; waiting tunnels are parked here, holding no slot or thread.
     gate: UserGate<AuthorizedTunnel>,
     // New tunnels per client IP (`--rate-per-ip`).
@@ -302,6 +307,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         me: me.clone(),
         auth,
         registry: Registry::new(),
+        accounts: Arc::new(Accounts::new(cfg.db.clone())),
         gate: UserGate::new(cfg.admission.timeout, cfg.admission.max_queued),
         ip_throttle: cfg.rate_per_ip.map(Throttle::new),
         login_throttle: cfg.failed_login_rate.map(Throttle::new),
@@ -374,10 +380,17 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         .name("remote-users".into())
         .spawn(move || {
             let every = watcher.cfg.user_poll;
-            registry::watch_users(&watcher.auth, &watcher.registry, every, stop_rx)
+            let w = &watcher;
+            registry::watch_users(&w.auth, &w.registry, &w.accounts, every, stop_rx)
         })
         .map_err(|e| Error::Start(StartError::Spawn("user watcher", e)))?;
     server.attach(Box::new(stop_tx));
+    // Dropped with the server, after the accept loop: the last flush sees every byte.
+    let flusher = remote
+        .accounts
+        .start_flusher(cfg.flush_interval)
+        .map_err(|e| Error::Tls(format!("cannot start the usage flusher: {e}")))?;
+    server.attach(Box::new(flusher));
     Ok((server, remote))
 }
 
@@ -502,6 +515,11 @@ impl Remote {
     /// by the failed-login throttle, runs none.
     pub fn argon2_checks(&self) -> u64 {
         self.auth.argon2_checks()
+    }
+
+    /// Bytes (up, down) relayed for all users since start, as counted while they moved.
+    pub fn bytes_relayed(&self) -> (u64, u64) {
+        self.accounts.totals()
     }
 
     /// The TLS identity local-proxies verify (`None` with `--plaintext`).
@@ -968,6 +986,11 @@ impl Remote {
         };
         // Authenticated: from here the tunnel counts against its user, not its address.
         handshake.over();
+        let account = self.auth.with_store(|s| self.accounts.account(&user, s));
+        if account.used_up() {
+            self.quota_exceeded(&mut stream, tag, &user.name, &account);
+            return Handled::SlotFree;
+        }
         if let Some(rate) = user.rate {
             if let Err(wait) = self.registry.check_rate(&user.name, rate) {
                 let why = format!("user={} rate limited ({rate})", user.name);
@@ -982,6 +1005,7 @@ impl Remote {
             peer,
             user,
             target,
+            account,
         };
         let name = pending.user.name.clone();
         match self.gate.enter(&name, cap, pending) {
@@ -1026,7 +1050,12 @@ impl Remote {
             peer,
             user,
             target,
+            account,
         } = p;
+        // Looked at again: the quota may have run out while this tunnel waited for its cap.
+        if account.used_up() {
+            return self.quota_exceeded(&mut stream, tag, &user.name, &account);
+        }
         let bucket = self.registry.bucket_for(&user.name, user.bandwidth);
         let upstream = match self.open_target(&target) {
             Ok(s) => s,
@@ -1049,11 +1078,13 @@ impl Remote {
         let opts = relay::Options {
             bucket: Some(bucket),
             idle_timeout: self.cfg.timeouts.idle,
-            meter: None,
+            meter: Some(Arc::clone(account.meter())),
         };
         use std::sync::atomic::Ordering::AcqRel;
         self.open_tunnels.fetch_add(1, AcqRel);
+        let open = self.accounts.open(&account, stream.socket(), &upstream);
         let stats = relay::relay_hop(stream, HopEnd::Client, upstream, &opts, workers);
+        drop(open);
         self.open_tunnels.fetch_sub(1, AcqRel);
         log::info!(
             "{tag} close user={} target={target} up={} down={} dur={:.3}s{}",
@@ -1061,7 +1092,11 @@ impl Remote {
             stats.up,
             stats.down,
             started.elapsed().as_secs_f64(),
-            if stats.idle_closed { " idle" } else { "" }
+            match (stats.idle_closed, stats.quota_closed) {
+                (true, _) => " idle",
+                (_, true) => " quota used up",
+                _ => "",
+            }
         );
     }
 
@@ -1082,6 +1117,31 @@ impl Remote {
             )
         })?;
         connect_any(&addrs, self.cfg.timeouts.connect).map_err(failed)
+    }
+
+    /// Answers `quota exceeded` with when the quota resets, and logs it.
+    fn quota_exceeded(
+        &self,
+        stream: &mut Hop,
+        tag: Tag,
+        user: &str,
+        account: &accounting::Account,
+    ) {
+        let resets_at = account
+            .resets_at(crate::limit::calendar::unix_now())
+            .unwrap_or(0);
+        log::info!(
+            "{tag} user={user} refused: quota exceeded; resets at {} UTC",
+            crate::limit::calendar::timestamp(resets_at)
+        );
+        send(
+            stream,
+            tag,
+            &Reply {
+                resets_at,
+                ..Reply::status(Status::QuotaExceeded)
+            },
+        );
     }
 
     /// One of `user`'s tunnels ended: its place passes to the user's next live waiter.

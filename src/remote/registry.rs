@@ -84,6 +84,7 @@ impl Registry {
 pub fn watch_users(
     auth: &Authenticator,
     registry: &Registry,
+    accounts: &super::accounting::Accounts,
     every: Duration,
     stop: crossbeam_channel::Receiver<()>,
 ) {
@@ -112,6 +113,7 @@ pub fn watch_users(
             }
         };
         registry.apply(&users);
+        auth.with_store(|s| accounts.apply(&users, s));
         auth.retain_cached(&|n| users.iter().any(|u| u.name == n));
     }
 }

@@ -26,17 +26,23 @@ fn user_management_round_trip() {
     let (ok, out, _) = remote_user(&db, &["user", "list"]);
     assert!(ok);
     assert!(out.starts_with("NAME "), "{out}");
-    assert!(
-        out.lines().next().unwrap().ends_with("CREATED (UTC)"),
-        "{out}"
-    );
+    let head = out.lines().next().unwrap();
+    for col in ["QUOTA", "TODAY", "MONTH", "LAST SEEN (UTC)", "OPEN"] {
+        assert!(head.contains(col), "{out}");
+    }
+    assert!(out.lines().nth(1).unwrap().contains("never"), "{out}");
     // Created today, as a date, not an epoch number.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
     let year = format!(" {}-", &flowgate::cli::utc_timestamp(now)[..4]);
-    assert!(out.lines().nth(1).unwrap().contains(&year), "{out}");
+    let show = remote_user_ok(&db, &["user", "show", "alice"]);
+    let created = show.lines().find(|l| l.starts_with("created")).unwrap();
+    assert!(created.contains(&year), "{show}");
+    assert!(show.contains("quota            none"), "{show}");
+    let (ok, _, err) = remote_user(&db, &["user", "show", "nobody"]);
+    assert!(!ok && err.contains("no such user"), "{err}");
     assert!(out.contains("alice") && out.contains("2MiB/s"), "{out}");
     assert!(out.contains("bob") && out.contains("500K/s"), "{out}");
     let set = remote_user_ok(&db, &words("user set bob --bandwidth unlimited --rate 5/m"));

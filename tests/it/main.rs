@@ -18,6 +18,7 @@ macro_rules! over_both_hops {
     };
 }
 
+mod accounting;
 mod admission;
 mod cli;
 mod curl;

@@ -22,7 +22,7 @@ enum End {
     Idle,
     /// A read or write failed; both sockets were shut down.
     Failed,
-    /// The user's quota is used up; both sockets were shut down.
+    /// The user's quota is used up: reading stopped and the FIN was passed on.
     QuotaUsedUp,
 }
 
@@ -107,7 +107,8 @@ fn pump(
     loop {
         let limit = payer.limit(buf.len());
         if limit == 0 {
-            shutdown_both(src, dst);
+            // Read no more, as at EOF; the other direction stops at its next read.
+            let _ = dst.shutdown(Shutdown::Write);
             return (total, End::QuotaUsedUp);
         }
         let n = match reader.read(&mut buf[..limit]) {

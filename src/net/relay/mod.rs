@@ -341,7 +341,8 @@ mod tests {
             let _ = app.write_all(&vec![7u8; 2_000_000]);
         });
         let mut got = Vec::new();
-        let _ = origin.read_to_end(&mut got);
+        let _ = origin.read_to_end(&mut got); // the relay passed a FIN on at the quota
+        drop(origin);
         let stats = relay.join().unwrap();
         writer.join().unwrap();
         assert!(stats.quota_closed);

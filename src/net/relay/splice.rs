@@ -26,6 +26,8 @@ struct Dir<'a> {
     // EOF seen, everything written, FIN passed on.
     done: bool,
     total: u64,
+    // Reading stopped because the user's quota is used up.
+    quota_used_up: bool,
 }
 
 /// How a step of one direction went.
@@ -36,8 +38,6 @@ enum Step {
     Wait,
     /// A read or write failed: tear the tunnel down.
     Failed,
-    /// The user's quota is used up: tear the tunnel down.
-    QuotaUsedUp,
     /// splice(2) does not work here and nothing has moved yet: copy instead.
     Unsupported,
 }
@@ -100,7 +100,11 @@ impl Dir<'_> {
         let size = pipe.capacity;
         let limit = payer.limit(size);
         if limit == 0 {
-            return Step::QuotaUsedUp;
+            // The quota is used up: read no more, as at EOF, so what is in flight the
+            // other way still arrives before the FIN.
+            self.eof = true;
+            self.quota_used_up = true;
+            return self.flush();
         }
         match splice(self.src, None, &pipe.write, None, limit, flags()) {
             Ok(0) => {
@@ -186,12 +190,12 @@ pub(super) fn relay_spliced(
         eof: false,
         done: false,
         total: 0,
+        quota_used_up: false,
     };
     let mut up = new_dir(client, target, Direction::Up);
     let mut down = new_dir(target, client, Direction::Down);
     let tick = Activity::tick(opts.idle_timeout);
     let mut idle_closed = false;
-    let mut quota_closed = false;
     while !(up.done && down.done) {
         let ev = |read: bool, write: bool| {
             let mut f = PollFlags::empty();
@@ -269,10 +273,6 @@ pub(super) fn relay_spliced(
         if steps.iter().any(|s| matches!(s, Step::Unsupported)) {
             return None;
         }
-        if steps.iter().any(|s| matches!(s, Step::QuotaUsedUp)) {
-            quota_closed = true;
-            break;
-        }
         if steps.iter().any(|s| matches!(s, Step::Failed)) {
             break;
         }
@@ -284,6 +284,6 @@ pub(super) fn relay_spliced(
         up: up.total,
         down: down.total,
         idle_closed,
-        quota_closed,
+        quota_closed: up.quota_used_up || down.quota_used_up,
     })
 }

@@ -71,11 +71,8 @@ impl Buf {
     }
 }
 
-/// A read or write failed, TLS failed, or the quota is used up: tear the tunnel down.
-enum Failed {
-    Io,
-    QuotaUsedUp,
-}
+/// A read or write failed, or TLS failed: tear the tunnel down.
+struct Failed;
 
 struct State<'a> {
     conn: &'a mut Connection,
@@ -103,6 +100,8 @@ struct State<'a> {
     tls_shut: bool,
     from_tls: u64,
     to_tls: u64,
+    // Reading stopped because the user's quota is used up.
+    quota_used_up: bool,
 }
 
 impl State<'_> {
@@ -148,7 +147,10 @@ impl State<'_> {
         let cap = self.out.reset().len();
         let limit = self.payer.limit(cap);
         if limit == 0 {
-            return Err(Failed::QuotaUsedUp);
+            // The quota is used up: read no more, as at the peer's close_notify.
+            self.tls_eof = true;
+            self.quota_used_up = true;
+            return Ok(());
         }
         let mut got = 0;
         loop {
@@ -168,7 +170,7 @@ impl State<'_> {
                 Err(e) => {
                     // An EOF without close_notify: the peer died or the stream was cut.
                     log::trace!("relay tls read failed: {e}");
-                    return Err(Failed::Io);
+                    return Err(Failed);
                 }
             }
             if !self.feed_rustls()? {
@@ -211,7 +213,7 @@ impl State<'_> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
                 Err(e) => {
                     log::trace!("relay tls socket read failed: {e}");
-                    return Err(Failed::Io);
+                    return Err(Failed);
                 }
             }
         }
@@ -220,7 +222,7 @@ impl State<'_> {
             Ok(n) => self.raw.start += n,
             Err(e) => {
                 log::trace!("relay tls buffer refused: {e}");
-                return Err(Failed::Io);
+                return Err(Failed);
             }
         }
         self.process().map(|()| true)
@@ -231,7 +233,7 @@ impl State<'_> {
             log::debug!("relay tls failed: {e}");
             // Send the alert rustls queued, if the socket takes it.
             let _ = self.conn.write_tls(&mut &*self.tls);
-            return Err(Failed::Io);
+            return Err(Failed);
         }
         Ok(())
     }
@@ -239,13 +241,13 @@ impl State<'_> {
     fn write_out(&mut self) -> Result<(), Failed> {
         while !self.out.is_empty() {
             match (&*self.plain).write(&self.out.data[self.out.start..self.out.end]) {
-                Ok(0) => return Err(Failed::Io),
+                Ok(0) => return Err(Failed),
                 Ok(n) => self.out.start += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::trace!("relay plain write failed: {e}");
-                    return Err(Failed::Io);
+                    return Err(Failed);
                 }
             }
         }
@@ -261,7 +263,11 @@ impl State<'_> {
         let cap = self.input.reset().len();
         let limit = self.payer.limit(cap);
         if limit == 0 {
-            return Err(Failed::QuotaUsedUp);
+            // As at EOF: what rustls holds is still sent, then close_notify.
+            self.plain_eof = true;
+            self.quota_used_up = true;
+            self.conn.send_close_notify();
+            return Ok(());
         }
         match (&*self.plain).read(&mut self.input.data[..limit]) {
             Ok(0) => {
@@ -275,7 +281,7 @@ impl State<'_> {
                 };
                 self.payer.pay(to_tls_dir, n);
                 if self.conn.writer().write_all(&self.input.data[..n]).is_err() {
-                    return Err(Failed::Io);
+                    return Err(Failed);
                 }
                 self.to_tls += n as u64;
                 self.activity.touch();
@@ -285,7 +291,7 @@ impl State<'_> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 log::trace!("relay plain read failed: {e}");
-                return Err(Failed::Io);
+                return Err(Failed);
             }
         }
         Ok(())
@@ -294,13 +300,13 @@ impl State<'_> {
     fn flush_tls(&mut self) -> Result<(), Failed> {
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut &*self.tls) {
-                Ok(0) => return Err(Failed::Io),
+                Ok(0) => return Err(Failed),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::trace!("relay tls write failed: {e}");
-                    return Err(Failed::Io);
+                    return Err(Failed);
                 }
             }
         }
@@ -367,6 +373,7 @@ pub(super) fn relay_tls(
         tls_shut: false,
         from_tls: 0,
         to_tls: 0,
+        quota_used_up: false,
     };
     let tick = Activity::tick(opts.idle_timeout);
     let quiet = PollTimeout::try_from(QUIET).unwrap_or(PollTimeout::MAX);
@@ -376,12 +383,10 @@ pub(super) fn relay_tls(
     let mut ready = true;
     let mut idle_closed = false;
     let mut failed = false;
-    let mut quota_closed = false;
     loop {
         if ready {
-            if let Err(why) = s.step() {
+            if s.step().is_err() {
                 failed = true;
-                quota_closed = matches!(why, Failed::QuotaUsedUp);
                 break;
             }
             if s.done() {
@@ -431,6 +436,6 @@ pub(super) fn relay_tls(
         from_tls: s.from_tls,
         to_tls: s.to_tls,
         idle_closed,
-        quota_closed,
+        quota_closed: s.quota_used_up,
     }
 }

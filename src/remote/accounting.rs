@@ -1,0 +1,371 @@
+//! Per-user byte accounting and volume quotas at remote-proxy.
+//!
+//! Each user who has had a tunnel gets an [`Account`]: a meter the relays count into as
+//! bytes move (limit/meter.rs), the user's open tunnels, and, for a user with a quota, a
+//! handle on each open tunnel's target socket so all of them can be cut the moment the
+//! quota runs out. A flusher thread writes what the meters counted since the last flush to
+//! the database in one transaction every `--flush-interval`, soon after a tunnel closes, and
+//! at shutdown, so a crash loses at most one interval; the same pass re-reads each quota's
+//! use in its period, which is how a new day (or `usage reset`, or a larger quota) lets a
+//! user in again.
+//!
+//! Out of scope: the relay loop (net/relay/), the tables (users/), and the periods
+//! (limit/quota.rs).
+
+use crate::limit::calendar::unix_now;
+use crate::limit::meter::Meter;
+use crate::limit::quota::{self, Quota};
+use crate::users::{Store, UsageDelta, User, UserStore};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// One user's live accounting.
+#[derive(Debug)]
+pub struct Account {
+    name: String,
+    meter: Arc<Meter>,
+    quota: Mutex<Option<Quota>>,
+    open: AtomicU32,
+    // (up, down) of the meter as last written; only the flusher moves it.
+    flushed: Mutex<(u64, u64)>,
+    // Both sockets of each open tunnel of this user, kept only while the user has a quota.
+    cut: Mutex<HashMap<u64, [TcpStream; 2]>>,
+    // The user was deleted: the account goes once its tunnels ended and all is written.
+    deleted: std::sync::atomic::AtomicBool,
+}
+
+impl Account {
+    /// The meter this user's relays count into.
+    pub fn meter(&self) -> &Arc<Meter> {
+        &self.meter
+    }
+
+    /// Tunnels of this user relaying now.
+    pub fn open_tunnels(&self) -> u32 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// True when the user has a quota and nothing of it is left.
+    pub fn used_up(&self) -> bool {
+        self.meter.used_up()
+    }
+
+    /// When the user's quota lets them in again (Unix seconds), if they have one.
+    pub fn resets_at(&self, now: i64) -> Option<i64> {
+        self.quota.lock().map(|q| q.period.next(now))
+    }
+
+    /// Closes every open tunnel of this user: shutting both sockets down ends the relay
+    /// whatever it is waiting for, and the app sees its connection end.
+    fn cut_all(&self) -> usize {
+        let cut = self.cut.lock();
+        for s in cut.values().flatten() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        cut.len()
+    }
+}
+
+/// A tunnel counted as open until dropped.
+#[must_use]
+pub struct OpenTunnel {
+    account: Arc<Account>,
+    id: u64,
+    closed: crossbeam_channel::Sender<()>,
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.account.cut.lock().remove(&self.id);
+        self.account.open.fetch_sub(1, Ordering::Relaxed);
+        // Ask for a flush soon; a full channel means one is already asked for.
+        let _ = self.closed.try_send(());
+    }
+}
+
+/// Every account of one remote-proxy, and the flusher's trigger.
+#[derive(Debug)]
+pub struct Accounts {
+    db: PathBuf,
+    all: Arc<Meter>,
+    users: Mutex<HashMap<String, Arc<Account>>>,
+    next_id: AtomicU64,
+    flush_soon: crossbeam_channel::Sender<()>,
+    flush_asked: crossbeam_channel::Receiver<()>,
+    // A user's quota ran out: the flusher closes that user's tunnels.
+    used_up: crossbeam_channel::Sender<()>,
+    used_up_rx: crossbeam_channel::Receiver<()>,
+}
+
+/// How long after a quota runs out its user's tunnels are closed: long enough for a tunnel
+/// that stopped at the quota to hand on what it already read, well within the second the
+/// operator is promised.
+const CUT_AFTER: Duration = Duration::from_millis(250);
+
+impl Accounts {
+    /// Accounts written to the database at `db`.
+    pub fn new(db: PathBuf) -> Accounts {
+        let (flush_soon, flush_asked) = crossbeam_channel::bounded(1);
+        let (used_up, used_up_rx) = crossbeam_channel::bounded(1);
+        Accounts {
+            db,
+            all: Arc::new(Meter::default()),
+            users: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            flush_soon,
+            flush_asked,
+            used_up,
+            used_up_rx,
+        }
+    }
+
+    /// Bytes (up, down) relayed for all users since start.
+    pub fn totals(&self) -> (u64, u64) {
+        self.all.totals()
+    }
+
+    /// The account of `user`, made on first use with what the user's quota has left in its
+    /// period (read from `store`).
+    pub fn account(&self, user: &User, store: &dyn UserStore) -> Arc<Account> {
+        if let Some(a) = self.users.lock().get(&user.name) {
+            return Arc::clone(a);
+        }
+        let a = Arc::new(Account {
+            name: user.name.clone(),
+            meter: Arc::new(Meter::with_alarm(
+                Some(Arc::clone(&self.all)),
+                self.used_up.clone(),
+            )),
+            quota: Mutex::new(None),
+            open: AtomicU32::new(0),
+            flushed: Mutex::new((0, 0)),
+            cut: Mutex::new(HashMap::new()),
+            deleted: std::sync::atomic::AtomicBool::new(false),
+        });
+        refresh_quota(&a, user.quota, store, unix_now());
+        // Another tunnel of the same user may have made one meanwhile: keep the first.
+        Arc::clone(
+            self.users
+                .lock()
+                .entry(user.name.clone())
+                .or_insert_with(|| a),
+        )
+    }
+
+    /// Counts a tunnel of `account` as open; with a quota, keeps a handle on both its
+    /// sockets so the tunnel can be cut when the quota runs out (two descriptors more per
+    /// tunnel, only for users with a quota).
+    pub fn open(
+        &self,
+        account: &Arc<Account>,
+        client: &TcpStream,
+        target: &TcpStream,
+    ) -> OpenTunnel {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if account.meter.has_quota() {
+            if let (Ok(c), Ok(t)) = (client.try_clone(), target.try_clone()) {
+                account.cut.lock().insert(id, [c, t]);
+            }
+        }
+        account.open.fetch_add(1, Ordering::Relaxed);
+        OpenTunnel {
+            account: Arc::clone(account),
+            id,
+            closed: self.flush_soon.clone(),
+        }
+    }
+
+    /// A tunnel of `account` found its quota used up: its other tunnels are closed now.
+    pub fn quota_ran_out(&self, account: &Account) {
+        let n = account.cut_all();
+        if n > 0 {
+            log::info!(
+                "user={} quota used up: closing {n} open tunnel{}",
+                account.name,
+                if n == 1 { "" } else { "s" }
+            );
+        }
+    }
+
+    /// Applies the database's users (after a change by another process): quotas changed
+    /// or reset take effect now, and deleted users' accounts go once their tunnels end.
+    pub fn apply(&self, users: &[User], store: &dyn UserStore) {
+        let now = unix_now();
+        let by_name: HashMap<&str, &User> = users.iter().map(|u| (u.name.as_str(), u)).collect();
+        let accounts: Vec<Arc<Account>> = self.users.lock().values().cloned().collect();
+        for a in accounts {
+            match by_name.get(a.name.as_str()) {
+                Some(u) => {
+                    refresh_quota(&a, u.quota, store, now);
+                    if a.used_up() {
+                        self.quota_ran_out(&a);
+                    }
+                }
+                None => a.deleted.store(true, Ordering::Relaxed),
+            }
+        }
+    }
+
+    /// Writes what was counted since the last flush, in one transaction, and refreshes
+    /// each quota from the database. On failure the counts stay for the next flush.
+    fn flush(&self, store: &Store, now: i64) -> Result<(), crate::users::Error> {
+        let accounts: Vec<Arc<Account>> = self.users.lock().values().cloned().collect();
+        let mut deltas = Vec::with_capacity(accounts.len());
+        let mut totals = Vec::with_capacity(accounts.len());
+        let mut open = Vec::with_capacity(accounts.len());
+        for a in &accounts {
+            let (up, down) = a.meter.totals();
+            let (fu, fd) = *a.flushed.lock();
+            deltas.push(UsageDelta {
+                user: a.name.clone(),
+                up: up - fu,
+                down: down - fd,
+            });
+            totals.push((up, down));
+            open.push((a.name.clone(), a.open_tunnels()));
+        }
+        store.record_usage(now, &deltas, &open)?;
+        for (a, t) in accounts.iter().zip(totals) {
+            *a.flushed.lock() = t;
+            let q = *a.quota.lock();
+            if q.is_some() {
+                refresh_quota(a, q, store, now);
+                if a.used_up() {
+                    self.quota_ran_out(a);
+                }
+            }
+        }
+        drop(accounts);
+        // A deleted user's account stays until its last bytes are written.
+        self.users.lock().retain(|_, a| {
+            !a.deleted.load(Ordering::Relaxed)
+                || a.open_tunnels() > 0
+                || a.meter.totals() != *a.flushed.lock()
+        });
+        Ok(())
+    }
+
+    /// Starts the flusher thread; dropping the returned guard flushes one last time and
+    /// waits for it, so a clean stop loses nothing.
+    ///
+    /// # Errors
+    /// The database cannot be opened, or the thread cannot start.
+    pub fn start_flusher(
+        self: &Arc<Self>,
+        every: Duration,
+    ) -> Result<FlusherGuard, Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::open(&self.db)?;
+        // A crash leaves the last run's open-tunnel counts behind: none are open now.
+        let everyone: Vec<(String, u32)> = store.list()?.into_iter().map(|u| (u.name, 0)).collect();
+        store.record_usage(unix_now(), &[], &everyone)?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let me = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("remote-accounting".into())
+            .spawn(move || me.flush_loop(&store, every, &stop_rx))?;
+        Ok(FlusherGuard {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Closes the tunnels of every user whose quota is used up.
+    fn cut_used_up(&self) {
+        let accounts: Vec<Arc<Account>> = self.users.lock().values().cloned().collect();
+        for a in accounts.iter().filter(|a| a.used_up()) {
+            self.quota_ran_out(a);
+        }
+    }
+
+    fn flush_loop(&self, store: &Store, every: Duration, stop: &crossbeam_channel::Receiver<()>) {
+        use std::time::Instant;
+        let mut failing = false;
+        let mut next = Instant::now() + every;
+        let mut cut_at: Option<Instant> = None;
+        loop {
+            let due = cut_at.map_or(next, |c| c.min(next));
+            let wait = due.saturating_duration_since(Instant::now());
+            let (last, flush) = crossbeam_channel::select! {
+                recv(stop) -> _ => (true, true),
+                recv(self.flush_asked) -> _ => (false, true),
+                recv(self.used_up_rx) -> _ => {
+                    cut_at = cut_at.or(Some(Instant::now() + CUT_AFTER));
+                    (false, false)
+                }
+                default(wait) => (false, Instant::now() >= next),
+            };
+            if cut_at.is_some_and(|c| Instant::now() >= c) {
+                cut_at = None;
+                self.cut_used_up();
+            }
+            if !flush {
+                continue;
+            }
+            if Instant::now() >= next {
+                next = Instant::now() + every;
+            }
+            match self.flush(store, unix_now()) {
+                Ok(()) if failing => {
+                    failing = false;
+                    log::info!("usage written to the database again");
+                }
+                Ok(()) => {}
+                // One line when it starts failing, not one per interval.
+                Err(e) if !failing => {
+                    failing = true;
+                    log::warn!("cannot write usage to the database (kept in memory): {e}");
+                }
+                Err(_) => {}
+            }
+            if last {
+                return;
+            }
+        }
+    }
+}
+
+/// Stops the flusher after one last flush, and waits for it.
+pub struct FlusherGuard {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for FlusherGuard {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sets what `account`'s quota has left: the quota less what the database holds for this
+/// period and what the meter counted that is not written yet.
+fn refresh_quota(account: &Account, quota: Option<Quota>, store: &dyn UserStore, now: i64) {
+    *account.quota.lock() = quota;
+    let Some(q) = quota else {
+        account.meter.set_left(None);
+        account.cut.lock().clear();
+        return;
+    };
+    match store.quota_used(&account.name, q.period.start(now)) {
+        Ok(used) => {
+            let (up, down) = account.meter.totals();
+            let (fu, fd) = *account.flushed.lock();
+            let unwritten = (up - fu) + (down - fd);
+            account
+                .meter
+                .set_left(Some(quota::left(q, used.saturating_add(unwritten))));
+        }
+        // Keep what the meter has: the quota is still counted down as bytes move.
+        Err(e) => log::warn!("user={} cannot read quota use: {e}", account.name),
+    }
+}
