@@ -120,6 +120,13 @@ pub struct ServeArgs {
     /// shutdown): what a crash can lose.
     #[arg(long, default_value_t = HumanDuration(config::DEFAULT_FLUSH_INTERVAL), value_name = "DURATION")]
     pub flush_interval: HumanDuration,
+    /// Also give each user's bytes a series of their own in the metrics (user names as
+    /// labels: the most active --metrics-max-users, the rest summed as `other`).
+    #[arg(long)]
+    pub metrics_per_user: bool,
+    /// Users with their own series under --metrics-per-user.
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_METRICS_MAX_USERS)]
+    pub metrics_max_users: usize,
     /// Failed logins per client IP and user name before that user's further logins from
     /// there are refused without checking, as N/PERIOD, or off.
     #[arg(
@@ -255,6 +262,33 @@ pub struct CommonArgs {
     /// Longest wait for a slot before the answer is "server busy".
     #[arg(long, default_value_t = HumanDuration(config::DEFAULT_QUEUE_TIMEOUT), value_name = "DURATION")]
     pub queue_timeout: HumanDuration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). A bare port
+    /// listens on loopback; give an address (0.0.0.0:9180) to serve other hosts.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<MetricsAddr>,
+}
+
+/// `--metrics-listen`: `HOST:PORT`, or a bare port on 127.0.0.1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub SocketAddr);
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(port) = s.trim().parse::<u16>() {
+            return Ok(MetricsAddr(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        s.trim()
+            .parse()
+            .map(MetricsAddr)
+            .map_err(|_| format!("bad metrics address {s:?}: use PORT, IP:PORT or [IPv6]:PORT"))
+    }
+}
+
+impl std::fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
 }
 
 impl CommonArgs {
@@ -799,6 +833,11 @@ impl ServeArgs {
             return Err("--flush-interval must be above zero".into());
         }
         cfg.flush_interval = self.flush_interval.0;
+        cfg.metrics = config::MetricsConfig {
+            listen: self.common.metrics_listen.map(|m| m.0),
+            per_user: self.metrics_per_user,
+            max_users: self.metrics_max_users,
+        };
         cfg.signup_requires_invite = self.signup_requires_invite;
         cfg.timeouts = self.common.timeouts();
         cfg.admission = Limits {
@@ -849,6 +888,7 @@ impl LocalArgs {
         cfg.admission = self.common.admission();
         cfg.pool = self.common.pool()?;
         cfg.tls = self.hop.tls();
+        cfg.metrics = self.common.metrics_listen.map(|m| m.0);
         Ok(cfg)
     }
 }

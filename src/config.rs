@@ -211,6 +211,8 @@ pub struct RemoteConfig {
     pub warm_idle_timeout: Duration,
     /// How often byte counts are written to the database (also at tunnel close and stop).
     pub flush_interval: Duration,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Slots, queue bound and queue timeout.
@@ -335,6 +337,7 @@ impl RemoteConfig {
             signup_requires_invite: false,
             warm_idle_timeout: DEFAULT_WARM_IDLE_TIMEOUT,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
+            metrics: MetricsConfig::default(),
             timeouts: Timeouts::default(),
             admission: Limits {
                 max_handshakes_per_key: Some(DEFAULT_MAX_HANDSHAKES_PER_IP as usize),
@@ -405,6 +408,32 @@ pub struct LocalConfig {
     pub pool: PoolConfig,
     /// TLS to the remotes and how they are verified; or plaintext.
     pub tls: LocalTls,
+    /// Where to serve Prometheus metrics (`None`: not at all).
+    pub metrics: Option<SocketAddr>,
+}
+
+/// remote-proxy's metrics switches, which SIGHUP may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where to serve Prometheus metrics (`None`: not at all).
+    pub listen: Option<SocketAddr>,
+    /// Series per user (bytes by direction), for the most active users.
+    pub per_user: bool,
+    /// How many users get their own series; the rest are summed as `other`.
+    pub max_users: usize,
+}
+
+/// Users with their own series by default under `--metrics-per-user`.
+pub const DEFAULT_METRICS_MAX_USERS: usize = 100;
+
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig {
+            listen: None,
+            per_user: false,
+            max_users: DEFAULT_METRICS_MAX_USERS,
+        }
+    }
 }
 
 impl LocalConfig {
@@ -418,6 +447,7 @@ impl LocalConfig {
             admission: default_admission(),
             pool: default_pool(DEFAULT_MAX_CONNECTIONS),
             tls: LocalTls::KnownRemotes(crate::tls::default_known_remotes_path()),
+            metrics: None,
         }
     }
 }

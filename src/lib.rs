@@ -36,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod limit;
 pub mod local;
+pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod remote;

@@ -156,6 +156,8 @@ pub struct SharedBucket {
     // connection per grant, which held fast users well below their rate.
     conds: Box<[Condvar]>,
     clock: Arc<dyn Clock>,
+    // Nanoseconds relays spent blocked in `acquire`, for the metrics.
+    waited_ns: std::sync::atomic::AtomicU64,
 }
 
 /// Condvars a bucket spreads its waiters over.
@@ -179,6 +181,7 @@ impl SharedBucket {
             }),
             conds: (0..WAKE_SLOTS).map(|_| Condvar::new()).collect(),
             clock,
+            waited_ns: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -196,6 +199,11 @@ impl SharedBucket {
             // Only the head waits with a deadline; it must recompute at the new rate.
             self.wake(st.serving);
         }
+    }
+
+    /// Time relays have spent waiting for this bucket so far.
+    pub fn waited(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.waited_ns.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Registers a relay direction; the returned guard unregisters it when dropped.
@@ -234,11 +242,17 @@ impl SharedBucket {
         }
         let ticket = st.next_ticket;
         st.next_ticket += 1;
+        let entered = self.clock.now();
         loop {
             if st.serving == ticket {
                 let now = self.clock.now();
                 match st.bucket.try_take(n, now) {
                     Ok(()) => {
+                        let waited = now.saturating_duration_since(entered).as_nanos();
+                        self.waited_ns.fetch_add(
+                            u64::try_from(waited).unwrap_or(u64::MAX),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                         st.serving += 1;
                         if st.serving != st.next_ticket {
                             self.wake(st.serving);

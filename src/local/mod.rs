@@ -38,6 +38,10 @@ pub struct Local {
     upstreams: Arc<Upstreams>,
     // App credentials checked with a remote during RFC 1929, remembered briefly.
     logins: logins::Logins,
+    // Bytes relayed, counted as they move (for the metrics).
+    meter: Arc<crate::limit::meter::Meter>,
+    // Tunnels relaying now.
+    open_tunnels: std::sync::atomic::AtomicUsize,
 }
 
 /// Why local-proxy could not start.
@@ -47,6 +51,8 @@ pub enum Error {
     Tls(crate::tls::Error),
     /// The listener, or a thread it needs, could not start.
     Start(StartError),
+    /// The metrics endpoint could not start.
+    Metrics(String),
 }
 
 impl std::fmt::Display for Error {
@@ -54,6 +60,7 @@ impl std::fmt::Display for Error {
         match self {
             Error::Tls(e) => write!(f, "{e}"),
             Error::Start(e) => write!(f, "{e}"),
+            Error::Metrics(e) => write!(f, "{e}"),
         }
     }
 }
@@ -76,7 +83,10 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
         tunnel_prefix: upstreams::connect::random_u32(),
         upstreams: Arc::clone(&upstreams),
         logins: logins::Logins::new(),
+        meter: Arc::new(crate::limit::meter::Meter::default()),
+        open_tunnels: std::sync::atomic::AtomicUsize::new(0),
     });
+    let weak = Arc::downgrade(&local);
     let mut server =
         Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local).map_err(Error::Start)?;
     log::info!(
@@ -132,7 +142,71 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
         .spawn(move || upstreams.watch(stop_rx))
         .map_err(|e| Error::Start(StartError::Spawn("health check", e)))?;
     server.attach(Box::new(stop_tx));
+    if let Some(addr) = cfg.metrics {
+        let endpoint = crate::metrics::serve(addr).map_err(Error::Metrics)?;
+        crate::metrics::global().add_source(live_metrics(weak, server.load()));
+        server.attach(Box::new(endpoint));
+    }
     Ok(server)
+}
+
+/// What local-proxy reports at each scrape, read from its state.
+fn live_metrics(
+    local: std::sync::Weak<Local>,
+    load: crate::net::server::Load,
+) -> crate::metrics::Source {
+    use crate::metrics::Sample;
+    use std::sync::atomic::Ordering::Relaxed;
+    Box::new(move |out: &mut Vec<Sample>| {
+        let (Some(l), Some((active, queued, parked))) = (local.upgrade(), load.read()) else {
+            return false;
+        };
+        let gauge = |name, help, v: usize| Sample::gauge(name, help, vec![], v as f64);
+        out.push(gauge(
+            "tunnels_open",
+            "Tunnels relaying now",
+            l.open_tunnels.load(Relaxed),
+        ));
+        out.push(gauge(
+            "slots_in_use",
+            "Connection slots taken (handshakes and tunnels)",
+            active,
+        ));
+        out.push(gauge(
+            "queue_length",
+            "Connections waiting for a slot",
+            queued,
+        ));
+        out.push(gauge(
+            "parked_connections",
+            "Idle app connections parked, holding no slot",
+            parked,
+        ));
+        let (up, down) = l.meter.totals();
+        for (dir, v) in [("up", up), ("down", down)] {
+            out.push(Sample::counter(
+                "bytes",
+                "Bytes relayed, app to target (up) and back (down)",
+                vec![("direction", dir.to_string())],
+                v as f64,
+            ));
+        }
+        for (remote, state, open) in l.upstreams.states() {
+            out.push(Sample::gauge(
+                "remote_up",
+                "Each remote's health: 1 up, 0.5 draining (no new tunnels), 0 down",
+                vec![("remote", remote.clone())],
+                state,
+            ));
+            out.push(Sample::gauge(
+                "remote_tunnels_open",
+                "Tunnels open (or being opened) through each remote",
+                vec![("remote", remote)],
+                open as f64,
+            ));
+        }
+        true
+    })
 }
 
 /// An app's handshake, read: what to serve next.
@@ -312,6 +386,8 @@ impl Local {
                 Ok((user, password)) => {
                     let creds = Credentials { user, password };
                     if self.check_app_credentials(&creds, id) == logins::Verdict::Refused {
+                        // A tunnel refused at the sub-negotiation, before its request.
+                        crate::metrics::global().tunnel("bad_credentials");
                         let _ = socks5::write_userpass_status(s, false);
                         return None;
                     }
@@ -477,9 +553,14 @@ impl Local {
         // spend its connect timeout on the target.
         let t = &self.cfg.timeouts;
         let reply_wait = t.handshake + t.connect + self.cfg.admission.timeout;
+        let metrics = crate::metrics::global();
         match self.upstreams.open(&req, t.connect, reply_wait) {
-            Ok((remote, reply, lease)) if reply.status == Status::Ok => Ok((remote, reply, lease)),
+            Ok((remote, reply, lease)) if reply.status == Status::Ok => {
+                metrics.tunnel("ok");
+                Ok((remote, reply, lease))
+            }
             Ok((_, reply, lease)) => {
+                metrics.tunnel(crate::metrics::outcome(reply.status));
                 let retry = if reply.retry_after > 0 {
                     format!("; retry in {}s", reply.retry_after)
                 } else {
@@ -503,10 +584,12 @@ impl Local {
                 })
             }
             Err(e @ TunnelError::Request(_)) => {
+                metrics.tunnel("bad_request");
                 log::info!("conn={id} tunnel={} proto={} {e}", ask.tunnel, ask.proto);
                 Err(Refusal::Local(e))
             }
             Err(e) => {
+                metrics.tunnel("remote_unreachable");
                 log::warn!("conn={id} tunnel={} {e}", ask.tunnel);
                 Err(Refusal::Local(e))
             }
@@ -538,9 +621,14 @@ impl Local {
         let opts = relay::Options {
             bucket: None,
             idle_timeout: self.cfg.timeouts.idle,
-            meter: None,
+            meter: Some(Arc::clone(&self.meter)),
         };
+        use std::sync::atomic::Ordering::AcqRel;
+        self.open_tunnels.fetch_add(1, AcqRel);
+        self.meter
+            .moved(crate::limit::meter::Direction::Up, already_up);
         let stats = relay::relay_hop(remote, relay::HopEnd::Target, app, &opts, workers);
+        self.open_tunnels.fetch_sub(1, AcqRel);
         log::info!(
             "conn={id} tunnel={} close user={} target={} up={} down={} dur={:.3}s",
             ask.tunnel,

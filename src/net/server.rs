@@ -258,6 +258,8 @@ struct Arrived {
     spoke: std::cell::Cell<bool>,
     // Dropped from the queue for sending nothing in time (for the log line).
     silent: std::cell::Cell<bool>,
+    // When it asked for a slot, for the queue-wait histogram.
+    arrived_at: Instant,
 }
 
 /// Most "busy" answers being written at once; past this, turned-away sockets are just
@@ -435,9 +437,13 @@ impl ServeCtx {
             key,
             triaged: std::cell::Cell::new(false),
             silent: std::cell::Cell::new(false),
+            arrived_at: Instant::now(),
         };
         match self.admission.arrive(arrived, key) {
-            Arrival::Admitted(a) => self.dispatch(a),
+            Arrival::Admitted(a) => {
+                crate::metrics::global().queued(Duration::ZERO);
+                self.dispatch(a)
+            }
             Arrival::Queued => log::debug!(
                 "connection queued (active={} queued={})",
                 self.admission.active(),
@@ -464,6 +470,7 @@ impl ServeCtx {
                 a.conn.id,
                 a.conn.accepted_at.elapsed().as_millis()
             );
+            crate::metrics::global().queued(a.arrived_at.elapsed());
         }
         following
     }
@@ -483,6 +490,7 @@ impl ServeCtx {
                 a.conn.id,
                 a.conn.accepted_at.elapsed().as_millis()
             );
+            crate::metrics::global().queued(a.arrived_at.elapsed());
             self.dispatch(a);
         }
     }
@@ -673,6 +681,12 @@ impl Server {
         self.ctx.admission.active()
     }
 
+    /// A handle that reads this server's slots, queue and parked connections from another
+    /// thread (the metrics), for as long as the server runs.
+    pub fn load(&self) -> Load {
+        Load(Arc::downgrade(&self.ctx))
+    }
+
     /// Connections parked now (warm connections waiting for their app).
     pub fn parked(&self) -> usize {
         self.ctx.parking.len()
@@ -713,6 +727,23 @@ impl Server {
         self.guards.clear();
         self.workers.close();
         log::info!("stopped listening on {}", self.local_addr);
+    }
+}
+
+/// See [`Server::load`].
+#[derive(Clone, Debug)]
+pub struct Load(std::sync::Weak<ServeCtx>);
+
+impl Load {
+    /// (slots in use, connections queued, connections parked); `None` once the server is
+    /// gone.
+    pub fn read(&self) -> Option<(usize, usize, usize)> {
+        let ctx = self.0.upgrade()?;
+        Some((
+            ctx.admission.active(),
+            ctx.admission.queued(),
+            ctx.parking.len(),
+        ))
     }
 }
 

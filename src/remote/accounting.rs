@@ -125,6 +125,18 @@ impl Accounts {
         }
     }
 
+    /// (user, up, down) counted since start, for each user with an account now.
+    pub fn user_totals(&self) -> Vec<(String, u64, u64)> {
+        self.users
+            .lock()
+            .values()
+            .map(|a| {
+                let (up, down) = a.meter.totals();
+                (a.name.clone(), up, down)
+            })
+            .collect()
+    }
+
     /// Bytes (up, down) relayed for all users since start.
     pub fn totals(&self) -> (u64, u64) {
         self.all.totals()

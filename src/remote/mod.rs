@@ -45,6 +45,8 @@ pub enum Error {
     Start(StartError),
     /// The TLS identity cannot be loaded or made, or the settings are refused.
     Tls(String),
+    /// The metrics endpoint or the usage flusher could not start.
+    Metrics(String),
 }
 
 impl std::fmt::Display for Error {
@@ -53,6 +55,7 @@ impl std::fmt::Display for Error {
             Error::Users(e) => write!(f, "{e}"),
             Error::Start(e) => write!(f, "{e}"),
             Error::Tls(e) => write!(f, "{e}"),
+            Error::Metrics(e) => write!(f, "{e}"),
         }
     }
 }
@@ -122,6 +125,9 @@ pub struct Remote {
     identity: Option<crate::tls::Fingerprint>,
     // Where tunnels may go; its own sockets are filled in once the listener is bound.
     destinations: parking_lot::RwLock<Policy>,
+    // Metrics switches (SIGHUP may change them).
+    metrics_per_user: std::sync::atomic::AtomicBool,
+    metrics_max_users: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Remote {
@@ -182,6 +188,7 @@ impl Service for RemoteService {
                 rate_limited(
                     &mut hop,
                     tag,
+                    "rate_per_ip",
                     &format!("peer={peer} rate limited (per IP)"),
                     wait,
                 );
@@ -322,6 +329,8 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
             own: vec![cfg.listen],
             ..cfg.destinations.clone()
         }),
+        metrics_per_user: std::sync::atomic::AtomicBool::new(cfg.metrics.per_user),
+        metrics_max_users: std::sync::atomic::AtomicUsize::new(cfg.metrics.max_users),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
     let mut server = Server::bind(cfg.listen, "remote", cfg.admission, cfg.pool, service)
@@ -389,9 +398,85 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
     let flusher = remote
         .accounts
         .start_flusher(cfg.flush_interval)
-        .map_err(|e| Error::Tls(format!("cannot start the usage flusher: {e}")))?;
+        .map_err(|e| Error::Metrics(format!("cannot start the usage flusher: {e}")))?;
     server.attach(Box::new(flusher));
+    if let Some(addr) = cfg.metrics.listen {
+        let endpoint = crate::metrics::serve(addr).map_err(Error::Metrics)?;
+        crate::metrics::global().add_source(live_metrics(Arc::downgrade(&remote), server.load()));
+        server.attach(Box::new(endpoint));
+    }
     Ok((server, remote))
+}
+
+/// What remote-proxy reports at each scrape, read from its state.
+fn live_metrics(remote: Weak<Remote>, load: crate::net::server::Load) -> crate::metrics::Source {
+    use crate::metrics::{top_users, Sample};
+    Box::new(move |out: &mut Vec<Sample>| {
+        let (Some(r), Some((active, queued, parked))) = (remote.upgrade(), load.read()) else {
+            return false;
+        };
+        let gauge = |name, help, v: usize| Sample::gauge(name, help, vec![], v as f64);
+        out.push(gauge(
+            "tunnels_open",
+            "Tunnels relaying now",
+            r.open_tunnels(),
+        ));
+        out.push(gauge(
+            "slots_in_use",
+            "Connection slots taken (handshakes and tunnels)",
+            active,
+        ));
+        out.push(gauge(
+            "queue_length",
+            "Connections waiting for a slot",
+            queued,
+        ));
+        out.push(gauge(
+            "parked_connections",
+            "Idle connections parked, holding no slot (warm ones among them)",
+            parked,
+        ));
+        let (up, down) = r.bytes_relayed();
+        for (dir, v) in [("up", up), ("down", down)] {
+            out.push(Sample::counter(
+                "bytes",
+                "Bytes relayed, app to target (up) and back (down)",
+                vec![("direction", dir.to_string())],
+                v as f64,
+            ));
+        }
+        out.push(Sample::counter(
+            "argon2_checks",
+            "Password hashes verified (a cached login runs none)",
+            vec![],
+            r.argon2_checks() as f64,
+        ));
+        out.push(Sample::counter(
+            "bucket_wait_seconds",
+            "Time relays spent waiting for their user's bandwidth",
+            vec![],
+            r.registry.bucket_wait().as_secs_f64(),
+        ));
+        let per_user = r
+            .metrics_per_user
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if per_user {
+            let cap = r
+                .metrics_max_users
+                .load(std::sync::atomic::Ordering::Relaxed);
+            for (user, up, down) in top_users(r.accounts.user_totals(), cap) {
+                for (dir, v) in [("up", up), ("down", down)] {
+                    out.push(Sample::counter(
+                        "user_bytes",
+                        "Bytes relayed per user (the most active; the rest as user=\"other\")",
+                        vec![("user", user.clone()), ("direction", dir.to_string())],
+                        v as f64,
+                    ));
+                }
+            }
+        }
+        true
+    })
 }
 
 /// A cap for a log line: the number, or `none`.
@@ -433,6 +518,8 @@ struct Tag {
     conn: ConnId,
     tunnel: Option<TunnelId>,
     version: u8,
+    // What was asked: a reply to a tunnel request is counted in the metrics.
+    command: Command,
 }
 
 impl Tag {
@@ -441,6 +528,7 @@ impl Tag {
             conn,
             tunnel: req.tunnel_id,
             version: req.version(),
+            command: req.command,
         }
     }
 }
@@ -492,12 +580,17 @@ fn reply(stream: &mut Hop, tag: Tag, status: Status) {
     send(stream, tag, &Reply::status(status));
 }
 
+/// Every answer to a tunnel request goes through here, so each is counted by outcome.
 fn send(stream: &mut Hop, tag: Tag, r: &Reply) {
+    if tag.command == Command::Connect {
+        crate::metrics::global().tunnel(crate::metrics::outcome(r.status));
+    }
     let _ = stream.send(&tunnel::encode_reply(r, tag.version));
 }
 
-/// Answers "rate limited" with the wait, and logs which limit and when to retry.
-fn rate_limited(stream: &mut Hop, tag: Tag, why: &str, wait: Duration) {
+/// Answers "rate limited" with the wait, and logs and counts which limit and when to retry.
+fn rate_limited(stream: &mut Hop, tag: Tag, limit: &'static str, why: &str, wait: Duration) {
+    crate::metrics::global().throttle(limit);
     log::info!("{tag} {why}; retry in {}s", retry_after_secs(wait));
     reply_wait(stream, tag, Status::RateLimited, wait);
 }
@@ -661,7 +754,7 @@ impl Remote {
             // Counted now; a burst accepted together may find the rate used up meanwhile.
             if let Err(wait) = t.check(&ip) {
                 let why = format!("peer={peer} rate limited (per IP)");
-                rate_limited(&mut stream, tag, &why, wait);
+                rate_limited(&mut stream, tag, "rate_per_ip", &why, wait);
                 return Handled::SlotFree;
             }
         }
@@ -848,6 +941,7 @@ impl Remote {
                 Some(u)
             }
             Err(AuthError::BadCredentials) => {
+                crate::metrics::global().failed_logins.inc();
                 log::info!("{tag} peer={peer} user={name} auth failed");
                 reply(stream, tag, Status::BadCredentials);
                 None
@@ -863,6 +957,7 @@ impl Remote {
 
     /// Answers a login refused unchecked after too many failures, with when to retry.
     fn throttled_login(&self, stream: &mut Hop, tag: Tag, why: &str, wait: Duration) {
+        crate::metrics::global().throttle("failed_logins");
         log::info!(
             "{tag} {why}; login refused unchecked, retry in {}s",
             retry_after_secs(wait)
@@ -895,7 +990,7 @@ impl Remote {
         if let (Some(t), Some(ip)) = (&self.signup_throttle, ip) {
             if let Err(wait) = t.check(&ip) {
                 let why = format!("peer={peer} signup rate limited (per IP)");
-                return rate_limited(stream, tag, &why, wait);
+                return rate_limited(stream, tag, "signup_rate", &why, wait);
             }
         }
         if let Some(max) = self.cfg.max_users {
@@ -994,7 +1089,7 @@ impl Remote {
         if let Some(rate) = user.rate {
             if let Err(wait) = self.registry.check_rate(&user.name, rate) {
                 let why = format!("user={} rate limited ({rate})", user.name);
-                rate_limited(&mut stream, tag, &why, wait);
+                rate_limited(&mut stream, tag, "user_rate", &why, wait);
                 return Handled::SlotFree;
             }
         }
@@ -1069,6 +1164,7 @@ impl Remote {
         if let Ok(a) = upstream.local_addr() {
             ok.bound = a;
         }
+        crate::metrics::global().tunnel("ok");
         if let Err(e) = stream.send(&tunnel::encode_reply(&ok, tag.version)) {
             log::debug!("{tag} client left before the reply: {e}");
             return;

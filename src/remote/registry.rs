@@ -40,6 +40,11 @@ impl Registry {
         Arc::clone(b)
     }
 
+    /// Time relays have spent waiting on the users' buckets, all users together.
+    pub fn bucket_wait(&self) -> Duration {
+        self.buckets.lock().values().map(|b| b.waited()).sum()
+    }
+
     /// Counts a new tunnel of `user` against their request rate.
     ///
     /// # Errors

@@ -27,6 +27,7 @@ mod errors;
 mod hardening;
 mod health;
 mod http;
+mod metrics;
 mod rate;
 mod resources;
 mod shutdown;

@@ -136,7 +136,10 @@ impl Upstreams {
         let bytes = tunnel::encode_request(req).map_err(TunnelError::Request)?;
         let order = self.order(&req.user);
         let mut last = TunnelError::NoRemote;
-        for index in order {
+        for (attempt, index) in order.into_iter().enumerate() {
+            if attempt > 0 {
+                crate::metrics::global().failovers.inc();
+            }
             let up = &self.remotes[index];
             let addrs = up.addrs.lock().clone();
             up.open.fetch_add(1, Ordering::AcqRel);
@@ -162,7 +165,15 @@ impl Upstreams {
                     self.note(index, change);
                     last = TunnelError::NoRemote;
                 }
-                Ok((stream, reply)) => return Ok((stream, reply, lease)),
+                Ok((stream, reply)) => {
+                    if reply.status == Status::Ok {
+                        crate::metrics::global()
+                            .remote_tunnels
+                            .get_or_create(&vec![("remote", up.name.clone())])
+                            .inc();
+                    }
+                    return Ok((stream, reply, lease));
+                }
                 Err(e) => {
                     self.note(index, up.health.lock().tunnel_failed(&short(&e)));
                     last = e;
@@ -338,7 +349,15 @@ impl Upstreams {
             }
         };
         let t = self.thresholds();
-        let change = match connect::probe(&addrs, &up.link, self.cfg.health_timeout) {
+        let started = std::time::Instant::now();
+        let answer = connect::probe(&addrs, &up.link, self.cfg.health_timeout);
+        if answer.is_ok() {
+            crate::metrics::global()
+                .probe_seconds
+                .get_or_create(&vec![("remote", up.name.clone())])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        let change = match answer {
             Ok(Status::Draining) => up.health.lock().probe_ok(true, t),
             // Any answer in the protocol means it is there; a version 1 server answers the
             // probe it does not know with `malformed`.
@@ -369,6 +388,22 @@ impl Upstreams {
             Some(Change::Serving) => log::info!("remote={name} serving again"),
             None => {}
         }
+    }
+
+    /// Per remote: its name, its state (1 up, 0.5 draining, 0 down) and its tunnels open.
+    pub fn states(&self) -> Vec<(String, f64, usize)> {
+        self.remotes
+            .iter()
+            .map(|r| {
+                let h = r.health.lock();
+                let state = match (h.is_up(), h.usable()) {
+                    (true, true) => 1.0,
+                    (true, false) => 0.5,
+                    _ => 0.0,
+                };
+                (r.name.clone(), state, r.open.load(Ordering::Relaxed))
+            })
+            .collect()
     }
 
     /// One line per remote: `remote=ADDR up` / `down: WHY` / `draining`.
