@@ -188,7 +188,7 @@ impl Default for Timeouts {
 }
 
 /// remote-proxy settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RemoteConfig {
     /// Where to listen for local-proxies.
     pub listen: SocketAddr,

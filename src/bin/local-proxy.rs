@@ -21,6 +21,19 @@ fn main() -> ExitCode {
 
 fn run(cli: LocalCli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
+        Some(LocalCommand::CheckConfig(args)) => {
+            let lines = flowgate::cli::file::effective::<LocalCli>(
+                std::env::args_os().collect(),
+                "check-config",
+            )?;
+            args.check()?;
+            println!("# local-proxy: effective settings (the source after each)");
+            for l in lines {
+                println!("{l}");
+            }
+            eprintln!("settings ok");
+            Ok(())
+        }
         Some(LocalCommand::Signup {
             remote,
             user,

@@ -29,7 +29,7 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         RemoteCommand::Serve(args) => {
             // Before any thread exists, so every thread inherits the blocked signals.
-            let signals = ShutdownSignals::block()?;
+            let signals = ShutdownSignals::block_with_reload()?;
             flowgate::init_logging();
             let fd_limit = flowgate::net::sys::raise_fd_limit();
             let cfg = args.into_config(cli.db, state_dir)?;
@@ -40,7 +40,12 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
                 log::debug!("open-file limit {n}");
             }
             let signals = signals.into_channel()?;
-            let sig = signals.recv()?;
+            let sig = loop {
+                match signals.recv()? {
+                    "SIGHUP" => reload(&remote),
+                    sig => break sig,
+                }
+            };
             // Keep listening: probes must hear "draining", and tunnel requests get it as
             // their answer, so local-proxies move new tunnels elsewhere at once.
             remote.start_draining();
@@ -50,6 +55,19 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
                 flowgate::cli::HumanDuration(grace)
             );
             drain(&server, &signals, grace).log();
+            Ok(())
+        }
+        RemoteCommand::CheckConfig(args) => {
+            let lines = flowgate::cli::file::effective::<RemoteCli>(
+                std::env::args_os().collect(),
+                "check-config",
+            )?;
+            args.into_config(cli.db, state_dir)?;
+            println!("# remote-proxy serve: effective settings (the source after each)");
+            for l in lines {
+                println!("{l}");
+            }
+            eprintln!("settings ok");
             Ok(())
         }
         RemoteCommand::User(cmd) => user(cmd, &cli.db),
@@ -78,6 +96,39 @@ fn run(cli: RemoteCli) -> Result<(), Box<dyn std::error::Error>> {
             println!("{fingerprint}");
             Ok(())
         }
+    }
+}
+
+/// SIGHUP: reads the settings again (the --config file and the same flags) and applies
+/// what can change without dropping tunnels; an invalid file changes nothing.
+fn reload(remote: &flowgate::remote::Remote) {
+    let parsed = flowgate::cli::file::parse::<RemoteCli>(std::env::args_os().collect());
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(Ok(line)) => {
+            return log::error!("SIGHUP: {line}; keeping the current settings");
+        }
+        Err(Err(e)) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid settings");
+            return log::error!("SIGHUP: {first}; keeping the current settings");
+        }
+    };
+    let state_dir = cli.state_dir();
+    let RemoteCommand::Serve(args) = cli.command else {
+        return log::error!("SIGHUP: the settings no longer say serve; keeping the current ones");
+    };
+    match args.into_config(cli.db, state_dir) {
+        Ok(cfg) => {
+            let changes = remote.reload(cfg);
+            if changes.is_empty() {
+                log::info!("SIGHUP: settings read again; nothing changed");
+            }
+            for c in changes {
+                log::info!("SIGHUP: {c}");
+            }
+        }
+        Err(e) => log::error!("SIGHUP: {e}; keeping the current settings"),
     }
 }
 

@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod file;
+
 /// remote-proxy: authenticates flowgate tunnels against a user database and relays them to
 /// their targets, holding each user to their bandwidth.
 #[derive(Debug, Parser)]
@@ -25,6 +27,10 @@ pub struct RemoteCli {
     /// owner-only). Default: the database's directory.
     #[arg(long, global = true, value_name = "DIR", env = "FLOWGATE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Settings from this TOML file: keys are the flags' long names (`listen`,
+    /// `allow-dest = [...]`); flags on the command line win. SIGHUP re-reads it.
+    #[arg(long, global = true, value_name = "FILE", env = "FLOWGATE_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: RemoteCommand,
 }
@@ -47,6 +53,8 @@ impl RemoteCli {
 pub enum RemoteCommand {
     /// Accept tunnels from local-proxies.
     Serve(Box<ServeArgs>),
+    /// Check `serve`'s settings (from --config and flags) and print the effective ones.
+    CheckConfig(Box<ServeArgs>),
     /// Manage users (the running server picks changes up within a second).
     #[command(subcommand)]
     User(UserCommand),
@@ -607,6 +615,8 @@ pub struct LocalCli {
 /// local-proxy subcommands.
 #[derive(Debug, Subcommand)]
 pub enum LocalCommand {
+    /// Check the settings (from --config and flags) and print the effective ones.
+    CheckConfig(Box<LocalArgs>),
     /// Create an account on a remote-proxy started with --allow-signup.
     Signup {
         /// remote-proxy address, HOST:PORT.
@@ -662,6 +672,10 @@ pub enum LocalCommand {
 /// Flags of `local-proxy` (serving).
 #[derive(Debug, Args)]
 pub struct LocalArgs {
+    /// Settings from this TOML file: keys are the flags' long names (`listen`,
+    /// `remote = [...]`); flags on the command line win.
+    #[arg(long, value_name = "FILE", env = "FLOWGATE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Address apps connect to (SOCKS5 and HTTP on the same port).
     #[arg(long, default_value_t = config::DEFAULT_LOCAL_LISTEN)]
     pub listen: SocketAddr,
@@ -857,6 +871,24 @@ impl ServeArgs {
 }
 
 impl LocalArgs {
+    /// Validates the settings as [`into_config`](Self::into_config) would, without asking
+    /// for or reading the password (a password file must be there and readable).
+    ///
+    /// # Errors
+    /// What `into_config` would say.
+    pub fn check(mut self) -> Result<LocalConfig, String> {
+        if let Some(f) = &self.password_file {
+            password_from_file(f)?;
+        }
+        if self.user.is_none() && (self.password_stdin || self.password_file.is_some()) {
+            return Err("--password-stdin and --password-file need --user".into());
+        }
+        self.user = None;
+        self.password_stdin = false;
+        self.password_file = None;
+        self.into_config()
+    }
+
     /// Builds the validated config, reading the password if `--user` is set.
     pub fn into_config(self) -> Result<LocalConfig, String> {
         if self.remote.is_empty() {
@@ -915,10 +947,21 @@ impl LocalCommand {
 /// Parses the command line. `--help` and `--version` print and exit 0; a mistake prints one
 /// line, `NAME: <what is wrong>`, and exits 2, so scripts see a single clear error.
 pub fn parse_or_exit<T: Parser>(name: &str) -> T {
-    match T::try_parse() {
+    match file::parse::<T>(std::env::args_os().collect()) {
         Ok(t) => t,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
+        Err(Ok(line)) => {
+            eprintln!("{name}: {line}");
+            std::process::exit(2);
+        }
+        Err(Err(e)) => clap_error(name, e),
+    }
+}
+
+/// Prints clap's error as one line (or its help and version as they are) and exits.
+fn clap_error(name: &str, e: clap::Error) -> ! {
+    match e {
+        e if !e.use_stderr() => e.exit(),
+        e => {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
             let first = first.strip_prefix("error: ").unwrap_or(first);

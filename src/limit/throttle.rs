@@ -143,6 +143,11 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
         }
     }
 
+    /// The rate it holds keys to.
+    pub fn rate(&self) -> RequestRate {
+        self.log.lock().rate
+    }
+
     /// Allows and records a request for `key`, or returns the wait.
     pub fn check(&self, key: &K) -> Result<(), Duration> {
         let now = self.clock.now();

@@ -790,8 +790,11 @@ pub fn drain(
             return Drained::GraceOver(open);
         }
         // Nothing signals when the last tunnel ends, so look again a few times a second;
-        // a second signal wakes this at once.
-        if signals.recv_timeout(left.min(CHECK)).is_ok() {
+        // a second signal wakes this at once (a SIGHUP, a reload, does not stop anything).
+        if signals
+            .recv_timeout(left.min(CHECK))
+            .is_ok_and(|sig| sig != "SIGHUP")
+        {
             return Drained::Interrupted(server.active());
         }
     }

@@ -63,10 +63,26 @@ impl ShutdownSignals {
     /// # Errors
     /// When the signal mask cannot be changed.
     pub fn block() -> std::io::Result<ShutdownSignals> {
+        Self::block_these(false)
+    }
+
+    /// Blocks SIGTERM and SIGINT, and SIGHUP too, which [`wait`](Self::wait) then reports
+    /// as `"SIGHUP"` (a reload, not a stop).
+    ///
+    /// # Errors
+    /// When the signal mask cannot be changed.
+    pub fn block_with_reload() -> std::io::Result<ShutdownSignals> {
+        Self::block_these(true)
+    }
+
+    fn block_these(hup: bool) -> std::io::Result<ShutdownSignals> {
         use nix::sys::signal::{SigSet, Signal};
         let mut set = SigSet::empty();
         set.add(Signal::SIGTERM);
         set.add(Signal::SIGINT);
+        if hup {
+            set.add(Signal::SIGHUP);
+        }
         set.thread_block().map_err(std::io::Error::from)?;
         Ok(ShutdownSignals(set))
     }

@@ -104,15 +104,8 @@ pub struct Remote {
     accounts: Arc<Accounts>,
     // Per-user tunnel caps; waiting tunnels are parked here, holding no slot or thread.
     gate: UserGate<AuthorizedTunnel>,
-    // New tunnels per client IP (`--rate-per-ip`).
-    ip_throttle: Option<Throttle<IpAddr>>,
-    // Failed logins per client IP and user name, and per client IP over all names; each
-    // login reserves a failure before hashing and gives it back on success, so concurrent
-    // guesses cannot all get a check in before the first one fails.
-    login_throttle: Option<Throttle<(IpAddr, String)>>,
-    ip_login_throttle: Option<Throttle<IpAddr>>,
-    // Signups per client IP.
-    signup_throttle: Option<Throttle<IpAddr>>,
+    // The request throttles; SIGHUP may swap them for new ones.
+    throttles: parking_lot::RwLock<Arc<Throttles>>,
     // Tunnels relaying now.
     open_tunnels: std::sync::atomic::AtomicUsize,
     // Credential checks answered so far.
@@ -128,6 +121,8 @@ pub struct Remote {
     // Metrics switches (SIGHUP may change them).
     metrics_per_user: std::sync::atomic::AtomicBool,
     metrics_max_users: std::sync::atomic::AtomicUsize,
+    // The settings last applied (the start's, or the last good SIGHUP's).
+    applied: parking_lot::Mutex<RemoteConfig>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -161,7 +156,8 @@ impl Service for RemoteService {
         // may be accepted at the same moment as a tunnel) take nothing.
         match self
             .0
-            .ip_throttle
+            .throttles()
+            .rate_per_ip
             .as_ref()
             .and_then(|t| t.wait(&canonical(peer.ip())))
         {
@@ -316,10 +312,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         registry: Registry::new(),
         accounts: Arc::new(Accounts::new(cfg.db.clone())),
         gate: UserGate::new(cfg.admission.timeout, cfg.admission.max_queued),
-        ip_throttle: cfg.rate_per_ip.map(Throttle::new),
-        login_throttle: cfg.failed_login_rate.map(Throttle::new),
-        ip_login_throttle: cfg.failed_login_rate_per_ip.map(Throttle::new),
-        signup_throttle: cfg.signup_rate.map(Throttle::new),
+        throttles: parking_lot::RwLock::new(Arc::new(Throttles::from_config(&cfg, None))),
         open_tunnels: std::sync::atomic::AtomicUsize::new(0),
         credential_checks: std::sync::atomic::AtomicU64::new(0),
         draining: std::sync::atomic::AtomicBool::new(false),
@@ -331,6 +324,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         }),
         metrics_per_user: std::sync::atomic::AtomicBool::new(cfg.metrics.per_user),
         metrics_max_users: std::sync::atomic::AtomicUsize::new(cfg.metrics.max_users),
+        applied: parking_lot::Mutex::new(cfg.clone()),
     });
     let service = Arc::new(RemoteService(Arc::clone(&remote)));
     let mut server = Server::bind(cfg.listen, "remote", cfg.admission, cfg.pool, service)
@@ -603,7 +597,154 @@ fn reply_wait(stream: &mut Hop, tag: Tag, status: Status, wait: Duration) {
     send(stream, tag, &r);
 }
 
+/// remote-proxy's request throttles, replaced as a whole when SIGHUP changes a rate (a
+/// throttle whose rate did not change is kept, with what it has counted).
+struct Throttles {
+    // New tunnels per client IP (`--rate-per-ip`).
+    rate_per_ip: Option<Arc<Throttle<IpAddr>>>,
+    // Failed logins per client IP and user name, and per client IP over all names; each
+    // login reserves a failure before hashing and gives it back on success, so concurrent
+    // guesses cannot all get a check in before the first one fails.
+    failed_login: Option<Arc<Throttle<(IpAddr, String)>>>,
+    failed_login_per_ip: Option<Arc<Throttle<IpAddr>>>,
+    // Signups per client IP.
+    signup: Option<Arc<Throttle<IpAddr>>>,
+}
+
+impl Throttles {
+    /// The throttles `cfg` asks for, keeping those of `old` whose rate is the same.
+    fn from_config(cfg: &RemoteConfig, old: Option<&Throttles>) -> Throttles {
+        fn keep<K: std::hash::Hash + Eq + Clone>(
+            rate: Option<crate::limit::rate::RequestRate>,
+            old: Option<&Option<Arc<Throttle<K>>>>,
+        ) -> Option<Arc<Throttle<K>>> {
+            let rate = rate?;
+            match old.and_then(|o| o.as_ref()) {
+                Some(t) if t.rate() == rate => Some(Arc::clone(t)),
+                _ => Some(Arc::new(Throttle::new(rate))),
+            }
+        }
+        Throttles {
+            rate_per_ip: keep(cfg.rate_per_ip, old.map(|o| &o.rate_per_ip)),
+            failed_login: keep(cfg.failed_login_rate, old.map(|o| &o.failed_login)),
+            failed_login_per_ip: keep(
+                cfg.failed_login_rate_per_ip,
+                old.map(|o| &o.failed_login_per_ip),
+            ),
+            signup: keep(cfg.signup_rate, old.map(|o| &o.signup)),
+        }
+    }
+}
+
 impl Remote {
+    /// Applies the settings that can change while tunnels run (SIGHUP): the destination
+    /// policy, the throttles and the metrics switches. Open tunnels are not touched; the
+    /// next tunnel request sees the new settings. Returns one line per change, and one per
+    /// setting that differs but only takes effect after a restart.
+    pub fn reload(&self, new: RemoteConfig) -> Vec<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut said = Vec::new();
+        let mut old = self.applied.lock();
+        if new.destinations != old.destinations {
+            let mut policy = self.destinations.write();
+            let own = std::mem::take(&mut policy.own);
+            *policy = Policy {
+                own,
+                ..new.destinations.clone()
+            };
+            said.push(format!(
+                "destination policy now allow={:?} deny={:?} deny-port={:?}",
+                new.destinations
+                    .allow
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>(),
+                new.destinations
+                    .deny
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>(),
+                new.destinations.deny_ports
+            ));
+        }
+        let rate = |r: Option<crate::limit::rate::RequestRate>| {
+            r.map_or("off".to_string(), |r| r.to_string())
+        };
+        for (name, was, now) in [
+            ("rate-per-ip", old.rate_per_ip, new.rate_per_ip),
+            (
+                "failed-login-rate",
+                old.failed_login_rate,
+                new.failed_login_rate,
+            ),
+            (
+                "failed-login-rate-per-ip",
+                old.failed_login_rate_per_ip,
+                new.failed_login_rate_per_ip,
+            ),
+            ("signup-rate", old.signup_rate, new.signup_rate),
+        ] {
+            if was != now {
+                said.push(format!("{name} now {} (was {})", rate(now), rate(was)));
+            }
+        }
+        let throttles = Throttles::from_config(&new, Some(&self.throttles()));
+        *self.throttles.write() = Arc::new(throttles);
+        if new.metrics.per_user != old.metrics.per_user {
+            self.metrics_per_user.store(new.metrics.per_user, Relaxed);
+            said.push(format!("metrics-per-user now {}", new.metrics.per_user));
+        }
+        if new.metrics.max_users != old.metrics.max_users {
+            self.metrics_max_users.store(new.metrics.max_users, Relaxed);
+            said.push(format!("metrics-max-users now {}", new.metrics.max_users));
+        }
+        let start = &self.cfg;
+        for (name, differs) in [
+            ("listen", new.listen != start.listen),
+            ("db", new.db != start.db),
+            ("tls settings", new.tls != start.tls),
+            (
+                "max-connections, max-queued or queue-timeout",
+                new.admission != start.admission,
+            ),
+            ("timeouts", new.timeouts != start.timeouts),
+            ("worker pool", new.pool != start.pool),
+            ("metrics-listen", new.metrics.listen != start.metrics.listen),
+            ("flush-interval", new.flush_interval != start.flush_interval),
+            (
+                "signup settings",
+                (
+                    new.allow_signup,
+                    new.signup_bandwidth,
+                    new.max_users,
+                    new.signup_requires_invite,
+                ) != (
+                    start.allow_signup,
+                    start.signup_bandwidth,
+                    start.max_users,
+                    start.signup_requires_invite,
+                ),
+            ),
+            (
+                "warm-idle-timeout",
+                new.warm_idle_timeout != start.warm_idle_timeout,
+            ),
+        ] {
+            if differs {
+                said.push(format!(
+                    "{name}: changed in the settings, applies after a restart"
+                ));
+            }
+        }
+        *old = new;
+        said
+    }
+
+    /// The throttles in force now.
+    fn throttles(&self) -> Arc<Throttles> {
+        Arc::clone(&self.throttles.read())
+    }
+
     /// argon2 checks run so far: a login answered from the verification cache, or refused
     /// by the failed-login throttle, runs none.
     pub fn argon2_checks(&self) -> u64 {
@@ -750,7 +891,7 @@ impl Remote {
             reply(&mut stream, tag, Status::Draining);
             return Handled::SlotFree;
         }
-        if let (Some(t), Some(ip)) = (&self.ip_throttle, ip) {
+        if let (Some(t), Some(ip)) = (&self.throttles().rate_per_ip, ip) {
             // Counted now; a burst accepted together may find the rate used up meanwhile.
             if let Err(wait) = t.check(&ip) {
                 let why = format!("peer={peer} rate limited (per IP)");
@@ -879,13 +1020,14 @@ impl Remote {
         // tunnels is not taken for a burst of guesses. Only while not locked out: during a
         // lockout every login is refused unchecked, or a cached password would tell a
         // guesser which guess was right, at no cost to them.
-        let locked = self
-            .login_throttle
+        let th = self.throttles();
+        let locked = th
+            .failed_login
             .as_ref()
             .zip(key.as_ref())
             .is_some_and(|(t, k)| t.wait(k).is_some())
-            || self
-                .ip_login_throttle
+            || th
+                .failed_login_per_ip
                 .as_ref()
                 .zip(ip)
                 .is_some_and(|(t, ip)| t.wait(&ip).is_some());
@@ -900,7 +1042,7 @@ impl Remote {
                 }
             }
         }
-        let user_place = match (&self.login_throttle, &key) {
+        let user_place = match (&th.failed_login, &key) {
             (Some(t), Some(k)) => match t.reserve(k) {
                 Ok(at) => Some((t, at)),
                 Err(wait) => {
@@ -912,7 +1054,7 @@ impl Remote {
             },
             _ => None,
         };
-        let ip_place = match (&self.ip_login_throttle, ip) {
+        let ip_place = match (&th.failed_login_per_ip, ip) {
             (Some(t), Some(ip)) => match t.reserve(&ip) {
                 Ok(at) => Some((t, ip, at)),
                 Err(wait) => {
@@ -987,7 +1129,7 @@ impl Remote {
             log::info!("{tag} peer={peer} signup refused: disabled");
             return reply(stream, tag, Status::SignupDisabled);
         }
-        if let (Some(t), Some(ip)) = (&self.signup_throttle, ip) {
+        if let (Some(t), Some(ip)) = (&self.throttles().signup, ip) {
             if let Err(wait) = t.check(&ip) {
                 let why = format!("peer={peer} signup rate limited (per IP)");
                 return rate_limited(stream, tag, "signup_rate", &why, wait);

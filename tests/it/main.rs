@@ -21,6 +21,7 @@ macro_rules! over_both_hops {
 mod accounting;
 mod admission;
 mod cli;
+mod config;
 mod curl;
 mod destinations;
 mod errors;
