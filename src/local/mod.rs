@@ -158,39 +158,11 @@ fn live_metrics(
     use crate::metrics::Sample;
     use std::sync::atomic::Ordering::Relaxed;
     Box::new(move |out: &mut Vec<Sample>| {
-        let (Some(l), Some((active, queued, parked))) = (local.upgrade(), load.read()) else {
+        let (Some(l), Some(now)) = (local.upgrade(), load.read()) else {
             return false;
         };
-        let gauge = |name, help, v: usize| Sample::gauge(name, help, vec![], v as f64);
-        out.push(gauge(
-            "tunnels_open",
-            "Tunnels relaying now",
-            l.open_tunnels.load(Relaxed),
-        ));
-        out.push(gauge(
-            "slots_in_use",
-            "Connection slots taken (handshakes and tunnels)",
-            active,
-        ));
-        out.push(gauge(
-            "queue_length",
-            "Connections waiting for a slot",
-            queued,
-        ));
-        out.push(gauge(
-            "parked_connections",
-            "Idle app connections parked, holding no slot",
-            parked,
-        ));
-        let (up, down) = l.meter.totals();
-        for (dir, v) in [("up", up), ("down", down)] {
-            out.push(Sample::counter(
-                "bytes",
-                "Bytes relayed, app to target (up) and back (down)",
-                vec![("direction", dir.to_string())],
-                v as f64,
-            ));
-        }
+        let open = l.open_tunnels.load(Relaxed);
+        crate::metrics::server_samples(out, open, now, l.meter.totals());
         for (remote, state, open) in l.upstreams.states() {
             out.push(Sample::gauge(
                 "remote_up",

@@ -67,6 +67,43 @@ impl Sample {
     }
 }
 
+/// What both proxies report about their server at each scrape: tunnels open, slots in use,
+/// connections queued and parked (`load`, from [`crate::net::server::Load`]), and bytes
+/// relayed (`bytes`: up, down).
+pub fn server_samples(
+    out: &mut Vec<Sample>,
+    tunnels_open: usize,
+    load: (usize, usize, usize),
+    bytes: (u64, u64),
+) {
+    let gauge = |name, help, v: usize| Sample::gauge(name, help, vec![], v as f64);
+    let (active, queued, parked) = load;
+    out.push(gauge("tunnels_open", "Tunnels relaying now", tunnels_open));
+    out.push(gauge(
+        "slots_in_use",
+        "Connection slots taken (handshakes and tunnels)",
+        active,
+    ));
+    out.push(gauge(
+        "queue_length",
+        "Connections waiting for a slot",
+        queued,
+    ));
+    out.push(gauge(
+        "parked_connections",
+        "Idle connections parked, holding no slot (warm ones among them)",
+        parked,
+    ));
+    for (dir, v) in [("up", bytes.0), ("down", bytes.1)] {
+        out.push(Sample::counter(
+            "bytes",
+            "Bytes relayed, app to target (up) and back (down)",
+            vec![("direction", dir.to_string())],
+            v as f64,
+        ));
+    }
+}
+
 /// Something that adds live values at each scrape; false when it is gone for good.
 pub type Source = Box<dyn Fn(&mut Vec<Sample>) -> bool + Send + Sync>;
 

@@ -406,39 +406,10 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
 fn live_metrics(remote: Weak<Remote>, load: crate::net::server::Load) -> crate::metrics::Source {
     use crate::metrics::{top_users, Sample};
     Box::new(move |out: &mut Vec<Sample>| {
-        let (Some(r), Some((active, queued, parked))) = (remote.upgrade(), load.read()) else {
+        let (Some(r), Some(now)) = (remote.upgrade(), load.read()) else {
             return false;
         };
-        let gauge = |name, help, v: usize| Sample::gauge(name, help, vec![], v as f64);
-        out.push(gauge(
-            "tunnels_open",
-            "Tunnels relaying now",
-            r.open_tunnels(),
-        ));
-        out.push(gauge(
-            "slots_in_use",
-            "Connection slots taken (handshakes and tunnels)",
-            active,
-        ));
-        out.push(gauge(
-            "queue_length",
-            "Connections waiting for a slot",
-            queued,
-        ));
-        out.push(gauge(
-            "parked_connections",
-            "Idle connections parked, holding no slot (warm ones among them)",
-            parked,
-        ));
-        let (up, down) = r.bytes_relayed();
-        for (dir, v) in [("up", up), ("down", down)] {
-            out.push(Sample::counter(
-                "bytes",
-                "Bytes relayed, app to target (up) and back (down)",
-                vec![("direction", dir.to_string())],
-                v as f64,
-            ));
-        }
+        crate::metrics::server_samples(out, r.open_tunnels(), now, r.bytes_relayed());
         out.push(Sample::counter(
             "argon2_checks",
             "Password hashes verified (a cached login runs none)",

@@ -213,6 +213,16 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
+    fn test_workers() -> Workers {
+        Workers::new(
+            "test",
+            crate::net::workers::PoolConfig {
+                max_workers: 8,
+                idle_timeout: Duration::from_secs(10),
+            },
+        )
+    }
+
     /// Two connected pairs: (app, proxy's client side) and (proxy's target side, target).
     fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -262,20 +272,7 @@ mod tests {
 
     #[test]
     fn copying_relay_carries_both_ways_with_half_close() {
-        carries_both_ways_with_half_close(|c, t, o| {
-            relay_threaded(
-                c,
-                t,
-                o,
-                &Workers::new(
-                    "test",
-                    crate::net::workers::PoolConfig {
-                        max_workers: 8,
-                        idle_timeout: Duration::from_secs(10),
-                    },
-                ),
-            )
-        });
+        carries_both_ways_with_half_close(|c, t, o| relay_threaded(c, t, o, &test_workers()));
     }
 
     #[test]
@@ -358,20 +355,7 @@ mod tests {
 
     #[test]
     fn copying_relay_stops_at_the_quota() {
-        stops_at_the_quota(|c, t, o| {
-            relay_threaded(
-                c,
-                t,
-                o,
-                &Workers::new(
-                    "test",
-                    crate::net::workers::PoolConfig {
-                        max_workers: 8,
-                        idle_timeout: Duration::from_secs(10),
-                    },
-                ),
-            )
-        });
+        stops_at_the_quota(|c, t, o| relay_threaded(c, t, o, &test_workers()));
     }
 
     #[test]
@@ -383,18 +367,7 @@ mod tests {
             meter: None,
         };
         let t = Instant::now();
-        let stats = relay(
-            client,
-            target,
-            &opts,
-            &Workers::new(
-                "test",
-                crate::net::workers::PoolConfig {
-                    max_workers: 8,
-                    idle_timeout: Duration::from_secs(10),
-                },
-            ),
-        );
+        let stats = relay(client, target, &opts, &test_workers());
         assert!(stats.idle_closed);
         assert!(
             t.elapsed() < Duration::from_secs(3),
