@@ -226,3 +226,27 @@ fn echo_target() -> std::net::SocketAddr {
     });
     a
 }
+
+#[test]
+fn the_sample_configs_in_contrib_pass_check_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+    let (ok, _, err) = remote_user(
+        &temp_dir().join("u.db"),
+        &[
+            "--config",
+            dir.join("remote-proxy.toml").to_str().unwrap(),
+            "check-config",
+        ],
+    );
+    assert!(ok, "{err}");
+    let out = local_bin()
+        .args(["check-config", "--config"])
+        .arg(dir.join("local-proxy.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
