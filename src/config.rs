@@ -193,7 +193,7 @@ pub struct RemoteConfig {
     /// Where to listen for local-proxies.
     pub listen: SocketAddr,
     /// The user database.
-    pub db: PathBuf,
+    pub db: crate::users::Db,
     /// Whether `local-proxy signup` may create accounts.
     pub allow_signup: bool,
     /// Bandwidth given to accounts made by signup.
@@ -254,13 +254,10 @@ pub enum RemoteTls {
 }
 
 impl RemoteTls {
-    /// The default: TLS with the identity kept beside the database.
-    pub fn beside(db: &std::path::Path) -> RemoteTls {
-        let dir = db
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        RemoteTls::StateDir(dir.to_path_buf())
+    /// The default: TLS with the identity kept beside the database (in the current
+    /// directory for PostgreSQL).
+    pub fn beside(db: &crate::users::Db) -> RemoteTls {
+        RemoteTls::StateDir(db.default_state_dir())
     }
 
     /// Loads (or, in a state directory, makes) the identity, and whether it was made now;
@@ -324,7 +321,8 @@ pub fn default_admission() -> Limits {
 
 impl RemoteConfig {
     /// Defaults for everything but the database path.
-    pub fn new(db: PathBuf) -> RemoteConfig {
+    pub fn new(db: impl Into<crate::users::Db>) -> RemoteConfig {
+        let db = db.into();
         let tls = RemoteTls::beside(&db);
         RemoteConfig {
             listen: DEFAULT_REMOTE_LISTEN,
@@ -462,6 +460,9 @@ mod tests {
         assert_eq!(DEFAULT_LOCAL_LISTEN.to_string(), "127.0.0.1:1080");
         assert_eq!(DEFAULT_SIGNUP_BANDWIDTH.to_string(), "1M/s");
         assert_eq!(DEFAULT_FAILED_LOGIN_RATE.to_string(), "10/m");
-        assert_eq!(RemoteConfig::new("x".into()).listen, DEFAULT_REMOTE_LISTEN);
+        assert_eq!(
+            RemoteConfig::new(PathBuf::from("x")).listen,
+            DEFAULT_REMOTE_LISTEN
+        );
     }
 }

@@ -10,7 +10,7 @@ use flowgate::limit::quota::{self, Period};
 use flowgate::net::server::drain;
 use flowgate::net::sys::ShutdownSignals;
 use flowgate::users::usage;
-use flowgate::users::{Changes, Store, UserStore};
+use flowgate::users::{Changes, Db};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -132,7 +132,7 @@ fn reload(remote: &flowgate::remote::Remote) {
     }
 }
 
-fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+fn user(cmd: UserCommand, db: &Db) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         UserCommand::Add {
             name,
@@ -142,7 +142,7 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
         } => {
             flowgate::users::validate_name(&name)?;
             let pw = password.required()?;
-            let store = Store::open(db)?;
+            let store = db.open()?;
             let changes = limits.changes();
             if changes.is_empty() {
                 store.add(&name, &pw, bandwidth)?;
@@ -169,14 +169,14 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
                         .into(),
                 );
             }
-            Store::open(db)?.set(&name, &changes)?;
+            db.open()?.set(&name, &changes)?;
             println!(
                 "updated user {name}: {}",
                 flowgate::cli::describe_changes(&changes)
             );
         }
         UserCommand::Del { name } => {
-            Store::open(db)?.delete(&name)?;
+            db.open()?.delete(&name)?;
             println!("deleted user {name}");
         }
         UserCommand::List { bytes } => user_list(db, bytes)?,
@@ -187,8 +187,8 @@ fn user(cmd: UserCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error
 
 /// `user list`: one line per user with limits, quota, usage today and this month, last
 /// seen and open tunnels (as of the running server's last flush).
-fn user_list(db: &std::path::Path, exact: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let store = Store::open(db)?;
+fn user_list(db: &Db, exact: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let store = db.open()?;
     let now = unix_now();
     let (today, month) = (Period::Day.start(now), Period::Month.start(now));
     let rows = store.usage(None, month.min(today))?;
@@ -239,12 +239,8 @@ fn user_list(db: &std::path::Path, exact: bool) -> Result<(), Box<dyn std::error
 }
 
 /// `user show NAME`: one user in detail.
-fn user_show(
-    db: &std::path::Path,
-    name: &str,
-    exact: bool,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let store = Store::open(db)?;
+fn user_show(db: &Db, name: &str, exact: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let store = db.open()?;
     let u = store
         .get(name)?
         .ok_or_else(|| flowgate::users::Error::NotFound(name.to_string()))?;
@@ -312,8 +308,8 @@ fn user_show(
 }
 
 /// `usage [--user NAME] [--since DATE] [--by day|month] [--json]` and `usage reset NAME`.
-fn usage_report(args: UsageArgs, db: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    let store = Store::open(db)?;
+fn usage_report(args: UsageArgs, db: &Db) -> Result<(), Box<dyn std::error::Error>> {
+    let store = db.open()?;
     let now = unix_now();
     if let Some(UsageCommand::Reset { name }) = args.reset {
         let u = store
@@ -360,7 +356,7 @@ fn usage_report(args: UsageArgs, db: &std::path::Path) -> Result<(), Box<dyn std
     Ok(())
 }
 
-fn invite(cmd: InviteCommand, db: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+fn invite(cmd: InviteCommand, db: &Db) -> Result<(), Box<dyn std::error::Error>> {
     use flowgate::users::invites;
     let expiry = |at: Option<i64>| at.map_or("never".into(), utc_timestamp);
     match cmd {
@@ -370,8 +366,9 @@ fn invite(cmd: InviteCommand, db: &std::path::Path) -> Result<(), Box<dyn std::e
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             let expires_at = expires.0.map(|d| now + d.as_secs() as i64);
-            let made =
-                Store::open(db)?.add_invite(&invites::token_hash(&token), uses, expires_at)?;
+            let made = db
+                .open()?
+                .add_invite(&invites::token_hash(&token), uses, expires_at)?;
             // The token on stdout alone, for scripts; what it allows on stderr.
             println!("{token}");
             eprintln!(
@@ -386,7 +383,7 @@ fn invite(cmd: InviteCommand, db: &std::path::Path) -> Result<(), Box<dyn std::e
                 "{:<14} {:>9}  {:<19}  CREATED (UTC)",
                 "ID", "USES-LEFT", "EXPIRES (UTC)"
             );
-            for i in Store::open(db)?.invites()? {
+            for i in db.open()?.invites()? {
                 println!(
                     "{:<14} {:>9}  {:<19}  {}",
                     i.id,
@@ -397,7 +394,7 @@ fn invite(cmd: InviteCommand, db: &std::path::Path) -> Result<(), Box<dyn std::e
             }
         }
         InviteCommand::Revoke { id } => {
-            Store::open(db)?.revoke_invite(&id)?;
+            db.open()?.revoke_invite(&id)?;
             println!("revoked invite {id}");
         }
     }

@@ -20,9 +20,11 @@ pub mod file;
 #[derive(Debug, Parser)]
 #[command(name = "remote-proxy", version)]
 pub struct RemoteCli {
-    /// SQLite user database (created on first use).
-    #[arg(long, global = true, default_value = config::DEFAULT_DB, env = "FLOWGATE_DB")]
-    pub db: PathBuf,
+    /// User database: a SQLite file (created on first use), or PostgreSQL for a fleet
+    /// (postgres://USER@HOST/DB or "host=... dbname=..."; the password from PGPASSWORD or
+    /// ~/.pgpass, never here).
+    #[arg(long, global = true, default_value = config::DEFAULT_DB, env = "FLOWGATE_DB", value_name = "PATH|URL")]
+    pub db: crate::users::Db,
     /// Directory for the TLS identity (identity.key, identity.crt; made on first start,
     /// owner-only). Default: the database's directory.
     #[arg(long, global = true, value_name = "DIR", env = "FLOWGATE_STATE_DIR")]
@@ -827,7 +829,11 @@ impl ServeArgs {
     ///
     /// # Errors
     /// Flags that contradict each other.
-    pub fn into_config(self, db: PathBuf, state_dir: PathBuf) -> Result<RemoteConfig, String> {
+    pub fn into_config(
+        self,
+        db: crate::users::Db,
+        state_dir: PathBuf,
+    ) -> Result<RemoteConfig, String> {
         let mut cfg = RemoteConfig::new(db);
         cfg.tls = match (self.plaintext, self.tls_cert, self.tls_key) {
             (true, _, _) => config::RemoteTls::Plaintext {
@@ -1113,10 +1119,15 @@ mod tests {
         let RemoteCommand::Serve(args) = serve.command else {
             panic!("not serve")
         };
-        let cfg = args.into_config("x.db".into(), ".".into()).unwrap();
+        let cfg = args
+            .into_config(crate::users::Db::Sqlite("x.db".into()), ".".into())
+            .unwrap();
         assert_eq!(cfg.rate_per_ip, None);
         assert_eq!(cfg.failed_login_rate, Some("10/m".parse().unwrap()));
-        assert_eq!(cfg.admission, RemoteConfig::new("x.db".into()).admission);
+        assert_eq!(
+            cfg.admission,
+            RemoteConfig::new(std::path::PathBuf::from("x.db")).admission
+        );
         assert_eq!(cfg.admission.max_handshakes_per_key, Some(32));
         let set = RemoteCli::try_parse_from([
             "remote-proxy",

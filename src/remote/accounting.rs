@@ -15,11 +15,10 @@
 use crate::limit::calendar::unix_now;
 use crate::limit::meter::Meter;
 use crate::limit::quota::{self, Quota};
-use crate::users::{Store, UsageDelta, User, UserStore};
+use crate::users::{Db, UsageDelta, User, UserStore};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -92,7 +91,7 @@ impl Drop for OpenTunnel {
 /// Every account of one remote-proxy, and the flusher's trigger.
 #[derive(Debug)]
 pub struct Accounts {
-    db: PathBuf,
+    db: Db,
     all: Arc<Meter>,
     users: Mutex<HashMap<String, Arc<Account>>>,
     next_id: AtomicU64,
@@ -110,7 +109,7 @@ const CUT_AFTER: Duration = Duration::from_millis(250);
 
 impl Accounts {
     /// Accounts written to the database at `db`.
-    pub fn new(db: PathBuf) -> Accounts {
+    pub fn new(db: Db) -> Accounts {
         let (flush_soon, flush_asked) = crossbeam_channel::bounded(1);
         let (used_up, used_up_rx) = crossbeam_channel::bounded(1);
         Accounts {
@@ -226,7 +225,7 @@ impl Accounts {
 
     /// Writes what was counted since the last flush, in one transaction, and refreshes
     /// each quota from the database. On failure the counts stay for the next flush.
-    fn flush(&self, store: &Store, now: i64) -> Result<(), crate::users::Error> {
+    fn flush(&self, store: &dyn UserStore, now: i64) -> Result<(), crate::users::Error> {
         let accounts: Vec<Arc<Account>> = self.users.lock().values().cloned().collect();
         let mut deltas = Vec::with_capacity(accounts.len());
         let mut totals = Vec::with_capacity(accounts.len());
@@ -272,7 +271,7 @@ impl Accounts {
         self: &Arc<Self>,
         every: Duration,
     ) -> Result<FlusherGuard, Box<dyn std::error::Error + Send + Sync>> {
-        let store = Store::open(&self.db)?;
+        let store = self.db.open()?;
         // A crash leaves the last run's open-tunnel counts behind: none are open now.
         let everyone: Vec<(String, u32)> = store.list()?.into_iter().map(|u| (u.name, 0)).collect();
         store.record_usage(unix_now(), &[], &everyone)?;
@@ -280,7 +279,7 @@ impl Accounts {
         let me = Arc::clone(self);
         let thread = std::thread::Builder::new()
             .name("remote-accounting".into())
-            .spawn(move || me.flush_loop(&store, every, &stop_rx))?;
+            .spawn(move || me.flush_loop(&*store, every, &stop_rx))?;
         Ok(FlusherGuard {
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -295,7 +294,12 @@ impl Accounts {
         }
     }
 
-    fn flush_loop(&self, store: &Store, every: Duration, stop: &crossbeam_channel::Receiver<()>) {
+    fn flush_loop(
+        &self,
+        store: &dyn UserStore,
+        every: Duration,
+        stop: &crossbeam_channel::Receiver<()>,
+    ) {
         use std::time::Instant;
         let mut failing = false;
         let mut next = Instant::now() + every;

@@ -31,7 +31,7 @@ use crate::proto::addr::TargetAddr;
 use crate::proto::tunnel::{self, Command, Reply, Request, Status, TunnelId};
 use crate::proto::Shown;
 use crate::tls::ALPN_HEALTH;
-use crate::users::{self, AuthError, Authenticator, Store, User};
+use crate::users::{self, AuthError, Authenticator, User};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -303,8 +303,8 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         Some(id) => Some(crate::tls::server_config(id).map_err(|e| Error::Tls(e.to_string()))?),
         None => None,
     };
-    let store = Store::open(&cfg.db).map_err(Error::Users)?;
-    let auth = Authenticator::new(store).map_err(Error::Users)?;
+    let store = cfg.db.open().map_err(Error::Users)?;
+    let auth = Authenticator::boxed(store).map_err(Error::Users)?;
     let remote = Arc::new_cyclic(|me| Remote {
         cfg: cfg.clone(),
         me: me.clone(),
@@ -335,7 +335,7 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
          queue-timeout={}s rate-per-ip={} failed-login-rate={} max-handshakes-per-ip={} \
          max-idle-per-ip={} warm-idle-timeout={}s",
         server.local_addr(),
-        cfg.db.display(),
+        cfg.db,
         match (cfg.allow_signup, cfg.signup_requires_invite) {
             (false, _) => "off",
             (true, false) => "on",
@@ -370,11 +370,11 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         Ok(users) if users.is_empty() => log::warn!(
             "database {} has no users: every tunnel will be refused (add one with \
              `remote-proxy --db {} user add NAME --bandwidth RATE`)",
-            cfg.db.display(),
-            cfg.db.display()
+            cfg.db,
+            cfg.db
         ),
-        Ok(users) => log::info!("database {} has {} users", cfg.db.display(), users.len()),
-        Err(e) => log::warn!("cannot list users in {}: {e}", cfg.db.display()),
+        Ok(users) => log::info!("database {} has {} users", cfg.db, users.len()),
+        Err(e) => log::warn!("cannot list users in {}: {e}", cfg.db),
     }
     // Dropping the sender (at shutdown) ends the watcher.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
@@ -1107,10 +1107,7 @@ impl Remote {
             }
         }
         if let Some(max) = self.cfg.max_users {
-            let count = Store::open(&self.cfg.db).and_then(|s| {
-                use users::UserStore;
-                s.list().map(|u| u.len())
-            });
+            let count = self.cfg.db.open().and_then(|s| s.list().map(|u| u.len()));
             if count.is_ok_and(|n| n >= max as usize) {
                 log::warn!("{tag} peer={peer} signup refused: --max-users {max} reached");
                 return reply(stream, tag, Status::NotAllowed);
@@ -1132,9 +1129,8 @@ impl Remote {
             // On a connection of its own: a write that waits for a locked database (a CLI
             // `user set` in progress) must not hold the store every login goes through.
             .and_then(|hash| {
-                use users::UserStore;
                 let bandwidth = self.cfg.signup_bandwidth;
-                Store::open(&self.cfg.db).and_then(|s| match &invite {
+                self.cfg.db.open().and_then(|s| match &invite {
                     Some(token) => s.add_hashed_invited(&req.user, &hash, bandwidth, token),
                     None => s.add_hashed(&req.user, &hash, bandwidth),
                 })

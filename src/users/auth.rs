@@ -89,6 +89,11 @@ impl fmt::Debug for Authenticator {
 impl Authenticator {
     /// Wraps a store.
     pub fn new(store: impl UserStore + 'static) -> Result<Authenticator, Error> {
+        Self::boxed(Box::new(store))
+    }
+
+    /// Wraps a store opened by [`super::Db::open`].
+    pub fn boxed(store: Box<dyn UserStore>) -> Result<Authenticator, Error> {
         let mut key = [0u8; 32];
         OsRng.fill_bytes(&mut key);
         let mut dummy = [0u8; 16];
@@ -98,7 +103,7 @@ impl Authenticator {
             .map(|n| n.get())
             .unwrap_or(2);
         Ok(Authenticator {
-            store: Mutex::new(Box::new(store)),
+            store: Mutex::new(store),
             cache: Mutex::new(HashMap::new()),
             key,
             dummy_hash,

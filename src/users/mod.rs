@@ -7,13 +7,18 @@
 //! [`UserStore::data_version`] and applies them).
 
 mod auth;
+mod db;
 pub mod invites;
 mod password;
+mod pg;
+mod pgpass;
 mod sqlite;
 pub mod usage;
 
 pub use auth::{AuthError, Authenticator};
+pub use db::Db;
 pub use password::{hash_password, verify_password, verify_password_with};
+pub use pg::{PgStore, PG_SCHEMA_VERSION};
 pub use sqlite::{Store, SCHEMA_VERSION};
 
 use crate::limit::quota::Quota;
@@ -40,6 +45,8 @@ pub enum Error {
     SchemaTooNew(i64),
     /// SQLite failed.
     Db(rusqlite::Error),
+    /// PostgreSQL failed, or could not be reached (what it said, on one line).
+    Pg(String),
     /// Hashing failed (should not happen with valid parameters).
     Hash(String),
     /// The database file could not be created.
@@ -65,6 +72,7 @@ impl fmt::Display for Error {
                 "database schema version {v} is newer than this build supports ({SCHEMA_VERSION})"
             ),
             Error::Db(e) => write!(f, "database: {e}"),
+            Error::Pg(e) => write!(f, "database: {e}"),
             Error::Hash(e) => write!(f, "password hashing: {e}"),
             Error::Create(p, e) => write!(f, "cannot create {}: {e}", p.display()),
             Error::Invite(why) => write!(f, "{why}"),
@@ -186,6 +194,41 @@ pub trait UserStore: Send {
     /// # Errors
     /// `BadName`, or `Exists` when the name is taken.
     fn add_hashed(&self, name: &str, hash: &str, bandwidth: Bandwidth) -> Result<(), Error>;
+    /// As [`add_hashed`](Self::add_hashed), applying `changes` (limits, a quota) in the
+    /// same transaction: a failure leaves no half-made user.
+    ///
+    /// # Errors
+    /// As `add_hashed` and [`set`](Self::set).
+    fn add_hashed_with(
+        &self,
+        name: &str,
+        hash: &str,
+        bandwidth: Bandwidth,
+        changes: &Changes,
+    ) -> Result<(), Error>;
+    /// Adds a user, hashing the password here.
+    ///
+    /// # Errors
+    /// `BadName`, `BadPassword`, or `Exists` when the name is taken; nothing is written then.
+    fn add(&self, name: &str, password: &str, bandwidth: Bandwidth) -> Result<(), Error> {
+        self.add_with(name, password, bandwidth, &Changes::default())
+    }
+    /// Adds a user with limits, in one transaction, hashing the password here.
+    ///
+    /// # Errors
+    /// As [`add`](Self::add) and [`set`](Self::set).
+    fn add_with(
+        &self,
+        name: &str,
+        password: &str,
+        bandwidth: Bandwidth,
+        changes: &Changes,
+    ) -> Result<(), Error> {
+        validate_name(name)?;
+        validate_password(password)?;
+        let hash = hash_password(password)?;
+        self.add_hashed_with(name, &hash, bandwidth, changes)
+    }
     /// As [`add_hashed`](Self::add_hashed), spending one use of the invite whose token
     /// hashes to `token_hash` ([`invites::token_hash`]) in the same transaction: both
     /// happen, or neither (a taken name spends no use).

@@ -152,34 +152,6 @@ impl Store {
         Ok(())
     }
 
-    /// Adds a user.
-    ///
-    /// # Errors
-    /// `BadName`, `BadPassword`, or `Exists` when the name is taken; nothing is written then.
-    pub fn add(&self, name: &str, password: &str, bandwidth: Bandwidth) -> Result<(), Error> {
-        validate_name(name)?;
-        validate_password(password)?;
-        self.add_hashed(name, &hash_password(password)?, bandwidth)
-    }
-
-    /// Adds a user and applies `changes` (limits) in one transaction.
-    ///
-    /// # Errors
-    /// As [`add`](Self::add) and [`set`](Self::set); nothing is written on error.
-    pub fn add_with(
-        &self,
-        name: &str,
-        password: &str,
-        bandwidth: Bandwidth,
-        changes: &Changes,
-    ) -> Result<(), Error> {
-        let tx = self.write_tx()?;
-        self.add(name, password, bandwidth)?;
-        self.apply(name, changes)?;
-        tx.commit()?;
-        Ok(())
-    }
-
     /// Writes `changes` for an existing user; the caller holds the transaction.
     fn apply(&self, name: &str, changes: &Changes) -> Result<(), Error> {
         let hash = match &changes.password {
@@ -259,6 +231,20 @@ impl UserStore for Store {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn add_hashed_with(
+        &self,
+        name: &str,
+        hash: &str,
+        bandwidth: Bandwidth,
+        changes: &Changes,
+    ) -> Result<(), Error> {
+        let tx = self.write_tx()?;
+        self.add_hashed(name, hash, bandwidth)?;
+        self.apply(name, changes)?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn add_hashed_invited(

@@ -34,6 +34,7 @@ mod resources;
 mod shutdown;
 mod signup;
 mod socks5;
+mod store;
 mod support;
 mod tls;
 mod upstreams;

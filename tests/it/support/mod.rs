@@ -7,6 +7,7 @@ use flowgate::config::{Credentials, LocalConfig, LocalTls, RemoteConfig, RemoteT
 use flowgate::local::upstreams::connect::Link;
 use flowgate::net::hop::Hop;
 pub mod origin;
+pub mod postgres;
 
 use flowgate::limit::rate::Bandwidth;
 use flowgate::net::server::Server;
@@ -222,7 +223,7 @@ pub fn users_db(users: &[UserSpec]) -> PathBuf {
     let db = temp_dir().join("users.db");
     let store = Store::open(&db).unwrap();
     for u in users {
-        store.add(u.name, u.password, u.bandwidth).unwrap();
+        flowgate::users::UserStore::add(&store, u.name, u.password, u.bandwidth).unwrap();
     }
     db
 }

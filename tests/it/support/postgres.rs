@@ -1,0 +1,159 @@
+//! A throwaway PostgreSQL server for one test: `initdb` into a temporary directory and the
+//! server on a Unix socket there (no TCP port at all), run as the `postgres` system user
+//! when the tests run as root (initdb refuses root). Stopped when dropped. A machine without
+//! the server binaries fails the test with how to get them: CI installs them (`.ci/run`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running (or stopped, for outage tests) PostgreSQL.
+pub struct Postgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+/// The directory holding initdb, pg_ctl and postgres.
+fn bin_dir() -> PathBuf {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if p.join("initdb").exists() {
+            return p;
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL server binaries (initdb, postgres) not found: install them \
+             (apt-get install postgresql; .ci/run does it)"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `cmd` as the postgres system user when we are root.
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+            .arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    /// initdb and start.
+    pub fn start() -> Postgres {
+        let dir = super::temp_dir().join("pg");
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            let pg = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .expect("a postgres system user (the postgresql package makes it)");
+            std::os::unix::fs::chown(&dir, Some(pg.uid.as_raw()), Some(pg.gid.as_raw())).unwrap();
+        }
+        let bin = bin_dir();
+        let out = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Postgres {
+            dir,
+            bin,
+            child: None,
+        };
+        pg.resume();
+        pg
+    }
+
+    /// Starts the server (again) on its data, and waits until it takes connections.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::File::create(self.dir.join("log")).unwrap();
+        let child = as_postgres(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-k")
+            .arg(&self.dir)
+            .args([
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=60",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            let ok = postgres::Client::connect(&self.conninfo(), postgres::NoTls).is_ok();
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "postgres did not start: {}",
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server now (fast shutdown), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The connection string flowgate's `--db` takes.
+    pub fn conninfo(&self) -> String {
+        format!("host={} user=postgres dbname=postgres", self.dir.display())
+    }
+
+    /// A plain client, for the test's own queries.
+    pub fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.conninfo(), postgres::NoTls).unwrap()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
