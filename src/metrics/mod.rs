@@ -285,6 +285,7 @@ pub fn outcome(status: crate::proto::tunnel::Status) -> &'static str {
         NotAllowed => "not_allowed",
         RateLimited | TooManyFailedLogins => "throttled",
         ServerBusy | Draining => "busy",
+        Unavailable => "db_unavailable",
         QuotaExceeded => "quota",
         TargetRefused | HostUnreachable | NetworkUnreachable | NameNotResolved | TimedOut => {
             "target_error"

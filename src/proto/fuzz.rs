@@ -161,7 +161,7 @@ mod properties {
 
         #[test]
         fn tunnel_replies_roundtrip(
-            status in 0u8..=0x13,
+            status in 0u8..=0x14,
             retry in any::<u16>(),
             bound in target(),
             v2 in any::<bool>(),

@@ -327,7 +327,7 @@ pub fn status_for(status: Status) -> u16 {
         | Status::UnsupportedVersion
         | Status::GeneralFailure
         | Status::TlsRequired => 502,
-        Status::ServerBusy | Status::Draining => 503,
+        Status::ServerBusy | Status::Draining | Status::Unavailable => 503,
         Status::TimedOut => 504,
     }
 }

@@ -90,6 +90,7 @@ impl Reply {
             Status::TimedOut => Reply::TtlExpired,
             Status::ServerBusy
             | Status::Draining
+            | Status::Unavailable
             | Status::Malformed
             | Status::UnsupportedVersion
             | Status::SignupDisabled

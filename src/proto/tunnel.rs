@@ -179,6 +179,9 @@ pub enum Status {
     /// The user's volume quota for this period is used up. The reply is followed by when
     /// it resets (8 bytes, Unix seconds, big-endian; docs/protocol.md §4).
     QuotaExceeded = 0x13,
+    /// remote-proxy cannot reach its user database, and this login was not verified
+    /// before: refused (fail closed) until the database is back.
+    Unavailable = 0x14,
 }
 
 impl TryFrom<u8> for Status {
@@ -206,6 +209,7 @@ impl TryFrom<u8> for Status {
             0x11 => TooManyFailedLogins,
             0x12 => InviteRequired,
             0x13 => QuotaExceeded,
+            0x14 => Unavailable,
             other => return Err(Error::BadStatus(other)),
         })
     }
@@ -234,6 +238,7 @@ impl fmt::Display for Status {
             Status::TooManyFailedLogins => "too many failed logins for this user",
             Status::InviteRequired => "signup needs a valid invite token",
             Status::QuotaExceeded => "quota exceeded",
+            Status::Unavailable => "user database unavailable",
         };
         f.write_str(s)
     }
@@ -796,12 +801,12 @@ mod tests {
 
     #[test]
     fn every_status_byte_roundtrips() {
-        for b in 0u8..=0x13 {
+        for b in 0u8..=0x14 {
             let s = Status::try_from(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.to_string().is_empty());
         }
-        assert!(Status::try_from(0x14).is_err());
+        assert!(Status::try_from(0x15).is_err());
     }
 
     #[test]

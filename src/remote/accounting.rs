@@ -382,6 +382,6 @@ fn refresh_quota(account: &Account, quota: Option<Quota>, store: &dyn UserStore,
                 .set_left(Some(quota::left(q, used.saturating_add(unwritten))));
         }
         // Keep what the meter has: the quota is still counted down as bytes move.
-        Err(e) => log::warn!("user={} cannot read quota use: {e}", account.name),
+        Err(e) => log::debug!("user={} cannot read quota use: {e}", account.name),
     }
 }

@@ -1007,8 +1007,9 @@ impl Remote {
                 Ok(Some(user)) => return Some(user),
                 Ok(None) | Err(AuthError::BadCredentials) => {}
                 Err(AuthError::Store(e)) => {
-                    log::error!("{tag} user database failed: {e}");
-                    reply(stream, tag, Status::GeneralFailure);
+                    // The authenticator logs the outage once; this is one login of many.
+                    log::debug!("{tag} user={name} refused: user database failed: {e}");
+                    reply(stream, tag, Status::Unavailable);
                     return None;
                 }
             }
@@ -1061,8 +1062,8 @@ impl Remote {
             }
             Err(AuthError::Store(e)) => {
                 refund();
-                log::error!("{tag} user database failed: {e}");
-                reply(stream, tag, Status::GeneralFailure);
+                log::debug!("{tag} user={name} refused: user database failed: {e}");
+                reply(stream, tag, Status::Unavailable);
                 None
             }
         }

@@ -78,6 +78,11 @@ pub struct Authenticator {
     flights: Mutex<HashMap<[u8; 64], Arc<Flight>>>,
     // argon2 checks run so far.
     hashes: std::sync::atomic::AtomicU64,
+    // The last record read of each user whose password verified: what serves them while
+    // the database cannot be reached.
+    known: Mutex<HashMap<String, User>>,
+    // The database failed on the last lookup (logged once, when it starts and when it ends).
+    store_down: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Authenticator {
@@ -104,6 +109,8 @@ impl Authenticator {
             .unwrap_or(2);
         Ok(Authenticator {
             store: Mutex::new(store),
+            known: Mutex::new(HashMap::new()),
+            store_down: std::sync::atomic::AtomicBool::new(false),
             cache: Mutex::new(HashMap::new()),
             key,
             dummy_hash,
@@ -173,13 +180,49 @@ impl Authenticator {
     /// # Errors
     /// `Store` when SQLite fails.
     pub fn cached(&self, name: &str, password: &str) -> Result<Option<User>, AuthError> {
-        let Some(user) = self.store.lock().get(name).map_err(AuthError::Store)? else {
+        let digest = self.digest(name, password);
+        let Some(user) = self.lookup(name, &digest)? else {
             return Ok(None);
         };
-        let digest = self.digest(name, password);
-        Ok(self
-            .is_cached(name, &user.password_hash, &digest)
-            .then_some(user))
+        if !self.is_cached(name, &user.password_hash, &digest) {
+            return Ok(None);
+        }
+        self.known.lock().insert(name.to_string(), user.clone());
+        Ok(Some(user))
+    }
+
+    /// Reads a user from the store. When the store cannot answer, a user whose password
+    /// (`digest`) verified before is served from the last record read, so their tunnels
+    /// keep working through a database outage; anyone else gets the error (fail closed).
+    fn lookup(&self, name: &str, digest: &[u8; 64]) -> Result<Option<User>, AuthError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let read = self.store.lock().get(name);
+        match read {
+            Ok(user) => {
+                if self.store_down.swap(false, Relaxed) {
+                    log::info!("user database reachable again");
+                }
+                Ok(user)
+            }
+            Err(e) => {
+                if !self.store_down.swap(true, Relaxed) {
+                    log::error!(
+                        "user database unavailable ({e}); users verified before keep working, \
+                         other logins are refused until it is back"
+                    );
+                }
+                let known = self.known.lock().get(name).cloned();
+                match known {
+                    Some(u) if self.is_cached(name, &u.password_hash, digest) => Ok(Some(u)),
+                    _ => Err(AuthError::Store(e)),
+                }
+            }
+        }
+    }
+
+    /// True while the last lookup found the database unreachable.
+    pub fn store_down(&self) -> bool {
+        self.store_down.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Returns the user when `password` is theirs.
@@ -187,8 +230,8 @@ impl Authenticator {
     /// # Errors
     /// `BadCredentials` for an unknown user or wrong password; `Store` when SQLite fails.
     pub fn authenticate(&self, name: &str, password: &str) -> Result<User, AuthError> {
-        let user = self.store.lock().get(name).map_err(AuthError::Store)?;
         let digest = self.digest(name, password);
+        let user = self.lookup(name, &digest)?;
         let Some(user) = user else {
             // Against the dummy hash, through the same single flight as a known user's
             // check: identical concurrent attempts share one run either way, so timing does
@@ -196,12 +239,12 @@ impl Authenticator {
             self.shared_verify(name, password, &self.dummy_hash, digest);
             return Err(AuthError::BadCredentials);
         };
-        if self.is_cached(name, &user.password_hash, &digest) {
-            return Ok(user);
-        }
-        if !self.shared_verify(name, password, &user.password_hash, digest) {
+        if !self.is_cached(name, &user.password_hash, &digest)
+            && !self.shared_verify(name, password, &user.password_hash, digest)
+        {
             return Err(AuthError::BadCredentials);
         }
+        self.known.lock().insert(name.to_string(), user.clone());
         Ok(user)
     }
 
@@ -308,6 +351,7 @@ impl Authenticator {
     /// Forgets cached verifications of users no longer in `present`.
     pub fn retain_cached(&self, present: &dyn Fn(&str) -> bool) {
         self.cache.lock().retain(|name, _| present(name));
+        self.known.lock().retain(|name, _| present(name));
     }
 }
 

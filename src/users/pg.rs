@@ -47,7 +47,14 @@ pub struct PgStore {
     version: Arc<AtomicI64>,
     listening: AtomicBool,
     stop: Arc<AtomicBool>,
+    // After a failed connect: no new attempt before this, so logins fail at once instead
+    // of each waiting for a dead server (the wait doubles up to `MAX_BACKOFF`).
+    breaker: Mutex<(Option<std::time::Instant>, Duration)>,
 }
+
+/// Longest pause between connection attempts after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,15 +148,35 @@ impl PgStore {
             version: Arc::new(AtomicI64::new(0)),
             listening: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
+            breaker: Mutex::new((None, FIRST_BACKOFF)),
         };
         store.migrate()?;
         Ok(store)
     }
 
     fn connect(&self) -> Result<Client, Error> {
-        self.config
-            .connect(NoTls)
-            .map_err(|e| Error::Pg(format!("{}: {}", self.shown, pg_text(&e))))
+        let now = std::time::Instant::now();
+        if let (Some(until), _) = *self.breaker.lock() {
+            if now < until {
+                return Err(Error::Pg(format!(
+                    "{}: unreachable, next attempt in {:.1}s",
+                    self.shown,
+                    (until - now).as_secs_f64()
+                )));
+            }
+        }
+        match self.config.connect(NoTls) {
+            Ok(c) => {
+                *self.breaker.lock() = (None, FIRST_BACKOFF);
+                Ok(c)
+            }
+            Err(e) => {
+                let mut b = self.breaker.lock();
+                let wait = b.1;
+                *b = (Some(now + wait), (wait * 2).min(MAX_BACKOFF));
+                Err(Error::Pg(format!("{}: {}", self.shown, pg_text(&e))))
+            }
+        }
     }
 
     /// Runs `f` on a pooled connection; a connection that failed is not given back.

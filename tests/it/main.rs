@@ -25,6 +25,7 @@ mod config;
 mod curl;
 mod destinations;
 mod errors;
+mod fleet;
 mod hardening;
 mod health;
 mod http;
