@@ -30,6 +30,10 @@ pub struct Meter {
     // Told once each time the quota runs out, so someone can close the user's tunnels
     // that are not reading (and so would not notice).
     alarm: Option<crossbeam_channel::Sender<()>>,
+    // Below this many bytes left, `low_alarm` is told (once per crossing): where the
+    // allowance is a chunk of a quota shared by a fleet, it is time to ask for more.
+    low_water: AtomicI64,
+    low_alarm: Option<crossbeam_channel::Sender<()>>,
 }
 
 const NO_QUOTA: i64 = i64::MAX;
@@ -49,13 +53,23 @@ impl Meter {
             left: AtomicI64::new(NO_QUOTA),
             parent,
             alarm: None,
+            low_water: AtomicI64::new(0),
+            low_alarm: None,
         }
     }
 
-    /// As [`new`](Self::new), sending on `alarm` (without blocking) when a quota runs out.
-    pub fn with_alarm(parent: Option<Arc<Meter>>, alarm: crossbeam_channel::Sender<()>) -> Meter {
+    /// As [`new`](Self::new), sending on `alarm` (without blocking) when a quota runs out,
+    /// and on `low` when what is left falls below the low-water mark of [`set_left_with`].
+    ///
+    /// [`set_left_with`]: Self::set_left_with
+    pub fn with_alarms(
+        parent: Option<Arc<Meter>>,
+        alarm: crossbeam_channel::Sender<()>,
+        low: crossbeam_channel::Sender<()>,
+    ) -> Meter {
         Meter {
             alarm: Some(alarm),
+            low_alarm: Some(low),
             ..Meter::new(parent)
         }
     }
@@ -92,6 +106,12 @@ impl Meter {
                 let _ = a.try_send(());
             }
         }
+        let low = self.low_water.load(Ordering::Relaxed);
+        if before > low && before - n <= low {
+            if let Some(a) = &self.low_alarm {
+                let _ = a.try_send(());
+            }
+        }
         before > n
     }
 
@@ -101,6 +121,16 @@ impl Meter {
             self.up.load(Ordering::Relaxed),
             self.down.load(Ordering::Relaxed),
         )
+    }
+
+    /// As [`set_left`](Self::set_left), with a low-water mark: when what is left falls
+    /// to it, the low alarm goes off.
+    pub fn set_left_with(&self, left: Option<u64>, low_water: u64) {
+        self.low_water.store(
+            i64::try_from(low_water).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+        self.set_left(left);
     }
 
     /// Sets the quota bytes left in the period (`None`: no quota).
@@ -141,10 +171,14 @@ mod tests {
     #[test]
     fn a_quota_caps_reads_and_says_when_it_is_used_up() {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let m = Meter::with_alarm(None, tx);
-        m.set_left(Some(1000));
+        let (low_tx, low_rx) = crossbeam_channel::bounded(1);
+        let m = Meter::with_alarms(None, tx, low_tx);
+        m.set_left_with(Some(1000), 500);
         assert_eq!(m.allowance(65_536), 1000);
-        assert!(m.moved(Direction::Up, 600));
+        assert!(m.moved(Direction::Up, 400));
+        assert!(low_rx.try_recv().is_err(), "600 left, above the low water");
+        assert!(m.moved(Direction::Up, 200));
+        assert!(low_rx.try_recv().is_ok(), "400 left: time to ask for more");
         assert_eq!(m.allowance(65_536), 400);
         assert!(rx.try_recv().is_err());
         assert!(!m.moved(Direction::Down, 400), "the last byte uses it up");

@@ -100,6 +100,17 @@ pub struct Accounts {
     // A user's quota ran out: the flusher closes that user's tunnels.
     used_up: crossbeam_channel::Sender<()>,
     used_up_rx: crossbeam_channel::Receiver<()>,
+    // A fleet shares quotas: the chunk a node may spend ahead of the database.
+    chunk: Option<fn(Quota) -> u64>,
+}
+
+/// The share of a quota one node of a fleet may spend ahead of the shared database: 64 MiB,
+/// or 1% of the quota when that is more. The fleet goes past a quota by at most one chunk
+/// per node besides the one that hits it. A node asks for the next chunk (a flush and a
+/// fresh read) once a quarter of this one is spent, so at loopback speeds its tunnels do
+/// not run dry while the database answers.
+pub fn fleet_chunk(q: Quota) -> u64 {
+    (64 << 20u64).max(q.bytes / 100)
 }
 
 /// How long after a quota runs out its user's tunnels are closed: long enough for a tunnel
@@ -108,8 +119,10 @@ pub struct Accounts {
 const CUT_AFTER: Duration = Duration::from_millis(250);
 
 impl Accounts {
-    /// Accounts written to the database at `db`.
+    /// Accounts written to the database at `db`; a PostgreSQL one is shared by a fleet, so
+    /// quotas are spent there in chunks ([`fleet_chunk`]).
     pub fn new(db: Db) -> Accounts {
+        let chunk = db.is_postgres().then_some(fleet_chunk as fn(Quota) -> u64);
         let (flush_soon, flush_asked) = crossbeam_channel::bounded(1);
         let (used_up, used_up_rx) = crossbeam_channel::bounded(1);
         Accounts {
@@ -121,6 +134,7 @@ impl Accounts {
             flush_asked,
             used_up,
             used_up_rx,
+            chunk,
         }
     }
 
@@ -149,9 +163,10 @@ impl Accounts {
         }
         let a = Arc::new(Account {
             name: user.name.clone(),
-            meter: Arc::new(Meter::with_alarm(
+            meter: Arc::new(Meter::with_alarms(
                 Some(Arc::clone(&self.all)),
                 self.used_up.clone(),
+                self.flush_soon.clone(),
             )),
             quota: Mutex::new(None),
             open: AtomicU32::new(0),
@@ -159,7 +174,7 @@ impl Accounts {
             cut: Mutex::new(HashMap::new()),
             deleted: std::sync::atomic::AtomicBool::new(false),
         });
-        refresh_quota(&a, user.quota, store, unix_now());
+        refresh_quota(&a, user.quota, store, unix_now(), self.chunk);
         // Another tunnel of the same user may have made one meanwhile: keep the first.
         Arc::clone(
             self.users
@@ -213,7 +228,7 @@ impl Accounts {
         for a in accounts {
             match by_name.get(a.name.as_str()) {
                 Some(u) => {
-                    refresh_quota(&a, u.quota, store, now);
+                    refresh_quota(&a, u.quota, store, now, self.chunk);
                     if a.used_up() {
                         self.quota_ran_out(&a);
                     }
@@ -246,7 +261,7 @@ impl Accounts {
             *a.flushed.lock() = t;
             let q = *a.quota.lock();
             if q.is_some() {
-                refresh_quota(a, q, store, now);
+                refresh_quota(a, q, store, now, self.chunk);
                 if a.used_up() {
                     self.quota_ran_out(a);
                 }
@@ -318,6 +333,9 @@ impl Accounts {
             };
             if cut_at.is_some_and(|c| Instant::now() >= c) {
                 cut_at = None;
+                // Read the quotas again first: a fleet's chunk may have run out, not the
+                // quota, and the read grants the next one.
+                let _ = self.flush(store, unix_now());
                 self.cut_used_up();
             }
             if !flush {
@@ -365,7 +383,17 @@ impl Drop for FlusherGuard {
 
 /// Sets what `account`'s quota has left: the quota less what the database holds for this
 /// period and what the meter counted that is not written yet.
-fn refresh_quota(account: &Account, quota: Option<Quota>, store: &dyn UserStore, now: i64) {
+///
+/// With a fleet (`chunk`), at most one chunk of it: a node never runs more than a chunk
+/// ahead of what the shared database knows, and asks again (a flush and a fresh read) when
+/// a quarter of it is spent.
+fn refresh_quota(
+    account: &Account,
+    quota: Option<Quota>,
+    store: &dyn UserStore,
+    now: i64,
+    chunk: Option<fn(Quota) -> u64>,
+) {
     *account.quota.lock() = quota;
     let Some(q) = quota else {
         account.meter.set_left(None);
@@ -377,9 +405,11 @@ fn refresh_quota(account: &Account, quota: Option<Quota>, store: &dyn UserStore,
             let (up, down) = account.meter.totals();
             let (fu, fd) = *account.flushed.lock();
             let unwritten = (up - fu) + (down - fd);
-            account
-                .meter
-                .set_left(Some(quota::left(q, used.saturating_add(unwritten))));
+            let left = quota::left(q, used.saturating_add(unwritten));
+            match chunk.map(|c| c(q)) {
+                Some(c) => account.meter.set_left_with(Some(left.min(c)), c / 4 * 3),
+                None => account.meter.set_left(Some(left)),
+            }
         }
         // Keep what the meter has: the quota is still counted down as bytes move.
         Err(e) => log::debug!("user={} cannot read quota use: {e}", account.name),

@@ -10,7 +10,7 @@
 mod accounting;
 mod registry;
 
-pub use accounting::Accounts;
+pub use accounting::{fleet_chunk, Accounts};
 pub use registry::Registry;
 
 use crate::config::{RemoteConfig, RemoteTls};

@@ -225,3 +225,70 @@ fn a_postgres_outage_keeps_cached_users_working_and_the_node_recovers() {
     assert!(!node.log_lines("user database reachable again").is_empty());
     assert!(node.log_lines("panicked").is_empty());
 }
+
+#[test]
+fn a_quota_is_held_across_two_nodes_within_one_chunk() {
+    let f = Fleet::start();
+    f.cli(&[
+        "user",
+        "add",
+        "alice",
+        "--bandwidth",
+        "unlimited",
+        "--password",
+        "pw",
+    ]);
+    f.cli(&["user", "set", "alice", "--quota", "500MB/day"]);
+    let (_a, a_addr) = f.node();
+    let (_b, b_addr) = f.node();
+    let (_la, la) = f.local(a_addr);
+    let (_lb, lb) = f.local(b_addr);
+    // Both nodes download as fast as they can at once, far more than the quota.
+    let pulls: Vec<_> = [la, lb]
+        .into_iter()
+        .map(|local| {
+            std::thread::spawn(move || {
+                let mut s = socks_connect(local, Dest::Ip(origin()), None).unwrap();
+                s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                write!(
+                    s,
+                    "GET /bytes/2000000000 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut got = 0u64;
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    got += n as u64;
+                }
+                got
+            })
+        })
+        .collect();
+    let moved: u64 = pulls.into_iter().map(|p| p.join().unwrap()).sum();
+    let quota = 500_000_000u64;
+    let chunk = flowgate::remote::fleet_chunk("500MB/day".parse().unwrap());
+    // What the nodes relayed, as recorded once both have flushed: every byte the apps got,
+    // plus what was in flight when the tunnels were cut.
+    let mut spent = 0;
+    let settled = eventually(Duration::from_secs(5), || {
+        let (up, down) = recorded(&f.db, "alice");
+        let before = spent;
+        spent = up + down;
+        spent >= moved && spent == before
+    });
+    assert!(settled, "moved {moved}, recorded {spent}");
+    eprintln!("fleet quota: apps got {moved}, nodes spent {spent}, quota {quota}, chunk {chunk}");
+    assert!(spent - moved < 8 << 20, "moved {moved}, recorded {spent}");
+    // The documented bound: one chunk past the quota per node besides the one that hit it.
+    assert!(
+        spent <= quota + chunk + 2 * 256 * 1024,
+        "spent {spent}, chunk {chunk}"
+    );
+    assert!(spent >= quota - 2 * chunk, "stopped early at {spent}");
+    for local in [la, lb] {
+        assert_eq!(
+            socks_connect(local, Dest::Ip(origin()), None).err(),
+            Some(0x02)
+        );
+    }
+}
