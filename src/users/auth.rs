@@ -196,7 +196,16 @@ impl Authenticator {
     /// keep working through a database outage; anyone else gets the error (fail closed).
     fn lookup(&self, name: &str, digest: &[u8; 64]) -> Result<Option<User>, AuthError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let read = self.store.lock().get(name);
+        // While the database is down, a known user does not queue behind a lookup that is
+        // waiting on it: one login tries the database, the known ones are served as before.
+        let read = match self.store_down.load(Relaxed).then(|| self.store.try_lock()) {
+            Some(Some(store)) => store.get(name),
+            Some(None) => match self.known_and_verified(name, digest) {
+                Some(u) => return Ok(Some(u)),
+                None => self.store.lock().get(name),
+            },
+            None => self.store.lock().get(name),
+        };
         match read {
             Ok(user) => {
                 if self.store_down.swap(false, Relaxed) {
@@ -211,13 +220,18 @@ impl Authenticator {
                          other logins are refused until it is back"
                     );
                 }
-                let known = self.known.lock().get(name).cloned();
-                match known {
-                    Some(u) if self.is_cached(name, &u.password_hash, digest) => Ok(Some(u)),
-                    _ => Err(AuthError::Store(e)),
-                }
+                self.known_and_verified(name, digest)
+                    .map(Some)
+                    .ok_or(AuthError::Store(e))
             }
         }
+    }
+
+    /// The last record read of `name`, when this password verified against it.
+    fn known_and_verified(&self, name: &str, digest: &[u8; 64]) -> Option<User> {
+        let known = self.known.lock().get(name).cloned()?;
+        self.is_cached(name, &known.password_hash, digest)
+            .then_some(known)
     }
 
     /// True while the last lookup found the database unreachable.

@@ -135,8 +135,13 @@ impl PgStore {
         }
         config
             .connect_timeout(CONNECT_TIMEOUT)
+            // A server gone silent (a partition, not a refusal) is given up on within
+            // about 15 s instead of holding a thread for the kernel's default hours.
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(15))
             .options(&format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}"))
             .application_name("flowgate");
         let shown = format!("postgres {user}@{host}:{port}/{dbname}");
