@@ -51,6 +51,26 @@ fn create_private(path: &Path) -> Result<(), Error> {
     }
 }
 
+/// Switches the file to WAL (it stays so). Several processes opening a new file at once
+/// contend for the switch, and SQLite answers "busy" at once there rather than waiting out
+/// the busy timeout: try again for up to that timeout.
+fn set_wal(conn: &Connection) -> Result<(), Error> {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Ok(()) => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < until =>
+            {
+                // A short pause between attempts, only while another process holds the lock.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, Error> {
@@ -59,7 +79,7 @@ impl Store {
         // WAL lets `user set` from the CLI commit while remote-proxy reads; the busy timeout
         // makes the two wait for each other instead of failing.
         conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        set_wal(&conn)?;
         let store = Store { conn };
         store.migrate()?;
         Ok(store)
@@ -76,49 +96,52 @@ impl Store {
     }
 
     fn migrate(&self) -> Result<(), Error> {
-        let version: i64 = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let current = || -> Result<i64, Error> {
+            Ok(self
+                .conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))?)
+        };
+        if current()? == SCHEMA_VERSION {
+            return Ok(());
+        }
+        // One write transaction for the whole migration, the version read inside it: two
+        // processes opening an old (or new) file at once migrate it once.
+        let tx = self.write_tx()?;
+        let version = current()?;
         if version > SCHEMA_VERSION {
             return Err(Error::SchemaTooNew(version));
         }
         if version < 1 {
             self.conn.execute_batch(
-                "BEGIN IMMEDIATE;
-                 CREATE TABLE IF NOT EXISTS users (
+                "CREATE TABLE IF NOT EXISTS users (
                      name          TEXT PRIMARY KEY NOT NULL,
                      password_hash TEXT NOT NULL,
                      bandwidth     INTEGER,            -- bytes/s; NULL = unlimited
                      created_at    INTEGER NOT NULL,
                      updated_at    INTEGER NOT NULL
                  );
-                 PRAGMA user_version = 1;
-                 COMMIT;",
+                 PRAGMA user_version = 1;",
             )?;
         }
         if version < 2 {
             // v2: per-user admission limits. NULL means "no limit".
             self.conn.execute_batch(
-                "BEGIN IMMEDIATE;
-                 ALTER TABLE users ADD COLUMN max_connections INTEGER;
+                "ALTER TABLE users ADD COLUMN max_connections INTEGER;
                  ALTER TABLE users ADD COLUMN rate_count INTEGER;
                  ALTER TABLE users ADD COLUMN rate_per_secs INTEGER;
-                 PRAGMA user_version = 2;
-                 COMMIT;",
+                 PRAGMA user_version = 2;",
             )?;
         }
         if version < 3 {
             // v3: signup invites, stored by the SHA-256 of their token (never the token).
             self.conn.execute_batch(
-                "BEGIN IMMEDIATE;
-                 CREATE TABLE IF NOT EXISTS invites (
+                "CREATE TABLE IF NOT EXISTS invites (
                      token_hash TEXT PRIMARY KEY NOT NULL,
                      uses_left  INTEGER NOT NULL,
                      expires_at INTEGER,               -- unix seconds; NULL = never
                      created_at INTEGER NOT NULL
                  );
-                 PRAGMA user_version = 3;
-                 COMMIT;",
+                 PRAGMA user_version = 3;",
             )?;
         }
         if version < 4 {
@@ -127,8 +150,7 @@ impl Store {
             // billing. `quota_offset` is what `usage reset` forgave in the period starting
             // at `quota_offset_start`.
             self.conn.execute_batch(
-                "BEGIN IMMEDIATE;
-                 ALTER TABLE users ADD COLUMN quota_bytes INTEGER;
+                "ALTER TABLE users ADD COLUMN quota_bytes INTEGER;
                  ALTER TABLE users ADD COLUMN quota_period TEXT;
                  ALTER TABLE users ADD COLUMN quota_offset INTEGER NOT NULL DEFAULT 0;
                  ALTER TABLE users ADD COLUMN quota_offset_start INTEGER;
@@ -145,10 +167,10 @@ impl Store {
                      open_tunnels INTEGER NOT NULL DEFAULT 0,
                      as_of        INTEGER NOT NULL
                  );
-                 PRAGMA user_version = 4;
-                 COMMIT;",
+                 PRAGMA user_version = 4;",
             )?;
         }
+        tx.commit()?;
         Ok(())
     }
 

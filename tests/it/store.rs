@@ -142,6 +142,22 @@ fn sqlite_behaves_as_a_user_store() {
 }
 
 #[test]
+fn processes_opening_a_new_sqlite_file_at_once_migrate_it_once() {
+    let db = temp_dir().join("u.db");
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let db = db.clone();
+            std::thread::spawn(move || Db::Sqlite(db).open().map(|_| ()))
+        })
+        .collect();
+    for o in opens {
+        o.join().unwrap().unwrap();
+    }
+    let s = Db::Sqlite(db).open().unwrap();
+    s.add("alice", "pw", "1M".parse().unwrap()).unwrap();
+}
+
+#[test]
 fn postgres_behaves_as_a_user_store() {
     let pg = Postgres::start();
     let info = pg.conninfo();
