@@ -310,6 +310,11 @@ impl Local {
         self.logins.verify(&creds.user, &creds.password, || {
             match self.upstreams.check(creds) {
                 Ok((_, upstreams::connect::CheckAnswer::Ok(_))) => Verdict::Good,
+                // That remote cannot tell; the tunnel request, which may go to another
+                // remote, decides.
+                Ok((_, upstreams::connect::CheckAnswer::Refused(Status::Unavailable))) => {
+                    Verdict::Unknown
+                }
                 Ok((remote, upstreams::connect::CheckAnswer::Refused(status))) => {
                     log::info!(
                         "conn={id} socks5 auth: user={} refused by remote={remote}: {status}",

@@ -292,3 +292,43 @@ fn a_quota_is_held_across_two_nodes_within_one_chunk() {
         );
     }
 }
+
+#[test]
+fn a_node_that_lost_its_database_hands_new_logins_to_one_that_has_it() {
+    // Two nodes on two databases that both know bob; node B's database goes away.
+    let f = Fleet::start();
+    let mut g = Fleet::start();
+    g.state = f.state.clone(); // one identity for both nodes
+    for fleet in [&f, &g] {
+        fleet.cli(&[
+            "user",
+            "add",
+            "bob",
+            "--bandwidth",
+            "unlimited",
+            "--password",
+            "pw2",
+        ]);
+    }
+    let (_a, a_addr) = f.node();
+    let (b, b_addr) = g.node();
+    let mut cmd = local_bin();
+    cmd.args(["--listen", "127.0.0.1:0", "--balance", "round-robin"])
+        .args([
+            "--remote",
+            &a_addr.to_string(),
+            "--remote",
+            &b_addr.to_string(),
+        ])
+        .args(["--pin", &f.pin(), "--warm", "0"]);
+    let (_l, local) = spawn_listening(cmd);
+    g.pg.stop();
+    // Every new login of bob succeeds: the ones sent to B come back "unavailable" and go
+    // to A, which reaches its database.
+    for _ in 0..4 {
+        let mut s =
+            socks_connect(local, Dest::Ip(origin()), Some(("bob", "pw2"))).expect("bob's tunnel");
+        download_and_verify(&mut s, "o", 10_000);
+    }
+    assert!(!b.log_lines("user database unavailable").is_empty());
+}

@@ -136,6 +136,9 @@ impl Upstreams {
         let bytes = tunnel::encode_request(req).map_err(TunnelError::Request)?;
         let order = self.order(&req.user);
         let mut last = TunnelError::NoRemote;
+        // A remote that could not reach its user database refuses logins it has not seen;
+        // another may reach its own: that answer is kept only in case none does.
+        let mut unavailable = None;
         for (attempt, index) in order.into_iter().enumerate() {
             if attempt > 0 {
                 crate::metrics::global().failovers.inc();
@@ -165,6 +168,10 @@ impl Upstreams {
                     self.note(index, change);
                     last = TunnelError::NoRemote;
                 }
+                Ok((stream, reply)) if reply.status == Status::Unavailable => {
+                    log::debug!("remote={} cannot reach its user database; next", up.name);
+                    unavailable.get_or_insert((stream, reply, lease));
+                }
                 Ok((stream, reply)) => {
                     if reply.status == Status::Ok {
                         crate::metrics::global()
@@ -180,7 +187,7 @@ impl Upstreams {
                 }
             }
         }
-        Err(last)
+        unavailable.ok_or(last)
     }
 
     /// Sends the request on one of remote `index`'s warm connections, if it has one. `None`
