@@ -78,6 +78,19 @@ fn recorded(db: &Path, user: &str) -> (u64, u64) {
     })
 }
 
+/// A tunnel through `local` that has asked the origin for `n` bytes (the head and body are
+/// the caller's to read).
+fn pull(local: SocketAddr, n: u64) -> std::net::TcpStream {
+    let mut s = socks_connect(local, Dest::Ip(origin()), None).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(
+        s,
+        "GET /bytes/{n} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s
+}
+
 fn get(local: SocketAddr, n: u64) {
     let mut s = socks_connect(local, Dest::Ip(origin()), None).expect("tunnel");
     download_and_verify(&mut s, "o", n);
@@ -108,13 +121,7 @@ fn two_nodes_on_one_postgres_serve_the_same_users_and_see_changes_live() {
     });
     assert!(added, "recorded {:?}", recorded(&f.db, "alice"));
     // A live tunnel on node B at 1 MB/s; the bandwidth is changed with the CLI.
-    let mut s = socks_connect(lb, Dest::Ip(origin()), None).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    write!(
-        s,
-        "GET /bytes/20000000 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let mut s = pull(lb, 20_000_000);
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0u64;
     let start = Instant::now();
@@ -248,13 +255,7 @@ fn a_quota_is_held_across_two_nodes_within_one_chunk() {
         .into_iter()
         .map(|local| {
             std::thread::spawn(move || {
-                let mut s = socks_connect(local, Dest::Ip(origin()), None).unwrap();
-                s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-                write!(
-                    s,
-                    "GET /bytes/2000000000 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
-                )
-                .unwrap();
+                let mut s = pull(local, 2_000_000_000);
                 let mut buf = vec![0u8; 256 * 1024];
                 let mut got = 0u64;
                 while let Ok(n @ 1..) = s.read(&mut buf) {
