@@ -126,6 +126,10 @@ pub struct Metrics {
     pub probe_seconds: Family<Labels, Histogram>,
     sources: Arc<Sources>,
     registry: Registry,
+    // The series of `tunnels` and `throttled` by label value, looked up once: a tunnel
+    // then costs a read lock and an atomic add, no allocation.
+    outcome_series: parking_lot::RwLock<std::collections::HashMap<&'static str, Counter>>,
+    throttle_series: parking_lot::RwLock<std::collections::HashMap<&'static str, Counter>>,
 }
 
 /// The registered sources.
@@ -234,21 +238,19 @@ impl Metrics {
             probe_seconds,
             sources,
             registry,
+            outcome_series: Default::default(),
+            throttle_series: Default::default(),
         }
     }
 
     /// Counts a tunnel request's outcome.
     pub fn tunnel(&self, outcome: &'static str) {
-        self.tunnels
-            .get_or_create(&vec![("outcome", outcome.to_string())])
-            .inc();
+        series(&self.outcome_series, &self.tunnels, "outcome", outcome).inc();
     }
 
     /// Counts a request refused by the throttle `limit`.
     pub fn throttle(&self, limit: &'static str) {
-        self.throttled
-            .get_or_create(&vec![("limit", limit.to_string())])
-            .inc();
+        series(&self.throttle_series, &self.throttled, "limit", limit).inc();
     }
 
     /// Records how long a connection waited for its slot.
@@ -268,6 +270,23 @@ impl Metrics {
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// The counter of `family` labelled `key=value`, from `cache` after the first time.
+fn series(
+    cache: &parking_lot::RwLock<std::collections::HashMap<&'static str, Counter>>,
+    family: &Family<Labels, Counter>,
+    key: &'static str,
+    value: &'static str,
+) -> Counter {
+    if let Some(c) = cache.read().get(value) {
+        return c.clone();
+    }
+    let c = family
+        .get_or_create(&vec![(key, value.to_string())])
+        .clone();
+    cache.write().insert(value, c.clone());
+    c
 }
 
 /// This process's metrics.

@@ -19,7 +19,7 @@ use crate::users::{Db, UsageDelta, User, UserStore};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -76,15 +76,16 @@ impl Account {
 pub struct OpenTunnel {
     account: Arc<Account>,
     id: u64,
-    closed: crossbeam_channel::Sender<()>,
+    closed: Arc<AtomicBool>,
 }
 
 impl Drop for OpenTunnel {
     fn drop(&mut self) {
         self.account.cut.lock().remove(&self.id);
         self.account.open.fetch_sub(1, Ordering::Relaxed);
-        // Ask for a flush soon; a full channel means one is already asked for.
-        let _ = self.closed.try_send(());
+        // A flag, not a message: the flusher looks at it twice a second, so closing a
+        // tunnel wakes no thread.
+        self.closed.store(true, Ordering::Relaxed);
     }
 }
 
@@ -95,8 +96,12 @@ pub struct Accounts {
     all: Arc<Meter>,
     users: Mutex<HashMap<String, Arc<Account>>>,
     next_id: AtomicU64,
+    // A fleet node's chunk is running low: flush and read the quotas now.
     flush_soon: crossbeam_channel::Sender<()>,
     flush_asked: crossbeam_channel::Receiver<()>,
+    // A tunnel closed: flush within `CLOSED_FLUSH_WITHIN` (closes are coalesced: at
+    // thousands of tunnels a second, one write per close would be the proxy's main work).
+    closed: Arc<AtomicBool>,
     // A user's quota ran out: the flusher closes that user's tunnels.
     used_up: crossbeam_channel::Sender<()>,
     used_up_rx: crossbeam_channel::Receiver<()>,
@@ -112,6 +117,10 @@ pub struct Accounts {
 pub fn fleet_chunk(q: Quota) -> u64 {
     (64 << 20u64).max(q.bytes / 100)
 }
+
+/// How soon after a tunnel closes its counts are written (or at the flush interval, if
+/// that comes first).
+const CLOSED_FLUSH_WITHIN: Duration = Duration::from_millis(500);
 
 /// How long after a quota runs out its user's tunnels are closed: long enough for a tunnel
 /// that stopped at the quota to hand on what it already read, well within the second the
@@ -132,6 +141,7 @@ impl Accounts {
             next_id: AtomicU64::new(0),
             flush_soon,
             flush_asked,
+            closed: Arc::new(AtomicBool::new(false)),
             used_up,
             used_up_rx,
             chunk,
@@ -203,7 +213,7 @@ impl Accounts {
         OpenTunnel {
             account: Arc::clone(account),
             id,
-            closed: self.flush_soon.clone(),
+            closed: Arc::clone(&self.closed),
         }
     }
 
@@ -321,7 +331,9 @@ impl Accounts {
         let mut cut_at: Option<Instant> = None;
         loop {
             let due = cut_at.map_or(next, |c| c.min(next));
-            let wait = due.saturating_duration_since(Instant::now());
+            let wait = due
+                .saturating_duration_since(Instant::now())
+                .min(CLOSED_FLUSH_WITHIN);
             let (last, flush) = crossbeam_channel::select! {
                 recv(stop) -> _ => (true, true),
                 recv(self.flush_asked) -> _ => (false, true),
@@ -329,7 +341,10 @@ impl Accounts {
                     cut_at = cut_at.or(Some(Instant::now() + CUT_AFTER));
                     (false, false)
                 }
-                default(wait) => (false, Instant::now() >= next),
+                default(wait) => {
+                    let closed = self.closed.swap(false, Ordering::Relaxed);
+                    (false, closed || Instant::now() >= next)
+                }
             };
             if cut_at.is_some_and(|c| Instant::now() >= c) {
                 cut_at = None;
