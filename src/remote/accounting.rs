@@ -2,10 +2,10 @@
 //!
 //! Each user who has had a tunnel gets an [`Account`]: a meter the relays count into as
 //! bytes move (limit/meter.rs), the user's open tunnels, and, for a user with a quota, a
-//! handle on each open tunnel's target socket so all of them can be cut the moment the
+//! handle on both sockets of each open tunnel so all of them can be cut the moment the
 //! quota runs out. A flusher thread writes what the meters counted since the last flush to
-//! the database in one transaction every `--flush-interval`, soon after a tunnel closes, and
-//! at shutdown, so a crash loses at most one interval; the same pass re-reads each quota's
+//! the database in one transaction every `--flush-interval`, within half a second of a
+//! tunnel closing, and at shutdown, so a crash loses at most one interval; the same pass re-reads each quota's
 //! use in its period, which is how a new day (or `usage reset`, or a larger quota) lets a
 //! user in again.
 //!
