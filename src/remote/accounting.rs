@@ -287,16 +287,19 @@ impl Accounts {
         Ok(())
     }
 
-    /// Starts the flusher thread; dropping the returned guard flushes one last time and
-    /// waits for it, so a clean stop loses nothing.
+    /// Starts the flusher thread, recording activity as `node` (this server, for a fleet's
+    /// per-node rows); dropping the returned guard flushes one last time and waits for it,
+    /// so a clean stop loses nothing.
     ///
     /// # Errors
     /// The database cannot be opened, or the thread cannot start.
     pub fn start_flusher(
         self: &Arc<Self>,
         every: Duration,
+        node: &str,
     ) -> Result<FlusherGuard, Box<dyn std::error::Error + Send + Sync>> {
-        let store = self.db.open()?;
+        let mut store = self.db.open()?;
+        store.set_node(node);
         // A crash leaves the last run's open-tunnel counts behind: none are open now.
         let everyone: Vec<(String, u32)> = store.list()?.into_iter().map(|u| (u.name, 0)).collect();
         store.record_usage(unix_now(), &[], &everyone)?;

@@ -391,7 +391,10 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
     // Dropped with the server, after the accept loop: the last flush sees every byte.
     let flusher = remote
         .accounts
-        .start_flusher(cfg.flush_interval)
+        .start_flusher(
+            cfg.flush_interval,
+            &format!("{}:{}", users::this_host(), server.local_addr().port()),
+        )
         .map_err(|e| Error::Metrics(format!("cannot start the usage flusher: {e}")))?;
     server.attach(Box::new(flusher));
     if let Some(addr) = cfg.metrics.listen {

@@ -18,7 +18,7 @@ pub mod usage;
 pub use auth::{AuthError, Authenticator};
 pub use db::Db;
 pub use password::{hash_password, verify_password, verify_password_with};
-pub use pg::{PgStore, PG_SCHEMA_VERSION};
+pub use pg::{this_host, PgStore, PG_SCHEMA_VERSION};
 pub use sqlite::{Store, SCHEMA_VERSION};
 
 use crate::limit::quota::Quota;
@@ -291,6 +291,9 @@ pub trait UserStore: Send {
     fn reset_quota(&self, name: &str, period_start: i64) -> Result<(), Error>;
     /// What the last flush of a running server recorded, per user.
     fn activity(&self) -> Result<Vec<Activity>, Error>;
+    /// Names the server this store records activity for (a fleet's stores keep one row per
+    /// node); a store for one server ignores it.
+    fn set_node(&mut self, _node: &str) {}
 }
 
 /// Checks a user name: 1..=64 bytes of `A-Z a-z 0-9 . _ @ -`, so it fits every protocol

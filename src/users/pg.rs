@@ -40,7 +40,7 @@ pub struct PgStore {
     config: postgres::Config,
     // Connection target, for error messages (never the password).
     shown: String,
-    // This node's name in the activity table.
+    // This node's name in the activity table (`host:port` once the server is listening).
     node: String,
     pool: Mutex<Vec<Client>>,
     // Bumped by the listener for each notice and after each reconnect.
@@ -90,7 +90,8 @@ fn pg_text(e: &postgres::Error) -> String {
     }
 }
 
-fn this_host() -> String {
+/// This machine's name.
+pub fn this_host() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -704,6 +705,10 @@ impl UserStore for PgStore {
             return Err(Error::NotFound(name.to_string()));
         }
         Ok(())
+    }
+
+    fn set_node(&mut self, node: &str) {
+        self.node = node.to_string();
     }
 
     fn activity(&self) -> Result<Vec<Activity>, Error> {

@@ -145,7 +145,16 @@ fn two_nodes_on_one_postgres_serve_the_same_users_and_see_changes_live() {
         "still {rate:.0} B/s two seconds after user set"
     );
     assert!(!b.log_lines("user=alice bandwidth now 100K/s").is_empty());
-    drop(s);
+    // One tunnel open on each node: `user list` sums the nodes' counts.
+    let hold = pull(la, 20_000_000);
+    let both = eventually(Duration::from_secs(5), || {
+        let list = f.cli(&["user", "list"]);
+        list.lines()
+            .find(|l| l.starts_with("alice"))
+            .is_some_and(|l| l.trim_end().ends_with(" 2"))
+    });
+    assert!(both, "{}", f.cli(&["user", "list"]));
+    drop((s, hold));
     // A user added anywhere works on both nodes; one deleted is refused on both at once.
     f.cli(&["user", "set", "alice", "--bandwidth", "unlimited"]);
     f.cli(&["user", "del", "alice"]);
