@@ -12,13 +12,13 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-/// The `--config FILE` of a command line, if it has one.
+/// The `--config FILE` of a command line, else `FLOWGATE_CONFIG`, if either is given.
 pub fn config_path(argv: &[OsString]) -> Option<PathBuf> {
     let mut it = argv.iter().skip(1);
     while let Some(a) = it.next() {
         let a = a.to_string_lossy();
         if a == "--" {
-            return None;
+            break;
         }
         if a == "--config" {
             return it.next().map(PathBuf::from);
@@ -27,7 +27,9 @@ pub fn config_path(argv: &[OsString]) -> Option<PathBuf> {
             return Some(PathBuf::from(p));
         }
     }
-    None
+    std::env::var_os("FLOWGATE_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The long names of the flags given on a command line (`--listen`, `--listen=...`).

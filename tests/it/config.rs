@@ -67,6 +67,16 @@ fn a_config_file_means_the_same_as_the_same_flags() {
         ],
     );
     assert!(over.contains("max-connections = 9  # flag"), "{over}");
+    // FLOWGATE_CONFIG names the file as --config does.
+    let out = remote_bin()
+        .arg("--db")
+        .arg(&db)
+        .arg("check-config")
+        .env("FLOWGATE_CONFIG", &f)
+        .output()
+        .unwrap();
+    let by_env = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(settings(&by_env), settings(&by_file), "{by_env}");
     // And it runs as configured: a tunnel through a pair started from files alone.
     cli_user_add(&db, "alice", "pw", "unlimited");
     let rf = write_file(
