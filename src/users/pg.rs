@@ -6,6 +6,8 @@
 //!
 //! Uses the blocking `postgres` crate (it runs a small runtime of its own inside); every
 //! statement has a timeout, and connecting has one, so no thread waits on a dead server.
+//! With `sslmode=require` the connection is TLS 1.3 through rustls, the server verified
+//! against a CA the operator gives; otherwise it is plain (a Unix socket, a private network).
 
 use super::invites::{self, Invite};
 use super::password::hash_password;
@@ -35,9 +37,68 @@ const MIGRATION_LOCK: i64 = 0x666c_6f77_6761_7465;
 /// The channel the trigger notifies on.
 const CHANNEL: &str = "flowgate_users";
 
+/// How connections to the server are made: TLS (rustls) with `sslmode=require`, else plain.
+#[derive(Clone)]
+enum Connector {
+    Plain,
+    Tls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Connector {
+    /// The connector `config` asks for. `sslmode=require` verifies the server against the
+    /// CA in `PGSSLROOTCERT` (or `~/.postgresql/root.crt`, libpq's default), and its name
+    /// against the host; without a CA it refuses to start rather than trust any server.
+    fn for_config(config: &postgres::Config) -> Result<Connector, Error> {
+        use postgres::config::SslMode;
+        if config.get_ssl_mode() != SslMode::Require {
+            return Ok(Connector::Plain);
+        }
+        let ca = std::env::var_os("PGSSLROOTCERT")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| std::path::PathBuf::from(h).join(".postgresql/root.crt"))
+            })
+            .filter(|p| p.exists())
+            .ok_or_else(|| {
+                Error::Pg(
+                    "sslmode=require needs the server's CA to verify it: set PGSSLROOTCERT \
+                     to its PEM file (or put it in ~/.postgresql/root.crt)"
+                        .into(),
+                )
+            })?;
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(&ca)
+            .map_err(|e| Error::Pg(format!("{}: {e}", ca.display())))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| Error::Pg(format!("{}: {e}", ca.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::Pg(format!("{}: {e}", ca.display())))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Pg(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Connector::Tls(
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+        ))
+    }
+
+    fn connect(&self, config: &postgres::Config) -> Result<Client, postgres::Error> {
+        match self {
+            Connector::Plain => config.connect(NoTls),
+            Connector::Tls(t) => config.connect(t.clone()),
+        }
+    }
+}
+
 /// A PostgreSQL user store.
 pub struct PgStore {
     config: postgres::Config,
+    connector: Connector,
     // Connection target, for error messages (never the password).
     shown: String,
     // This node's name in the activity table (`host:port` once the server is listening).
@@ -146,7 +207,9 @@ impl PgStore {
             .options(&format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}"))
             .application_name("flowgate");
         let shown = format!("postgres {user}@{host}:{port}/{dbname}");
+        let connector = Connector::for_config(&config)?;
         let store = PgStore {
+            connector,
             config,
             shown,
             node: this_host(),
@@ -171,7 +234,7 @@ impl PgStore {
                 )));
             }
         }
-        match self.config.connect(NoTls) {
+        match self.connector.connect(&self.config) {
             Ok(c) => {
                 *self.breaker.lock() = (None, FIRST_BACKOFF);
                 Ok(c)
@@ -276,10 +339,11 @@ impl PgStore {
             return;
         }
         let (config, shown) = (self.config.clone(), self.shown.clone());
+        let connector = self.connector.clone();
         let (version, stop) = (Arc::clone(&self.version), Arc::clone(&self.stop));
         let spawned = std::thread::Builder::new()
             .name("users-listen".into())
-            .spawn(move || listen_loop(&config, &shown, &version, &stop));
+            .spawn(move || listen_loop(&config, &connector, &shown, &version, &stop));
         if let Err(e) = spawned {
             log::warn!("cannot start the database listener: {e}");
             self.listening.store(false, Ordering::SeqCst);
@@ -291,11 +355,17 @@ impl PgStore {
 /// (re)connect, which makes the user watcher reload everything: a notice lost while the
 /// connection was down cannot leave the node stale. Reconnects with backoff, logging the
 /// loss once and the return once.
-fn listen_loop(config: &postgres::Config, shown: &str, version: &AtomicI64, stop: &AtomicBool) {
+fn listen_loop(
+    config: &postgres::Config,
+    connector: &Connector,
+    shown: &str,
+    version: &AtomicI64,
+    stop: &AtomicBool,
+) {
     let mut backoff = Duration::from_millis(250);
     let mut lost = false;
     while !stop.load(Ordering::Relaxed) {
-        let mut client = match config.connect(NoTls) {
+        let mut client = match connector.connect(config) {
             Ok(c) => c,
             Err(e) => {
                 if !lost {

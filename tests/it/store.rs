@@ -190,3 +190,55 @@ fn postgres_behaves_as_a_user_store() {
         .len();
     assert_eq!(rows, 1, "migrated once");
 }
+
+#[test]
+fn postgres_over_tls_is_verified_against_the_operators_ca() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (_pg, ca) = Postgres::start_tls(port);
+    let db = std::path::PathBuf::from(format!(
+        "host=localhost port={port} user=postgres dbname=postgres sslmode=require"
+    ));
+    let run = |ca: Option<&std::path::Path>, args: &[&str]| {
+        let mut cmd = remote_bin();
+        cmd.arg("--db").arg(&db).args(args).env("HOME", temp_dir());
+        match ca {
+            Some(ca) => cmd.env("PGSSLROOTCERT", ca),
+            None => cmd.env_remove("PGSSLROOTCERT"),
+        };
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(
+        Some(&ca),
+        &[
+            "user",
+            "add",
+            "alice",
+            "--bandwidth",
+            "1M",
+            "--password",
+            "pw",
+        ],
+    );
+    assert!(ok, "{err}");
+                       // Without a CA flowgate refuses to start rather than trust any server...
+    let (ok, err) = run(None, &["user", "list"]);
+    assert!(!ok && err.contains("PGSSLROOTCERT"), "{err}");
+    // ...and a server whose certificate that CA did not sign is refused.
+    let other = temp_dir().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, p.self_signed(&key).unwrap().pem()).unwrap();
+    let (ok, err) = run(Some(&other), &["user", "list"]);
+    assert!(!ok, "connected to a server the CA does not vouch for");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let (ok, err) = run(Some(&ca), &["user", "list"]);
+    assert!(ok, "{err}");
+}

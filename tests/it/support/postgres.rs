@@ -12,6 +12,8 @@ pub struct Postgres {
     dir: PathBuf,
     bin: PathBuf,
     child: Option<Child>,
+    // Server settings beyond the defaults (TLS on a TCP port, for one test).
+    extra: Vec<String>,
 }
 
 /// The directory holding initdb, pg_ctl and postgres.
@@ -83,9 +85,58 @@ impl Postgres {
             dir,
             bin,
             child: None,
+            extra: Vec::new(),
         };
         pg.resume();
         pg
+    }
+
+    /// As [`start`](Self::start), also taking TLS connections on 127.0.0.1:`port`, with a
+    /// certificate for `localhost` signed by a CA of the test's own; the CA's PEM file.
+    pub fn start_tls(port: u16) -> (Postgres, PathBuf) {
+        let mut pg = Postgres::start();
+        pg.stop();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let data = pg.dir.join("data");
+        std::fs::write(data.join("server.crt"), leaf.pem()).unwrap();
+        let key_file = data.join("server.key");
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if is_root() {
+            let u = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+            for f in ["server.crt", "server.key"] {
+                std::os::unix::fs::chown(data.join(f), Some(u.uid.as_raw()), Some(u.gid.as_raw()))
+                    .unwrap();
+            }
+        }
+        let ca_file = pg.dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        pg.extra = [
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "ssl=on",
+            "-c",
+            "ssl_cert_file=server.crt",
+            "-c",
+            "ssl_key_file=server.key",
+            "-p",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([port.to_string()])
+        .collect();
+        pg.resume();
+        (pg, ca_file)
     }
 
     /// Starts the server (again) on its data, and waits until it takes connections.
@@ -105,6 +156,7 @@ impl Postgres {
                 "-c",
                 "max_connections=60",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -143,7 +195,15 @@ impl Postgres {
 
     /// The connection string flowgate's `--db` takes.
     pub fn conninfo(&self) -> String {
-        format!("host={} user=postgres dbname=postgres", self.dir.display())
+        let port = self
+            .extra
+            .iter()
+            .position(|a| a == "-p")
+            .map_or("5432".to_string(), |i| self.extra[i + 1].clone());
+        format!(
+            "host={} port={port} user=postgres dbname=postgres",
+            self.dir.display()
+        )
     }
 
     /// A plain client, for the test's own queries.
