@@ -227,7 +227,7 @@ fn postgres_over_tls_is_verified_against_the_operators_ca() {
         ],
     );
     assert!(ok, "{err}");
-                       // Without a CA flowgate refuses to start rather than trust any server...
+    // Without a CA flowgate refuses to start rather than trust any server...
     let (ok, err) = run(None, &["user", "list"]);
     assert!(!ok && err.contains("PGSSLROOTCERT"), "{err}");
     // ...and a server whose certificate that CA did not sign is refused.
