@@ -1028,3 +1028,15 @@ pub fn settle(n: usize, mut counts: impl FnMut() -> Vec<usize>) -> Vec<usize> {
     });
     last
 }
+
+/// One read of a running download, retried when a signal interrupts it (the tests send
+/// signals to child processes, and a read in flight may see EINTR).
+pub fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> u64 {
+    loop {
+        match s.read(buf) {
+            Ok(n) => return n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("download read failed: {e}"),
+        }
+    }
+}
