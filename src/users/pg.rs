@@ -107,7 +107,9 @@ pub struct PgStore {
     // Bumped by the listener for each notice and after each reconnect.
     version: Arc<AtomicI64>,
     listening: AtomicBool,
-    stop: Arc<AtomicBool>,
+    // Dropped with the store: the listener's waits end at once when it goes.
+    _stop: crossbeam_channel::Sender<()>,
+    stopped: crossbeam_channel::Receiver<()>,
     // After a failed connect: no new attempt before this, so logins fail at once instead
     // of each waiting for a dead server (the wait doubles up to `MAX_BACKOFF`).
     breaker: Mutex<(Option<std::time::Instant>, Duration)>,
@@ -120,12 +122,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PgStore({})", self.shown)
-    }
-}
-
-impl Drop for PgStore {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -208,6 +204,7 @@ impl PgStore {
             .application_name("flowgate");
         let shown = format!("postgres {user}@{host}:{port}/{dbname}");
         let connector = Connector::for_config(&config)?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let store = PgStore {
             connector,
             config,
@@ -216,7 +213,8 @@ impl PgStore {
             pool: Mutex::new(Vec::new()),
             version: Arc::new(AtomicI64::new(0)),
             listening: AtomicBool::new(false),
-            stop: Arc::new(AtomicBool::new(false)),
+            _stop: stop_tx,
+            stopped: stop_rx,
             breaker: Mutex::new((None, FIRST_BACKOFF)),
         };
         store.migrate()?;
@@ -340,7 +338,7 @@ impl PgStore {
         }
         let (config, shown) = (self.config.clone(), self.shown.clone());
         let connector = self.connector.clone();
-        let (version, stop) = (Arc::clone(&self.version), Arc::clone(&self.stop));
+        let (version, stop) = (Arc::clone(&self.version), self.stopped.clone());
         let spawned = std::thread::Builder::new()
             .name("users-listen".into())
             .spawn(move || listen_loop(&config, &connector, &shown, &version, &stop));
@@ -354,18 +352,23 @@ impl PgStore {
 /// Holds a connection that `LISTEN`s; bumps `version` for each notice and after each
 /// (re)connect, which makes the user watcher reload everything: a notice lost while the
 /// connection was down cannot leave the node stale. Reconnects with backoff, logging the
-/// loss once and the return once.
+/// loss once and the return once; every wait ends at once when the store is dropped.
 fn listen_loop(
     config: &postgres::Config,
     connector: &Connector,
     shown: &str,
     version: &AtomicI64,
-    stop: &AtomicBool,
+    stop: &crossbeam_channel::Receiver<()>,
 ) {
-    let mut backoff = Duration::from_millis(250);
+    use crossbeam_channel::TryRecvError;
+    let mut backoff = FIRST_BACKOFF;
     let mut lost = false;
-    while !stop.load(Ordering::Relaxed) {
-        let mut client = match connector.connect(config) {
+    loop {
+        let listening = connector.connect(config).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+            Ok(c)
+        });
+        let mut client = match listening {
             Ok(c) => c,
             Err(e) => {
                 if !lost {
@@ -376,41 +379,51 @@ fn listen_loop(
                     );
                     lost = true;
                 }
-                std::thread::sleep(backoff); // backoff between reconnects, off every hot path
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                if stop
+                    .recv_timeout(backoff)
+                    .is_err_and(|e| e.is_disconnected())
+                {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
-        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")) {
-            log::debug!("LISTEN failed: {}", pg_text(&e));
-            continue;
-        }
         if lost {
             log::info!("user database back ({shown}); reloading users");
             lost = false;
         }
-        backoff = Duration::from_millis(250);
+        backoff = FIRST_BACKOFF;
         version.fetch_add(1, Ordering::SeqCst);
+        let mut checked = std::time::Instant::now();
         loop {
-            if stop.load(Ordering::Relaxed) {
+            if let Err(TryRecvError::Disconnected) = stop.try_recv() {
                 return;
             }
-            let mut got = 0;
+            let (mut got, mut broken) = (0, false);
             {
                 let mut notes = client.notifications();
-                let mut it = notes.timeout_iter(Duration::from_millis(200));
+                let mut it = notes.timeout_iter(Duration::from_millis(500));
                 loop {
                     match postgres::fallible_iterator::FallibleIterator::next(&mut it) {
                         Ok(Some(_)) => got += 1,
                         Ok(None) => break,
-                        Err(_) => break,
+                        Err(_) => {
+                            broken = true;
+                            break;
+                        }
                     }
                 }
             }
             if got > 0 {
                 version.fetch_add(1, Ordering::SeqCst);
             }
-            if client.is_closed() || client.is_valid(Duration::from_secs(2)).is_err() {
+            // A server gone silent sends no error: ask it now and then.
+            if !broken && checked.elapsed() >= Duration::from_secs(10) {
+                broken = client.is_valid(Duration::from_secs(2)).is_err();
+                checked = std::time::Instant::now();
+            }
+            if broken || client.is_closed() {
                 break;
             }
         }

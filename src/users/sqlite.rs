@@ -55,6 +55,10 @@ fn create_private(path: &Path) -> Result<(), Error> {
 /// contend for the switch, and SQLite answers "busy" at once there rather than waiting out
 /// the busy timeout: try again for up to that timeout.
 fn set_wal(conn: &Connection) -> Result<(), Error> {
+    let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+    if mode.eq_ignore_ascii_case("wal") {
+        return Ok(()); // every open but a new file's first
+    }
     let until = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         match conn.pragma_update(None, "journal_mode", "WAL") {
@@ -63,7 +67,8 @@ fn set_wal(conn: &Connection) -> Result<(), Error> {
                 if e.code == rusqlite::ErrorCode::DatabaseBusy
                     && std::time::Instant::now() < until =>
             {
-                // A short pause between attempts, only while another process holds the lock.
+                // Another process holds the lock: nothing in this one can say when it lets
+                // go, so poll, briefly, and only while a new file is being set up.
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => return Err(e.into()),
