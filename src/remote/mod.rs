@@ -990,6 +990,16 @@ impl Remote {
     ) -> Option<User> {
         let name = Shown(&req.user);
         let key = ip.map(|ip| (ip, req.user.clone()));
+        // Read once, for the fast path and the slow check alike.
+        let looked = match self.auth.look_up(&req.user, &req.password) {
+            Ok(l) => l,
+            Err(e) => {
+                // The authenticator logs an outage once; this is one login of many.
+                log::debug!("{tag} user={name} refused: {e}");
+                reply(stream, tag, Status::Unavailable);
+                return None;
+            }
+        };
         // A password verified before needs no failure reserved, so a burst of one user's
         // tunnels is not taken for a burst of guesses. Only while not locked out: during a
         // lockout every login is refused unchecked, or a cached password would tell a
@@ -1006,15 +1016,8 @@ impl Remote {
                 .zip(ip)
                 .is_some_and(|(t, ip)| t.wait(&ip).is_some());
         if !locked {
-            match self.auth.cached(&req.user, &req.password) {
-                Ok(Some(user)) => return Some(user),
-                Ok(None) | Err(AuthError::BadCredentials) => {}
-                Err(AuthError::Store(e)) => {
-                    // The authenticator logs the outage once; this is one login of many.
-                    log::debug!("{tag} user={name} refused: user database failed: {e}");
-                    reply(stream, tag, Status::Unavailable);
-                    return None;
-                }
+            if let Some(user) = looked.cached_user() {
+                return Some(user.clone());
             }
         }
         let user_place = match (&th.failed_login, &key) {
@@ -1052,7 +1055,7 @@ impl Remote {
                 t.refund(&ip, at);
             }
         };
-        match self.auth.authenticate(&req.user, &req.password) {
+        match self.auth.verify(&req.user, &req.password, looked) {
             Ok(u) => {
                 refund();
                 Some(u)

@@ -43,6 +43,21 @@ struct Verified {
     digest: [u8; 64],
 }
 
+/// A user read for a login ([`Authenticator::look_up`]).
+#[derive(Debug)]
+pub struct Lookup {
+    user: Option<User>,
+    digest: [u8; 64],
+    cached: bool,
+}
+
+impl Lookup {
+    /// The user, when this password verified against their current record before.
+    pub fn cached_user(&self) -> Option<&User> {
+        self.user.as_ref().filter(|_| self.cached)
+    }
+}
+
 /// One argon2 check in progress, shared by every caller with the same name, password and
 /// stored hash.
 struct Flight {
@@ -172,23 +187,28 @@ impl Authenticator {
         out
     }
 
-    /// The user, when this name and password verified before and the password has not
-    /// changed since; `None` when only the slow check can tell. A cached success was a
-    /// right password, so callers may skip the failed-login bookkeeping for it: concurrent
-    /// logins of a known user then never look like a burst of guesses.
+    /// Reads the user a login names, and whether this password verified against that
+    /// record before. A cached success was a right password, so callers may skip the
+    /// failed-login bookkeeping for it (concurrent logins of a known user then never look
+    /// like a burst of guesses) and finish with [`verify`](Self::verify) otherwise, which
+    /// does not read the store again.
     ///
     /// # Errors
-    /// `Store` when SQLite fails.
-    pub fn cached(&self, name: &str, password: &str) -> Result<Option<User>, AuthError> {
+    /// `Store` when the database fails and the user was not verified before.
+    pub fn look_up(&self, name: &str, password: &str) -> Result<Lookup, AuthError> {
         let digest = self.digest(name, password);
-        let Some(user) = self.lookup(name, &digest)? else {
-            return Ok(None);
-        };
-        if !self.is_cached(name, &user.password_hash, &digest) {
-            return Ok(None);
+        let user = self.lookup(name, &digest)?;
+        let cached = user
+            .as_ref()
+            .is_some_and(|u| self.is_cached(name, &u.password_hash, &digest));
+        if let (true, Some(u)) = (cached, &user) {
+            self.known.lock().insert(name.to_string(), u.clone());
         }
-        self.known.lock().insert(name.to_string(), user.clone());
-        Ok(Some(user))
+        Ok(Lookup {
+            user,
+            digest,
+            cached,
+        })
     }
 
     /// Reads a user from the store. When the store cannot answer, a user whose password
@@ -242,10 +262,24 @@ impl Authenticator {
     /// Returns the user when `password` is theirs.
     ///
     /// # Errors
-    /// `BadCredentials` for an unknown user or wrong password; `Store` when SQLite fails.
+    /// `BadCredentials` for an unknown user or wrong password; `Store` when the database
+    /// fails.
     pub fn authenticate(&self, name: &str, password: &str) -> Result<User, AuthError> {
-        let digest = self.digest(name, password);
-        let user = self.lookup(name, &digest)?;
+        let looked = self.look_up(name, password)?;
+        self.verify(name, password, looked)
+    }
+
+    /// Finishes a login [`look_up`](Self::look_up) began: the user when the password is
+    /// theirs (from the cache, or the slow check).
+    ///
+    /// # Errors
+    /// `BadCredentials` for an unknown user or wrong password.
+    pub fn verify(&self, name: &str, password: &str, looked: Lookup) -> Result<User, AuthError> {
+        let Lookup {
+            user,
+            digest,
+            cached,
+        } = looked;
         let Some(user) = user else {
             // Against the dummy hash, through the same single flight as a known user's
             // check: identical concurrent attempts share one run either way, so timing does
@@ -253,9 +287,7 @@ impl Authenticator {
             self.shared_verify(name, password, &self.dummy_hash, digest);
             return Err(AuthError::BadCredentials);
         };
-        if !self.is_cached(name, &user.password_hash, &digest)
-            && !self.shared_verify(name, password, &user.password_hash, digest)
-        {
+        if !cached && !self.shared_verify(name, password, &user.password_hash, digest) {
             return Err(AuthError::BadCredentials);
         }
         self.known.lock().insert(name.to_string(), user.clone());
