@@ -168,8 +168,8 @@ impl Accounts {
     /// The account of `user`, made on first use with what the user's quota has left in its
     /// period (read from `store`).
     pub fn account(&self, user: &User, store: &dyn UserStore) -> Arc<Account> {
-        if let Some(a) = self.users.lock().get(&user.name) {
-            return Arc::clone(a);
+        if let Some(a) = self.existing(&user.name) {
+            return a;
         }
         let a = Arc::new(Account {
             name: user.name.clone(),
@@ -192,6 +192,12 @@ impl Accounts {
                 .entry(user.name.clone())
                 .or_insert_with(|| a),
         )
+    }
+
+    /// The account of `name` if it has one already: a tunnel's usual case, which needs
+    /// nothing from the store.
+    pub fn existing(&self, name: &str) -> Option<Arc<Account>> {
+        self.users.lock().get(name).cloned()
     }
 
     /// Counts a tunnel of `account` as open; with a quota, keeps a handle on both its

@@ -1197,7 +1197,11 @@ impl Remote {
         };
         // Authenticated: from here the tunnel counts against its user, not its address.
         handshake.over();
-        let account = self.auth.with_store(|s| self.accounts.account(&user, s));
+        // The store (and its lock) only for a user's first tunnel.
+        let account = self
+            .accounts
+            .existing(&user.name)
+            .unwrap_or_else(|| self.auth.with_store(|s| self.accounts.account(&user, s)));
         if account.used_up() {
             self.quota_exceeded(&mut stream, tag, &user.name, &account);
             return Handled::SlotFree;
