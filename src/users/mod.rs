@@ -266,8 +266,9 @@ pub trait UserStore: Send {
     /// # Errors
     /// `NotFound` for an unknown user.
     fn delete(&self, name: &str) -> Result<(), Error>;
-    /// A number that changes whenever another process commits a change: cheap to poll, so
-    /// a running server notices `user set` and `user del` without reloading every user.
+    /// A number that changes whenever a user is added, changed or deleted (by any process,
+    /// on any node): cheap to poll, so a running server notices `user set` and `user del`
+    /// without reloading every user, and does not reload them for other writes.
     fn data_version(&self) -> Result<i64, Error>;
     /// Adds one flush of byte counts to the hour `at` falls in and records each user's open
     /// tunnels (`open`: every user the server knows, zero included) and last activity, in

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes; older databases are migrated on open.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -173,6 +173,22 @@ impl Store {
                      as_of        INTEGER NOT NULL
                  );
                  PRAGMA user_version = 4;",
+            )?;
+        }
+        if version < 5 {
+            // v5: a counter of changes to users, so a running server reloads users when
+            // they change, not each time the usage flusher writes (SQLite's data_version
+            // moves with every table).
+            self.conn.execute_batch(
+                "CREATE TABLE IF NOT EXISTS users_version (v INTEGER NOT NULL);
+                 INSERT INTO users_version (v) VALUES (0);
+                 CREATE TRIGGER users_inserted AFTER INSERT ON users
+                     BEGIN UPDATE users_version SET v = v + 1; END;
+                 CREATE TRIGGER users_updated AFTER UPDATE ON users
+                     BEGIN UPDATE users_version SET v = v + 1; END;
+                 CREATE TRIGGER users_deleted AFTER DELETE ON users
+                     BEGIN UPDATE users_version SET v = v + 1; END;
+                 PRAGMA user_version = 5;",
             )?;
         }
         tx.commit()?;
@@ -409,12 +425,12 @@ impl UserStore for Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// A number that changes whenever another connection commits (`PRAGMA data_version`):
-    /// cheap to poll for changes made by `remote-proxy user ...`.
+    /// A counter the triggers on `users` move (schema v5): cheap to poll for changes made
+    /// by `remote-proxy user ...`, and still while the usage flusher writes.
     fn data_version(&self) -> Result<i64, Error> {
         Ok(self
             .conn
-            .pragma_query_value(None, "data_version", |r| r.get(0))?)
+            .query_row("SELECT v FROM users_version", [], |r| r.get(0))?)
     }
 
     fn record_usage(

@@ -133,6 +133,16 @@ fn behaves_as_a_user_store(open: &Opener) {
         s.get("alice").unwrap().unwrap().bandwidth,
         "2M".parse().unwrap()
     );
+    // Usage written by another connection is no user change: nothing to reload.
+    std::thread::sleep(Duration::from_millis(600)); // a pending notice lands meanwhile
+    let settled = s.data_version().unwrap();
+    other
+        .record_usage(day + 9000, &[d(1, 1)], &[("alice".into(), 0)])
+        .unwrap();
+    let moved = eventually(Duration::from_secs(1), || {
+        s.data_version().unwrap() != settled
+    });
+    assert!(!moved, "a usage write moved the users' version");
 }
 
 #[test]
