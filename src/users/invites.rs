@@ -39,6 +39,17 @@ pub enum Refused {
     Expired,
 }
 
+impl Refused {
+    /// Why a token did not spend a use, from the invite it names: none, its uses left.
+    pub fn for_invite(uses_left: Option<i64>) -> Refused {
+        match uses_left {
+            None => Refused::Unknown,
+            Some(uses) if uses <= 0 => Refused::UsedUp,
+            Some(_) => Refused::Expired,
+        }
+    }
+}
+
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -108,6 +108,59 @@ pub struct User {
     pub quota: Option<Quota>,
 }
 
+/// A user's columns as both stores keep them (NULL is "none"), read back into a [`User`]:
+/// the one place the stored form is decoded.
+pub(crate) struct StoredUser {
+    pub name: String,
+    pub password_hash: String,
+    pub bandwidth: Option<i64>,
+    pub created_at: i64,
+    pub max_connections: Option<i64>,
+    pub rate_count: Option<i64>,
+    pub rate_per_secs: Option<i64>,
+    pub quota_bytes: Option<i64>,
+    pub quota_period: Option<String>,
+}
+
+/// The columns of [`StoredUser`], in its order, for both stores' SELECTs.
+pub(crate) const USER_COLUMNS: &str = "name, password_hash, bandwidth, created_at, \
+    max_connections, rate_count, rate_per_secs, quota_bytes, quota_period";
+
+impl From<StoredUser> for User {
+    fn from(r: StoredUser) -> User {
+        User {
+            name: r.name,
+            password_hash: r.password_hash,
+            bandwidth: Bandwidth::from_db(r.bandwidth),
+            created_at: r.created_at,
+            max_connections: r
+                .max_connections
+                .map(|v| v.clamp(1, u32::MAX as i64) as u32),
+            rate: match (r.rate_count, r.rate_per_secs) {
+                (Some(c), Some(p)) if c > 0 && p > 0 => Some(RequestRate {
+                    count: c.min(u32::MAX as i64) as u32,
+                    per: std::time::Duration::from_secs(p as u64),
+                }),
+                _ => None,
+            },
+            quota: match (r.quota_bytes, r.quota_period) {
+                (Some(b), Some(p)) if b > 0 => {
+                    crate::limit::quota::Period::from_name(&p).map(|period| Quota {
+                        bytes: b as u64,
+                        period,
+                    })
+                }
+                _ => None,
+            },
+        }
+    }
+}
+
+/// A byte count as both stores keep it: their integers are signed.
+pub(crate) fn bytes_to_db(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Changes for [`Store::set`]: `None` leaves a field as it is; `Some(None)` clears a limit.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {

@@ -12,12 +12,11 @@
 use super::invites::{self, Invite};
 use super::password::hash_password;
 use super::{
-    validate_name, validate_password, Activity, Changes, Error, UsageDelta, UsageRow, User,
-    UserStore,
+    bytes_to_db, validate_name, validate_password, Activity, Changes, Error, StoredUser,
+    UsageDelta, UsageRow, User, UserStore, USER_COLUMNS,
 };
 use crate::limit::calendar::unix_now;
-use crate::limit::quota::{Period, Quota};
-use crate::limit::rate::{Bandwidth, RequestRate};
+use crate::limit::rate::Bandwidth;
 use parking_lot::Mutex;
 use postgres::{Client, NoTls};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -430,38 +429,20 @@ fn listen_loop(
     }
 }
 
-fn to_db(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 fn row_to_user(r: &postgres::Row) -> User {
-    User {
+    StoredUser {
         name: r.get(0),
         password_hash: r.get(1),
-        bandwidth: Bandwidth::from_db(r.get(2)),
+        bandwidth: r.get(2),
         created_at: r.get(3),
-        max_connections: r
-            .get::<_, Option<i64>>(4)
-            .map(|v| v.clamp(1, u32::MAX as i64) as u32),
-        rate: match (r.get::<_, Option<i64>>(5), r.get::<_, Option<i64>>(6)) {
-            (Some(c), Some(p)) if c > 0 && p > 0 => Some(RequestRate {
-                count: c.min(u32::MAX as i64) as u32,
-                per: Duration::from_secs(p as u64),
-            }),
-            _ => None,
-        },
-        quota: match (r.get::<_, Option<i64>>(7), r.get::<_, Option<String>>(8)) {
-            (Some(b), Some(p)) if b > 0 => Period::from_name(&p).map(|period| Quota {
-                bytes: b as u64,
-                period,
-            }),
-            _ => None,
-        },
+        max_connections: r.get(4),
+        rate_count: r.get(5),
+        rate_per_secs: r.get(6),
+        quota_bytes: r.get(7),
+        quota_period: r.get(8),
     }
+    .into()
 }
-
-const USER_COLUMNS: &str = "name, password_hash, bandwidth, created_at, max_connections, \
-                            rate_count, rate_per_secs, quota_bytes, quota_period";
 
 /// Writes `changes` for `name` inside `tx`; the password is hashed by the caller.
 fn apply(
@@ -506,7 +487,7 @@ fn apply(
             "UPDATE users SET quota_bytes = $1, quota_period = $2, updated_at = $3
              WHERE name = $4",
             &[
-                &quota.map(|q| to_db(q.bytes)),
+                &quota.map(|q| bytes_to_db(q.bytes)),
                 &quota.map(|q| q.period.name()),
                 &now,
                 &name,
@@ -591,11 +572,8 @@ impl UserStore for PgStore {
                     "SELECT uses_left FROM invites WHERE token_hash = $1",
                     &[&token_hash],
                 )?;
-                return Err(Error::Invite(match found.map(|r| r.get::<_, i64>(0)) {
-                    None => invites::Refused::Unknown,
-                    Some(uses) if uses <= 0 => invites::Refused::UsedUp,
-                    Some(_) => invites::Refused::Expired,
-                }));
+                let uses_left = found.map(|r| r.get::<_, i64>(0));
+                return Err(Error::Invite(invites::Refused::for_invite(uses_left)));
             }
             insert_user(&mut tx, name, hash, bandwidth)?;
             tx.commit()?;
@@ -722,7 +700,10 @@ impl UserStore for PgStore {
                  SET last_seen = EXCLUDED.last_seen, as_of = EXCLUDED.as_of",
             )?;
             for d in deltas.iter().filter(|d| d.up > 0 || d.down > 0) {
-                tx.execute(&add, &[&d.user, &hour, &to_db(d.up), &to_db(d.down)])?;
+                tx.execute(
+                    &add,
+                    &[&d.user, &hour, &bytes_to_db(d.up), &bytes_to_db(d.down)],
+                )?;
                 tx.execute(&seen, &[&d.user, &self.node, &at])?;
             }
             let tunnels = tx.prepare(

@@ -3,25 +3,18 @@
 use super::invites::{self, Invite};
 use super::password::hash_password;
 use super::{
-    validate_name, validate_password, Activity, Changes, Error, UsageDelta, UsageRow, User,
-    UserStore,
+    bytes_to_db, validate_name, validate_password, Activity, Changes, Error, StoredUser,
+    UsageDelta, UsageRow, User, UserStore, USER_COLUMNS,
 };
-use crate::limit::quota::{Period, Quota};
-use crate::limit::rate::{Bandwidth, RequestRate};
+use crate::limit::calendar::unix_now;
+use crate::limit::rate::Bandwidth;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fmt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The schema version this build writes; older databases are migrated on open.
 pub const SCHEMA_VERSION: i64 = 5;
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 /// The SQLite user store.
 pub struct Store {
@@ -228,7 +221,7 @@ impl Store {
                 "UPDATE users SET quota_bytes = ?1, quota_period = ?2, updated_at = ?3
                  WHERE name = ?4",
                 params![
-                    quota.map(|q| i64::try_from(q.bytes).unwrap_or(i64::MAX)),
+                    quota.map(|q| bytes_to_db(q.bytes)),
                     quota.map(|q| q.period.name()),
                     now,
                     name
@@ -305,19 +298,15 @@ impl UserStore for Store {
             params![token_hash, now],
         )?;
         if spent == 0 {
-            let found: Option<(i64, Option<i64>)> = self
+            let uses_left: Option<i64> = self
                 .conn
                 .query_row(
-                    "SELECT uses_left, expires_at FROM invites WHERE token_hash = ?1",
+                    "SELECT uses_left FROM invites WHERE token_hash = ?1",
                     params![token_hash],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| r.get(0),
                 )
                 .optional()?;
-            return Err(Error::Invite(match found {
-                None => invites::Refused::Unknown,
-                Some((uses, _)) if uses <= 0 => invites::Refused::UsedUp,
-                Some(_) => invites::Refused::Expired,
-            }));
+            return Err(Error::Invite(invites::Refused::for_invite(uses_left)));
         }
         self.add_hashed(name, hash, bandwidth)?;
         tx.commit()?;
@@ -406,21 +395,17 @@ impl UserStore for Store {
 
     /// One user, or `None`.
     fn get(&self, name: &str) -> Result<Option<User>, Error> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
-                    rate_per_secs, quota_bytes, quota_period
-             FROM users WHERE name = ?1",
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"))?;
         Ok(stmt.query_row(params![name], row_to_user).optional()?)
     }
 
     /// Every user, by name.
     fn list(&self) -> Result<Vec<User>, Error> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, password_hash, bandwidth, created_at, max_connections, rate_count,
-                    rate_per_secs, quota_bytes, quota_period
-             FROM users ORDER BY name",
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"))?;
         let rows = stmt.query_map([], row_to_user)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
@@ -456,8 +441,8 @@ impl UserStore for Store {
                 add.execute(params![
                     d.user,
                     hour,
-                    to_db_bytes(d.up),
-                    to_db_bytes(d.down)
+                    bytes_to_db(d.up),
+                    bytes_to_db(d.down)
                 ])?;
                 seen.execute(params![d.user, at])?;
             }
@@ -534,34 +519,18 @@ impl UserStore for Store {
 }
 
 fn row_to_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
-    Ok(User {
+    Ok(StoredUser {
         name: r.get(0)?,
         password_hash: r.get(1)?,
-        bandwidth: Bandwidth::from_db(r.get(2)?),
+        bandwidth: r.get(2)?,
         created_at: r.get(3)?,
-        max_connections: r
-            .get::<_, Option<i64>>(4)?
-            .map(|v| v.clamp(1, u32::MAX as i64) as u32),
-        rate: match (r.get::<_, Option<i64>>(5)?, r.get::<_, Option<i64>>(6)?) {
-            (Some(c), Some(p)) if c > 0 && p > 0 => Some(RequestRate {
-                count: c.min(u32::MAX as i64) as u32,
-                per: Duration::from_secs(p as u64),
-            }),
-            _ => None,
-        },
-        quota: match (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<String>>(8)?) {
-            (Some(b), Some(p)) if b > 0 => Period::from_name(&p).map(|period| Quota {
-                bytes: b as u64,
-                period,
-            }),
-            _ => None,
-        },
-    })
-}
-
-/// A stored byte count: SQLite integers are signed.
-fn to_db_bytes(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+        max_connections: r.get(4)?,
+        rate_count: r.get(5)?,
+        rate_per_secs: r.get(6)?,
+        quota_bytes: r.get(7)?,
+        quota_period: r.get(8)?,
+    }
+    .into())
 }
 
 #[cfg(test)]
@@ -670,7 +639,7 @@ mod tests {
     fn quotas_are_stored_and_cleared() {
         let s = Store::open(&temp_db()).unwrap();
         s.add("alice", "pw", Bandwidth::UNLIMITED).unwrap();
-        let q: Quota = "1MB/day".parse().unwrap();
+        let q: crate::limit::quota::Quota = "1MB/day".parse().unwrap();
         let set = |quota| Changes {
             quota: Some(quota),
             ..Changes::default()
