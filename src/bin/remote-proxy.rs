@@ -287,16 +287,12 @@ fn user_show(db: &Db, name: &str, exact: bool) -> Result<(), Box<dyn std::error:
     let since = Period::Day.start(now) - 6 * 86_400;
     let rows = store.usage(Some(&u.name), since.min(Period::Month.start(now)))?;
     println!("usage (UTC)      up / down");
-    for p in usage::by_period(&rows, true) {
-        println!(
-            "  {:<14} {} / {}",
-            p.period,
-            human_bytes(p.up, exact),
-            human_bytes(p.down, exact)
-        );
-    }
-    let days: Vec<_> = rows.into_iter().filter(|r| r.hour >= since).collect();
-    for p in usage::by_period(&days, false) {
+    let days: Vec<_> = rows.iter().filter(|r| r.hour >= since).cloned().collect();
+    // This month (and the last one, early in a month), then the last seven days.
+    let periods = usage::by_period(&rows, true)
+        .into_iter()
+        .chain(usage::by_period(&days, false));
+    for p in periods {
         println!(
             "  {:<14} {} / {}",
             p.period,
