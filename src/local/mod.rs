@@ -89,6 +89,18 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
     let weak = Arc::downgrade(&local);
     let mut server =
         Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local).map_err(Error::Start)?;
+    // Bound before the "listening on" line, so that line means everything that can fail at
+    // start has not.
+    let metrics_at = match cfg.metrics {
+        Some(addr) => {
+            let endpoint = crate::metrics::serve(addr).map_err(Error::Metrics)?;
+            let at = endpoint.local_addr();
+            crate::metrics::global().add_source(live_metrics(weak, server.load()));
+            server.attach(Box::new(endpoint));
+            Some(at)
+        }
+        None => None,
+    };
     log::info!(
         "local-proxy listening on {} remotes={} balance={} warm={} tls={} user={}",
         server.local_addr(),
@@ -102,6 +114,9 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
             .as_ref()
             .map_or("(from app)", |c| c.user.as_str())
     );
+    if let Some(at) = metrics_at {
+        log::info!("metrics on http://{at}/metrics");
+    }
     for line in upstreams.describe() {
         if line.contains(crate::tls::IDENTITY_CHANGED) {
             log::error!("{line}");
@@ -142,11 +157,6 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
         .spawn(move || upstreams.watch(stop_rx))
         .map_err(|e| Error::Start(StartError::Spawn("health check", e)))?;
     server.attach(Box::new(stop_tx));
-    if let Some(addr) = cfg.metrics {
-        let endpoint = crate::metrics::serve(addr).map_err(Error::Metrics)?;
-        crate::metrics::global().add_source(live_metrics(weak, server.load()));
-        server.attach(Box::new(endpoint));
-    }
     Ok(server)
 }
 

@@ -56,7 +56,6 @@ pub fn serve(addr: SocketAddr) -> Result<MetricsServer, String> {
             }
         })
         .map_err(|e| format!("metrics: cannot start its thread: {e}"))?;
-    log::info!("metrics on http://{bound}/metrics");
     Ok(MetricsServer {
         server,
         addr: bound,

@@ -330,6 +330,40 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
     let mut server = Server::bind(cfg.listen, "remote", cfg.admission, cfg.pool, service)
         .map_err(Error::Start)?;
     remote.destinations.write().own = own_sockets(server.local_addr());
+    // Dropping the sender (at shutdown) ends the watcher.
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let watcher = Arc::clone(&remote);
+    std::thread::Builder::new()
+        .name("remote-users".into())
+        .spawn(move || {
+            let every = watcher.cfg.user_poll;
+            let w = &watcher;
+            registry::watch_users(&w.auth, &w.registry, &w.accounts, every, stop_rx)
+        })
+        .map_err(|e| Error::Start(StartError::Spawn("user watcher", e)))?;
+    server.attach(Box::new(stop_tx));
+    // Dropped with the server, after the accept loop: the last flush sees every byte.
+    let flusher = remote
+        .accounts
+        .start_flusher(
+            cfg.flush_interval,
+            &format!("{}:{}", users::this_host(), server.local_addr().port()),
+        )
+        .map_err(|e| Error::Metrics(format!("cannot start the usage flusher: {e}")))?;
+    server.attach(Box::new(flusher));
+    let metrics_at = match cfg.metrics.listen {
+        Some(addr) => {
+            let endpoint = crate::metrics::serve(addr).map_err(Error::Metrics)?;
+            let at = endpoint.local_addr();
+            crate::metrics::global()
+                .add_source(live_metrics(Arc::downgrade(&remote), server.load()));
+            server.attach(Box::new(endpoint));
+            Some(at)
+        }
+        None => None,
+    };
+    // Only now, with everything that can fail at start behind it: scripts take this line
+    // (the first) to mean the server is up.
     log::info!(
         "remote-proxy listening on {} db={} signup={} max-connections={} max-queued={} \
          queue-timeout={}s rate-per-ip={} failed-login-rate={} max-handshakes-per-ip={} \
@@ -351,6 +385,9 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         cap_text(cfg.admission.max_idle_per_key),
         cfg.warm_idle_timeout.as_secs_f64(),
     );
+    if let Some(at) = metrics_at {
+        log::info!("metrics on http://{at}/metrics");
+    }
     if let (true, RemoteTls::StateDir(dir)) = (made, &cfg.tls) {
         log::info!(
             "made a new TLS identity in {} ({} and {}, owner-only)",
@@ -375,32 +412,6 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         ),
         Ok(users) => log::info!("database {} has {} users", cfg.db, users.len()),
         Err(e) => log::warn!("cannot list users in {}: {e}", cfg.db),
-    }
-    // Dropping the sender (at shutdown) ends the watcher.
-    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-    let watcher = Arc::clone(&remote);
-    std::thread::Builder::new()
-        .name("remote-users".into())
-        .spawn(move || {
-            let every = watcher.cfg.user_poll;
-            let w = &watcher;
-            registry::watch_users(&w.auth, &w.registry, &w.accounts, every, stop_rx)
-        })
-        .map_err(|e| Error::Start(StartError::Spawn("user watcher", e)))?;
-    server.attach(Box::new(stop_tx));
-    // Dropped with the server, after the accept loop: the last flush sees every byte.
-    let flusher = remote
-        .accounts
-        .start_flusher(
-            cfg.flush_interval,
-            &format!("{}:{}", users::this_host(), server.local_addr().port()),
-        )
-        .map_err(|e| Error::Metrics(format!("cannot start the usage flusher: {e}")))?;
-    server.attach(Box::new(flusher));
-    if let Some(addr) = cfg.metrics.listen {
-        let endpoint = crate::metrics::serve(addr).map_err(Error::Metrics)?;
-        crate::metrics::global().add_source(live_metrics(Arc::downgrade(&remote), server.load()));
-        server.attach(Box::new(endpoint));
     }
     Ok((server, remote))
 }

@@ -199,7 +199,10 @@ impl PgStore {
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(15))
-            .options(&format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}"))
+            // Notices ("already exists, skipping") are not news to an operator.
+            .options(&format!(
+                "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c client_min_messages=warning"
+            ))
             .application_name("flowgate");
         let shown = format!("postgres {user}@{host}:{port}/{dbname}");
         let connector = Connector::for_config(&config)?;

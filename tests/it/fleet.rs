@@ -340,5 +340,9 @@ fn a_node_that_lost_its_database_hands_new_logins_to_one_that_has_it() {
             socks_connect(local, Dest::Ip(origin()), Some(("bob", "pw2"))).expect("bob's tunnel");
         download_and_verify(&mut s, "o", 10_000);
     }
-    assert!(!b.log_lines("user database unavailable").is_empty());
+    assert!(
+        !b.log_lines("user database unavailable").is_empty(),
+        "{:#?}",
+        b.log_lines("")
+    );
 }

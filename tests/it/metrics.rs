@@ -277,3 +277,41 @@ fn the_format_parser_refuses_what_prometheus_would() {
         assert!(parse(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn a_metrics_port_in_use_stops_start_before_the_listening_line() {
+    // Scripts take "listening on" to mean the server is up: a start that fails later must
+    // not have printed it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = taken.local_addr().unwrap().to_string();
+    let db = users_db(&[user("alice", "pw", "unlimited")]);
+    let mut remote = remote_bin();
+    remote
+        .arg("--db")
+        .arg(&db)
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", &at]);
+    let mut local = local_bin();
+    local.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--remote",
+        "127.0.0.1:9",
+        "--plaintext",
+        "--metrics-listen",
+        &at,
+    ]);
+    for (who, mut cmd) in [("remote", remote), ("local", local)] {
+        let out = cmd
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{who}: {err}");
+        assert!(
+            err.contains(&format!("cannot listen on {at}")),
+            "{who}: {err}"
+        );
+        assert!(!err.contains("-proxy listening on"), "{who}: {err}");
+    }
+}
