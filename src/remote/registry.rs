@@ -119,7 +119,7 @@ pub fn watch_users(
         };
         registry.apply(&users);
         auth.with_store(|s| accounts.apply(&users, s));
-        auth.retain_cached(&|n| users.iter().any(|u| u.name == n));
+        auth.users_changed(&users);
     }
 }
 

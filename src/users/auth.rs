@@ -11,6 +11,7 @@ use rand_core::RngCore;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Cached verifications kept before the cache is cleared (bounds memory).
 const CACHE_LIMIT: usize = 100_000;
@@ -67,6 +68,10 @@ struct Flight {
     done: Condvar,
 }
 
+/// How long a login whose password verified before waits for the store before the last
+/// record read serves it.
+const KNOWN_WAIT: Duration = Duration::from_millis(250);
+
 /// Checks credentials against the store, remembering successes.
 ///
 /// A password that verified once is recognised by a keyed BLAKE2b digest (microseconds)
@@ -93,8 +98,9 @@ pub struct Authenticator {
     flights: Mutex<HashMap<[u8; 64], Arc<Flight>>>,
     // argon2 checks run so far.
     hashes: std::sync::atomic::AtomicU64,
-    // The last record read of each user whose password verified: what serves them while
-    // the database cannot be reached.
+    // The last record read of each user whose password verified (refreshed by every change
+    // the watcher sees): what serves them while the database cannot be reached, or while
+    // a lookup ahead of them waits on it.
     known: Mutex<HashMap<String, User>>,
     // The database failed on the last lookup (logged once, when it starts and when it ends).
     store_down: std::sync::atomic::AtomicBool,
@@ -218,13 +224,19 @@ impl Authenticator {
         use std::sync::atomic::Ordering::Relaxed;
         // While the database is down, a known user does not queue behind a lookup that is
         // waiting on it: one login tries the database, the known ones are served as before.
-        let read = match self.store_down.load(Relaxed).then(|| self.store.try_lock()) {
-            Some(Some(store)) => store.get(name),
-            Some(None) => match self.known_and_verified(name, digest) {
+        // Nor, before that is known, behind one stuck on a database that stopped answering
+        // (until its connection is given up on): they wait `KNOWN_WAIT` at most.
+        let wait = if self.store_down.load(Relaxed) {
+            Duration::ZERO
+        } else {
+            KNOWN_WAIT
+        };
+        let read = match self.store.try_lock_for(wait) {
+            Some(store) => store.get(name),
+            None => match self.known_and_verified(name, digest) {
                 Some(u) => return Ok(Some(u)),
                 None => self.store.lock().get(name),
             },
-            None => self.store.lock().get(name),
         };
         match read {
             Ok(user) => {
@@ -394,10 +406,23 @@ impl Authenticator {
         );
     }
 
-    /// Forgets cached verifications of users no longer in `present`.
-    pub fn retain_cached(&self, present: &dyn Fn(&str) -> bool) {
-        self.cache.lock().retain(|name, _| present(name));
-        self.known.lock().retain(|name, _| present(name));
+    /// Takes a fresh read of every user: verifications of users no longer there are
+    /// forgotten, and the records that serve known users when the store is slow or down
+    /// are replaced, so those are never older than the last change seen.
+    pub fn users_changed(&self, users: &[User]) {
+        let by_name: HashMap<&str, &User> = users.iter().map(|u| (u.name.as_str(), u)).collect();
+        self.cache
+            .lock()
+            .retain(|name, _| by_name.contains_key(name.as_str()));
+        self.known
+            .lock()
+            .retain(|name, known| match by_name.get(name.as_str()) {
+                Some(fresh) => {
+                    *known = (*fresh).clone();
+                    true
+                }
+                None => false,
+            });
     }
 }
 
@@ -434,6 +459,60 @@ mod tests {
             Err(AuthError::BadCredentials)
         ));
         assert!(auth.authenticate("alice", "new").is_ok());
+    }
+
+    #[test]
+    fn a_known_user_is_not_held_up_by_a_lookup_stuck_on_the_store() {
+        let db = temp_db();
+        let s = Store::open(&db).unwrap();
+        s.add("alice", "right", Bandwidth::UNLIMITED).unwrap();
+        s.add("bob", "his", Bandwidth::UNLIMITED).unwrap();
+        let auth = Arc::new(Authenticator::new(s).unwrap());
+        assert!(auth.authenticate("alice", "right").is_ok());
+        // A change seen by the watcher replaces the record that serves her.
+        let ch = Changes {
+            bandwidth: Some("300K".parse().unwrap()),
+            ..Changes::default()
+        };
+        Store::open(&db).unwrap().set("alice", &ch).unwrap();
+        auth.users_changed(&Store::open(&db).unwrap().list().unwrap());
+        // Another lookup holds the store, as one waiting on a database that stopped
+        // answering would.
+        let (held_tx, held_rx) = crossbeam_channel::bounded(0);
+        let holder = {
+            let auth = Arc::clone(&auth);
+            std::thread::spawn(move || {
+                auth.with_store(|_| {
+                    held_tx.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(1500));
+                })
+            })
+        };
+        held_rx.recv().unwrap();
+        let t = std::time::Instant::now();
+        let alice = auth.authenticate("alice", "right").unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(alice.bandwidth, "300K".parse().unwrap());
+        // Not her with a wrong password, nor a user never verified here: they wait.
+        assert!(matches!(
+            auth.authenticate("alice", "wrong"),
+            Err(AuthError::BadCredentials)
+        ));
+        assert!(auth.authenticate("bob", "his").is_ok());
+        assert!(
+            t.elapsed() >= Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        holder.join().unwrap();
+        // A deleted user's record is dropped with the change that deleted her.
+        Store::open(&db).unwrap().delete("alice").unwrap();
+        auth.users_changed(&Store::open(&db).unwrap().list().unwrap());
+        assert!(auth.known.lock().get("alice").is_none());
     }
 
     #[test]

@@ -37,9 +37,14 @@ impl Fleet {
 
     /// A remote-proxy node on the fleet's database.
     fn node(&self) -> (ChildGuard, SocketAddr) {
+        self.node_on(&self.db)
+    }
+
+    /// A remote-proxy node that reaches the fleet's database through `db`.
+    fn node_on(&self, db: &Path) -> (ChildGuard, SocketAddr) {
         let mut cmd = remote_bin();
         cmd.arg("--db")
-            .arg(&self.db)
+            .arg(db)
             .arg("--state-dir")
             .arg(&self.state)
             .args([
@@ -345,4 +350,105 @@ fn a_node_that_lost_its_database_hands_new_logins_to_one_that_has_it() {
         "{:#?}",
         b.log_lines("")
     );
+}
+
+/// Stands between a node and PostgreSQL (TCP in front, the server's Unix socket behind) and
+/// can stop passing bytes on while keeping every connection open: a database that has
+/// stopped answering without closing anything, which no refused connect reveals.
+struct Freezer {
+    addr: SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Freezer {
+    fn start(socket: PathBuf) -> Freezer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&frozen);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::os::unix::net::UnixStream::connect(&socket) else {
+                    continue;
+                };
+                let pass = |mut from: Box<dyn Read + Send>, mut to: Box<dyn Write + Send>| {
+                    let f = Arc::clone(&f);
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            while f.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                };
+                pass(
+                    Box::new(client.try_clone().unwrap()),
+                    Box::new(server.try_clone().unwrap()),
+                );
+                pass(Box::new(server), Box::new(client));
+            }
+        });
+        Freezer { addr, frozen }
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_database_that_stops_answering_does_not_hold_up_cached_users() {
+    let f = Fleet::start();
+    for (name, pw) in [("alice", "pw"), ("bob", "pw2")] {
+        f.cli(&[
+            "user",
+            "add",
+            name,
+            "--bandwidth",
+            "unlimited",
+            "--password",
+            pw,
+        ]);
+    }
+    let freezer = Freezer::start(f.pg.socket());
+    let db = PathBuf::from(format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        freezer.addr.port()
+    ));
+    let (_node, node) = f.node_on(&db);
+    let mut cmd = local_bin();
+    cmd.args(["--listen", "127.0.0.1:0", "--remote", &node.to_string()])
+        .args(["--pin", &f.pin(), "--warm", "0"]);
+    let (_l, local) = spawn_listening(cmd);
+    let mut s = socks_connect(local, Dest::Ip(origin()), Some(("alice", "pw"))).unwrap();
+    download_and_verify(&mut s, "o", 10_000);
+    drop(s);
+    freezer.freeze(true);
+    // bob's first login reads the database, and waits on it.
+    let bob = std::thread::spawn(move || {
+        socks_connect(local, Dest::Ip(origin()), Some(("bob", "pw2")))
+            .map(|mut s| download_and_verify(&mut s, "o", 10_000))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut s = socks_connect(local, Dest::Ip(origin()), Some(("alice", "pw")))
+            .expect("a cached user's tunnel while the database is silent");
+        download_and_verify(&mut s, "o", 10_000);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+    assert!(
+        !bob.is_finished(),
+        "bob's login did not wait on the database"
+    );
+    // The database answers again: the login that waited goes through.
+    freezer.freeze(false);
+    assert_eq!(bob.join().unwrap().err(), None);
 }

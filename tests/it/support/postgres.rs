@@ -195,15 +195,23 @@ impl Postgres {
 
     /// The connection string flowgate's `--db` takes.
     pub fn conninfo(&self) -> String {
-        let port = self
-            .extra
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.display(),
+            self.port()
+        )
+    }
+
+    /// The server's Unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join(format!(".s.PGSQL.{}", self.port()))
+    }
+
+    fn port(&self) -> &str {
+        self.extra
             .iter()
             .position(|a| a == "-p")
-            .map_or("5432".to_string(), |i| self.extra[i + 1].clone());
-        format!(
-            "host={} port={port} user=postgres dbname=postgres",
-            self.dir.display()
-        )
+            .map_or("5432", |i| self.extra[i + 1].as_str())
     }
 
     /// A plain client, for the test's own queries.
