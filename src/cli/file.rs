@@ -161,13 +161,14 @@ pub fn with_config(
     argv: Vec<OsString>,
     root: &clap::Command,
 ) -> Result<(Vec<OsString>, Origin), String> {
+    let on_command_line = given(&argv);
+    let argv = switches_spelled_out(argv, root);
     let Some(path) = config_path(&argv) else {
         return Ok((argv, Origin::default()));
     };
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
     let settings = read(&path, &text)?;
-    let on_command_line = given(&argv);
     let sub_at = subcommand_at(&argv, root);
     let sub = sub_at.and_then(|i| root.find_subcommand(argv[i].to_string_lossy().as_ref()));
     let (mut top, mut under) = (Vec::new(), Vec::new());
@@ -223,6 +224,41 @@ pub fn with_config(
         }
     }
     Ok((out, origin))
+}
+
+/// `--SWITCH=true` as `--SWITCH`, and `--SWITCH=false` dropped, for every on/off flag of
+/// `root` and its subcommands: so a switch a config file turns on can be turned off on the
+/// command line (the flag is given, so the file's key is skipped), as every other key can
+/// be overridden. Other values are left for clap to refuse.
+fn switches_spelled_out(argv: Vec<OsString>, root: &clap::Command) -> Vec<OsString> {
+    let is_switch = |long: &str| {
+        std::iter::once(root)
+            .chain(root.get_subcommands())
+            .flat_map(|c| c.get_arguments())
+            .any(|a| a.get_long() == Some(long) && matches!(a.get_action(), ArgAction::SetTrue))
+    };
+    let mut out = Vec::with_capacity(argv.len());
+    let mut rest = false;
+    for a in argv {
+        let spelled = a.to_str().filter(|_| !rest).and_then(|t| {
+            let (long, value) = t.strip_prefix("--")?.split_once('=')?;
+            if !is_switch(long) {
+                return None;
+            }
+            match value {
+                "true" => Some(Some(OsString::from(format!("--{long}")))),
+                "false" => Some(None),
+                _ => None,
+            }
+        });
+        rest |= a == "--";
+        match spelled {
+            Some(Some(flag)) => out.push(flag),
+            Some(None) => {}
+            None => out.push(a),
+        }
+    }
+    out
 }
 
 /// Parses a command line with its `--config` file.
@@ -411,6 +447,36 @@ mod tests {
         .unwrap()
         .0;
         assert_eq!(strings(out)[1], "--db=/tmp/x.db");
+    }
+
+    #[test]
+    fn a_switch_the_file_turns_on_is_turned_off_by_the_flag_with_false() {
+        let f = write("plaintext = true\nmetrics-per-user = true\n");
+        let cmd = crate::cli::RemoteCli::command();
+        let run = |words: &[&str]| {
+            let mut all = vec!["remote-proxy", "--config", f.to_str().unwrap(), "serve"];
+            all.extend(words);
+            strings(with_config(argv(&all), &cmd).unwrap().0)[4..].to_vec()
+        };
+        assert_eq!(run(&[]), ["--plaintext", "--metrics-per-user"]);
+        assert_eq!(run(&["--plaintext=false"]), ["--metrics-per-user"]);
+        assert_eq!(
+            run(&["--plaintext=true", "--allow-signup=true"]),
+            ["--metrics-per-user", "--plaintext", "--allow-signup"]
+        );
+        // Anything else stays for clap to refuse, and after `--` nothing is touched.
+        assert_eq!(
+            run(&["--plaintext=no", "--", "--plaintext=false"]),
+            [
+                "--metrics-per-user",
+                "--plaintext=no",
+                "--",
+                "--plaintext=false"
+            ]
+        );
+        // And without a file.
+        let plain = with_config(argv(&["remote-proxy", "serve", "--plaintext=false"]), &cmd);
+        assert_eq!(strings(plain.unwrap().0), ["remote-proxy", "serve"]);
     }
 
     #[test]
