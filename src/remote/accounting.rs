@@ -55,6 +55,11 @@ impl Account {
         self.meter.used_up()
     }
 
+    /// True once the user was deleted (and not added again).
+    pub fn deleted(&self) -> bool {
+        self.deleted.load(Ordering::Relaxed)
+    }
+
     /// When the user's quota lets them in again (Unix seconds), if they have one.
     pub fn resets_at(&self, now: i64) -> Option<i64> {
         self.quota.lock().map(|q| q.period.next(now))
@@ -228,9 +233,26 @@ impl Accounts {
         let n = account.cut_all();
         if n > 0 {
             log::info!(
-                "user={} quota used up: closing {n} open tunnel{}",
+                "user={} quota used up: closing {}",
                 account.name,
-                if n == 1 { "" } else { "s" }
+                open_tunnels_text(n)
+            );
+        }
+    }
+
+    /// Ends a deleted user's open tunnels: nothing more is let through them (a running one
+    /// ends at its next read, an idle one when it next has bytes to move), and the ones
+    /// held for a quota cut are closed now.
+    fn user_deleted(&self, account: &Account) {
+        *account.quota.lock() = None;
+        account.meter.set_left(Some(0));
+        account.cut_all();
+        let n = account.open_tunnels() as usize;
+        if n > 0 {
+            log::info!(
+                "user={} deleted: {} end at their next read",
+                account.name,
+                open_tunnels_text(n)
             );
         }
     }
@@ -244,12 +266,15 @@ impl Accounts {
         for a in accounts {
             match by_name.get(a.name.as_str()) {
                 Some(u) => {
+                    // Added again under the same name before the old account went.
+                    a.deleted.store(false, Ordering::Relaxed);
                     refresh_quota(&a, u.quota, store, now, self.chunk);
                     if a.used_up() {
                         self.quota_ran_out(&a);
                     }
                 }
-                None => a.deleted.store(true, Ordering::Relaxed),
+                None if !a.deleted.swap(true, Ordering::Relaxed) => self.user_deleted(&a),
+                None => {}
             }
         }
     }
@@ -386,6 +411,11 @@ impl Accounts {
             }
         }
     }
+}
+
+/// "1 open tunnel", "3 open tunnels".
+fn open_tunnels_text(n: usize) -> String {
+    format!("{n} open tunnel{}", if n == 1 { "" } else { "s" })
 }
 
 /// Stops the flusher after one last flush, and waits for it.

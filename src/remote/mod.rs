@@ -1321,6 +1321,7 @@ impl Remote {
             started.elapsed().as_secs_f64(),
             match (stats.idle_closed, stats.quota_closed) {
                 (true, _) => " idle",
+                (_, true) if account.deleted() => " user deleted",
                 (_, true) => " quota used up",
                 _ => "",
             }

@@ -41,6 +41,21 @@ fn tunnel(local: SocketAddr) -> std::net::TcpStream {
     s
 }
 
+/// `user set alice CHANGE`, seen by the running server, then a tunnel asking for `n` bytes.
+fn get_after_change(p: &BinaryPair, change: &[&str], n: u64) -> std::net::TcpStream {
+    let mut args = vec!["user", "set", "alice"];
+    args.extend(change);
+    remote_user_ok(&p.db, &args);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut s = tunnel(p.local_addr);
+    write!(
+        s,
+        "GET /bytes/{n} HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s
+}
+
 fn within(a: u64, b: u64, slack: u64) -> bool {
     a.abs_diff(b) <= slack
 }
@@ -217,14 +232,7 @@ fn a_quota_cuts_a_running_download_and_refuses_the_next_tunnel_until_raised() {
 #[test]
 fn usage_reset_lets_a_user_in_again_at_once() {
     let p = binary_pair_with_policy(&remote_flags("500ms"), &[]);
-    remote_user_ok(&p.db, &["user", "set", "alice", "--quota", "200KB/day"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    let mut s = tunnel(p.local_addr);
-    write!(
-        s,
-        "GET /bytes/1000000 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let mut s = get_after_change(&p, &["--quota", "200KB/day"], 1_000_000);
     let mut sink = Vec::new();
     let _ = s.read_to_end(&mut sink);
     assert!(sink.len() <= 200_000, "{}", sink.len());
@@ -243,4 +251,43 @@ fn usage_reset_lets_a_user_in_again_at_once() {
     // What was moved is still on record: the reset forgives, it does not erase.
     let (up, down) = recorded(&p.db, "alice");
     assert!(up + down >= 190_000, "{up} {down}");
+}
+
+#[test]
+fn user_del_ends_a_running_download_and_the_name_can_be_added_again() {
+    let p = binary_pair_with_policy(&remote_flags("500ms"), &[]);
+    let mut s = get_after_change(&p, &["--bandwidth", "500KB/s"], 20_000_000);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    while got < 300_000 {
+        got += s.read(&mut buf).unwrap() as u64;
+    }
+    remote_user_ok(&p.db, &["user", "del", "alice"]);
+    let deleted = Instant::now();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n as u64,
+        }
+    }
+    // The watcher looks every 500 ms; the relay stops at its next read after that.
+    assert!(
+        deleted.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        deleted.elapsed()
+    );
+    assert!(got < 5_000_000, "got {got}");
+    assert!(eventually(Duration::from_secs(2), || !p
+        .remote
+        .log_lines("user deleted")
+        .is_empty()));
+    assert!(socks_connect(p.local_addr, Dest::Ip(origin()), None).is_err());
+    // The same name added again gets in, though its old account may still be there.
+    cli_user_add(&p.db, "alice", "pw", "unlimited");
+    let back = eventually(Duration::from_secs(3), || {
+        socks_connect(p.local_addr, Dest::Ip(origin()), None).is_ok()
+    });
+    assert!(back, "alice, added again, is still refused");
+    let mut s = tunnel(p.local_addr);
+    download_and_verify(&mut s, "origin", 100_000);
 }
