@@ -91,16 +91,9 @@ pub fn start(cfg: LocalConfig) -> Result<Server, Error> {
         Server::bind(cfg.listen, "local", cfg.admission, cfg.pool, local).map_err(Error::Start)?;
     // Bound before the "listening on" line, so that line means everything that can fail at
     // start has not.
-    let metrics_at = match cfg.metrics {
-        Some(addr) => {
-            let endpoint = crate::metrics::serve(addr).map_err(Error::Metrics)?;
-            let at = endpoint.local_addr();
-            crate::metrics::global().add_source(live_metrics(weak, server.load()));
-            server.attach(Box::new(endpoint));
-            Some(at)
-        }
-        None => None,
-    };
+    let metrics_at =
+        crate::metrics::serve_beside(&mut server, cfg.metrics, |load| live_metrics(weak, load))
+            .map_err(Error::Metrics)?;
     log::info!(
         "local-proxy listening on {} remotes={} balance={} warm={} tls={} user={}",
         server.local_addr(),

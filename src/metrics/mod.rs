@@ -11,7 +11,7 @@
 
 mod serve;
 
-pub use serve::{serve, MetricsServer};
+pub use serve::serve_beside;
 
 use parking_lot::Mutex;
 use prometheus_client::collector::Collector;

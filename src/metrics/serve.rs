@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// The running endpoint; dropping it stops the thread.
-pub struct MetricsServer {
+struct MetricsServer {
     server: Arc<tiny_http::Server>,
     addr: SocketAddr,
     thread: Option<JoinHandle<()>>,
@@ -37,8 +37,30 @@ impl Drop for MetricsServer {
 /// Serves [`super::global`] at `http://ADDR/metrics`.
 ///
 /// # Errors
+/// Serves `/metrics` beside `server` when `addr` is given: the endpoint stops with the
+/// server, and `source` (given the server's load) adds its live figures at each scrape.
+/// Returns the bound address, which the caller announces after its "listening on" line
+/// (that line comes once nothing more can fail at start).
+///
+/// # Errors
 /// The address cannot be bound, or the thread cannot start.
-pub fn serve(addr: SocketAddr) -> Result<MetricsServer, String> {
+pub fn serve_beside(
+    server: &mut crate::net::server::Server,
+    addr: Option<SocketAddr>,
+    source: impl FnOnce(crate::net::server::Load) -> super::Source,
+) -> Result<Option<SocketAddr>, String> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let endpoint = serve(addr)?;
+    let at = endpoint.local_addr();
+    super::global().add_source(source(server.load()));
+    server.attach(Box::new(endpoint));
+    Ok(Some(at))
+}
+
+/// The address cannot be bound, or the thread cannot start.
+fn serve(addr: SocketAddr) -> Result<MetricsServer, String> {
     let server = Arc::new(
         tiny_http::Server::http(addr)
             .map_err(|e| format!("metrics: cannot listen on {addr}: {e}"))?,

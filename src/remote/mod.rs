@@ -351,17 +351,10 @@ pub fn start_with_state(cfg: RemoteConfig) -> Result<(Server, Arc<Remote>), Erro
         )
         .map_err(|e| Error::Metrics(format!("cannot start the usage flusher: {e}")))?;
     server.attach(Box::new(flusher));
-    let metrics_at = match cfg.metrics.listen {
-        Some(addr) => {
-            let endpoint = crate::metrics::serve(addr).map_err(Error::Metrics)?;
-            let at = endpoint.local_addr();
-            crate::metrics::global()
-                .add_source(live_metrics(Arc::downgrade(&remote), server.load()));
-            server.attach(Box::new(endpoint));
-            Some(at)
-        }
-        None => None,
-    };
+    let metrics_at = crate::metrics::serve_beside(&mut server, cfg.metrics.listen, |load| {
+        live_metrics(Arc::downgrade(&remote), load)
+    })
+    .map_err(Error::Metrics)?;
     // Only now, with everything that can fail at start behind it: scripts take this line
     // (the first) to mean the server is up.
     log::info!(
