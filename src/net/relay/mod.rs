@@ -38,7 +38,8 @@ pub struct Stats {
     pub down: u64,
     /// True when the tunnel was closed for being idle.
     pub idle_closed: bool,
-    /// True when the tunnel was closed because the user's volume quota ran out.
+    /// True when the tunnel was closed because the meter's allowance ran out: the user's
+    /// volume quota is used up, or the user was deleted (which sets the allowance to 0).
     pub quota_closed: bool,
 }
 
